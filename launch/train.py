@@ -1,0 +1,40 @@
+r"""Trains a model: a thin absl app around sparsity_jax.train.train_and_evaluate.
+
+  python launch/train.py --config=configs/lm_tiny.py --workdir=runs/lm_tiny \
+      [--config.train.steps=100] [--config=configs/lm_tiny.py:runlocal]
+
+Rerunning the same command resumes from the workdir's latest checkpoint. For several
+processes on one machine (or hosts without auto-detection) pass --coordinator_address,
+--num_processes and --process_id; on TPU pods jax.distributed discovers them.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Repo root.
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+  from sparsity_jax import parallel
+  from sparsity_jax.train import train_and_evaluate
+  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

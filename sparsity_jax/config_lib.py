@@ -1,0 +1,84 @@
+"""Shared config pieces for configs/*.py: ``base_config()`` holds every field with its comment."""
+
+import ml_collections
+
+from sparsity_jax import axes
+
+
+def parse_arg(arg: str | None, **defaults):
+  """Parses ``"key=value,flag"`` config arguments (``runlocal`` style) into a ConfigDict.
+
+  Values are coerced to the type of their default; a bare key means True.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return out
+  for item in arg.split(","):
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+    kind = type(defaults[key])
+    if kind is bool:
+      out[key] = value.lower() not in ("0", "false", "no") if value else True
+    else:
+      out[key] = kind(value)
+  return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Seeds parameter init and the data order.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = 260  # Byte tokenizer: 256 bytes + PAD, BOS, EOS, MASK.
+  c.model.num_layers = 4  # Transformer blocks.
+  c.model.d_model = 128  # Residual width.
+  c.model.num_heads = 4  # Query heads.
+  c.model.num_kv_heads = 2  # Key/value heads (GQA when < num_heads).
+  c.model.head_dim = 32  # Width of one head.
+  c.model.mlp_dim = 384  # SwiGLU hidden width.
+  c.model.max_len = 1024  # Longest sequence the model accepts.
+  c.model.rope_theta = 10_000.0  # RoPE base.
+  c.model.norm_eps = 1e-6  # RMSNorm epsilon.
+  c.model.tie_embeddings = True  # Output head shares the embedding matrix.
+  c.model.qkv_bias = False  # Biases on q/k/v projections (Qwen2).
+  c.model.causal = True  # Causal LM (False: bidirectional, for the diffusion LM).
+  c.model.scan_layers = False  # nnx.scan over stacked layers (faster compile for deep models).
+  c.model.remat = False  # Recompute block activations in the backward pass.
+  c.model.dtype = "float32"  # Compute dtype: float32 or bfloat16 (params stay param_dtype).
+  c.model.param_dtype = "float32"  # Parameter (and optimizer) dtype.
+  c.model.attention = ml_collections.ConfigDict()
+  c.model.attention.kind = "dense"  # Attention core; see sparsity_jax.layers.attention_kinds().
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "stdlib"  # 'stdlib' (embedded Python sources) or 'text_files'.
+  c.data.glob = ""  # Files for source='text_files', e.g. '/data/**/*.txt'.
+  c.data.seq_len = 256  # Tokens (bytes) per training sequence.
+  c.data.batch_size = 16  # Global batch size (sequences per step).
+  c.data.val_fraction = 0.05  # Fraction of files held out for validation.
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000  # Total optimizer steps.
+  c.train.lr = 3e-3  # Peak learning rate.
+  c.train.warmup_steps = 50  # Linear warmup steps.
+  c.train.min_lr_ratio = 0.1  # Cosine decays to lr * min_lr_ratio.
+  c.train.weight_decay = 0.1  # AdamW decoupled weight decay (matrices only).
+  c.train.b1 = 0.9  # Adam beta1.
+  c.train.b2 = 0.95  # Adam beta2.
+  c.train.grad_clip_norm = 1.0  # Global-norm gradient clipping.
+  c.train.log_every = 10  # Steps between metric writes.
+  c.train.checkpoint_every = 100  # Steps between checkpoints (also on SIGTERM/SIGINT).
+  c.train.keep_checkpoints = 3  # Checkpoints kept in <workdir>/checkpoints.
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 200  # Steps between evaluations (0: only at the end).
+  c.eval.batch_size = 16  # Global eval batch size.
+  c.eval.num_batches = 16  # Validation batches per evaluation (0: the whole split).
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # Data-parallel axis (-1: all devices left over).
+  c.mesh.fsdp = 1  # Fully-sharded data-parallel axis (shards weights along embed).
+  c.mesh.tensor = 1  # Tensor-parallel axis (heads, mlp, vocab).
+  # Logical axis -> mesh axes; see sparsity_jax/axes.py for the glossary.
+  c.logical_axis_rules = [list(rule) for rule in axes.DEFAULT_RULES]
+  return c

@@ -1,0 +1,129 @@
+"""Multi-head attention with grouped-query heads, and the attention-core interface.
+
+The projections (q, k, v, o) and RoPE live in :class:`Attention`. What happens between
+the projected q/k/v and the output, the *core*, is pluggable: every sparse method
+(routing, MoA, SparseD, ...) is an :class:`AttentionCore` registered under a name and
+selected by ``config.model.attention.kind``. Dense attention is the first core.
+
+Legend: b batch, t query length, s key length, e embed, n query heads, k kv heads,
+h head dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparsity_jax import axes, parallel
+from sparsity_jax.layers import rope
+
+
+class AttentionCore(nnx.Module):
+  """Interface of an attention core.
+
+  ``__call__(q_btnh, k_bskh, v_bskh, *, positions_bt, causal) -> o_btnh``: q/k already
+  carry RoPE; ``positions_bt`` are the absolute positions of the queries (and, for
+  self-attention, of the keys). A core may hold state (e.g. k-means centroids) as
+  non-``Param`` nnx Variables and may add auxiliary losses with :func:`sow_aux_loss`.
+  """
+
+  def __call__(self, q_btnh, k_bskh, v_bskh, *, positions_bt, causal: bool) -> jax.Array:
+    raise NotImplementedError  # Abstract: subclasses implement it.
+
+
+_REGISTRY: dict[str, Callable[..., AttentionCore]] = {}
+
+
+def register_attention(kind: str):
+  """Class decorator: makes an AttentionCore available as ``attention.kind=kind``."""
+
+  def wrap(cls):
+    if kind in _REGISTRY:
+      raise ValueError(f"attention kind {kind!r} is registered twice")
+    _REGISTRY[kind] = cls
+    return cls
+
+  return wrap
+
+
+def attention_kinds() -> tuple[str, ...]:
+  return tuple(sorted(_REGISTRY))
+
+
+def make_attention_core(model_config: Any, layer_index: int, rngs: nnx.Rngs) -> AttentionCore:
+  kind = model_config.attention.get("kind", "dense")
+  if kind not in _REGISTRY:
+    raise ValueError(f"config.model.attention.kind={kind!r} is unknown; "
+                     f"registered kinds: {', '.join(attention_kinds())}")
+  return _REGISTRY[kind](model_config, layer_index=layer_index, rngs=rngs)
+
+
+class AuxLoss(nnx.Intermediate):
+  """Auxiliary losses a layer adds to the training objective (summed by the model)."""
+
+
+@register_attention("dense")
+class DenseAttention(AttentionCore):
+  """Full softmax attention through jax.nn.dot_product_attention (GQA native)."""
+
+  def __init__(self, model_config: Any, *, layer_index: int, rngs: nnx.Rngs):
+    del model_config, layer_index, rngs
+
+  def __call__(self, q_btnh, k_bskh, v_bskh, *, positions_bt, causal: bool) -> jax.Array:
+    del positions_bt  # Positions are implicit: query i and key i are the same token.
+    return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, is_causal=causal)
+
+
+class Attention(nnx.Module):
+  """Projections + RoPE around a pluggable core."""
+
+  def __init__(self, model_config: Any, *, layer_index: int, rngs: nnx.Rngs):
+    cfg = model_config
+    e, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+    pd = cfg.param_dtype
+    self.dtype = cfg.dtype
+    self.rope_theta = cfg.rope_theta
+    self.causal = cfg.causal
+    self.q_proj = nnx.Param(init(rngs.params(), (e, n, h), pd),
+                            logical_axes=(axes.EMBED, axes.HEADS, axes.HEAD_DIM))
+    self.k_proj = nnx.Param(init(rngs.params(), (e, k, h), pd),
+                            logical_axes=(axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))
+    self.v_proj = nnx.Param(init(rngs.params(), (e, k, h), pd),
+                            logical_axes=(axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))
+    out_init = nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
+    self.o_proj = nnx.Param(out_init(rngs.params(), (n, h, e), pd),
+                            logical_axes=(axes.HEADS, axes.HEAD_DIM, axes.EMBED))
+    if cfg.qkv_bias:  # Qwen2-style biases on q, k, v.
+      self.q_bias = nnx.Param(jnp.zeros((n, h), pd), logical_axes=(axes.HEADS, axes.HEAD_DIM))
+      self.k_bias = nnx.Param(jnp.zeros((k, h), pd), logical_axes=(axes.KV_HEADS, axes.HEAD_DIM))
+      self.v_bias = nnx.Param(jnp.zeros((k, h), pd), logical_axes=(axes.KV_HEADS, axes.HEAD_DIM))
+    else:
+      self.q_bias = self.k_bias = self.v_bias = None
+    self.core = make_attention_core(cfg, layer_index, rngs)
+
+  def project_qkv(self, x_bte: jax.Array, positions_bt: jax.Array):
+    """q [b,t,n,h], k/v [b,t,k,h] with RoPE applied to q and k."""
+    cast = lambda p: p.get_value().astype(self.dtype)
+    q = jnp.einsum("bte,enh->btnh", x_bte, cast(self.q_proj))
+    k = jnp.einsum("bte,ekh->btkh", x_bte, cast(self.k_proj))
+    v = jnp.einsum("bte,ekh->btkh", x_bte, cast(self.v_proj))
+    if self.q_bias is not None:
+      q, k, v = q + cast(self.q_bias), k + cast(self.k_bias), v + cast(self.v_bias)
+    q = rope.apply_rope(q, positions_bt, self.rope_theta)
+    k = rope.apply_rope(k, positions_bt, self.rope_theta)
+    q = parallel.constrain(q, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.HEAD_DIM))
+    k = parallel.constrain(k, (axes.BATCH, axes.KV_LENGTH, axes.ACT_KV_HEADS, axes.HEAD_DIM))
+    v = parallel.constrain(v, (axes.BATCH, axes.KV_LENGTH, axes.ACT_KV_HEADS, axes.HEAD_DIM))
+    return q, k, v
+
+  def __call__(self, x_bte: jax.Array, positions_bt: jax.Array) -> jax.Array:
+    q, k, v = self.project_qkv(x_bte, positions_bt)
+    o_btnh = self.core(q, k, v, positions_bt=positions_bt, causal=self.causal)
+    o_btnh = parallel.constrain(o_btnh, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.HEAD_DIM))
+    return jnp.einsum("btnh,nhe->bte", o_btnh.astype(self.dtype),
+                      self.o_proj.get_value().astype(self.dtype))

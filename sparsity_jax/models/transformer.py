@@ -1,0 +1,179 @@
+"""Decoder-only Transformer LM (pre-norm, RMSNorm, RoPE, SwiGLU, GQA).
+
+Legend: b batch, t length, e embed, v vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparsity_jax import axes, parallel
+from sparsity_jax.layers import attention as attention_lib
+from sparsity_jax.layers.mlp import SwiGLU
+from sparsity_jax.layers.norms import RMSNorm
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Static description of a Transformer; built from ``config.model`` and validated."""
+
+  vocab_size: int
+  num_layers: int
+  d_model: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  max_len: int
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = True
+  qkv_bias: bool = False
+  causal: bool = True
+  scan_layers: bool = False
+  remat: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  attention: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"kind": "dense"})
+
+  def __post_init__(self):
+    for name in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim",
+                 "mlp_dim", "max_len"):
+      if int(getattr(self, name)) <= 0:
+        raise ValueError(f"config.model.{name} must be positive, got {getattr(self, name)}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"config.model.num_heads={self.num_heads} must be a multiple of "
+                       f"num_kv_heads={self.num_kv_heads} (grouped-query attention)")
+    if self.head_dim % 2:
+      raise ValueError(f"config.model.head_dim={self.head_dim} must be even (RoPE)")
+
+  @classmethod
+  def from_config(cls, model_config: Any) -> "ModelConfig":
+    """From an ml_collections ConfigDict (or mapping); dtype names become jnp dtypes."""
+    values = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"config.model has unknown fields {unknown}; known: {sorted(known)}")
+    for key in ("dtype", "param_dtype"):
+      if key in values and isinstance(values[key], str):
+        if values[key] not in _DTYPES:
+          raise ValueError(f"config.model.{key}={values[key]!r}; use one of {sorted(_DTYPES)}")
+        values[key] = _DTYPES[values[key]]
+    values["attention"] = dict(values.get("attention") or {"kind": "dense"})
+    return cls(**values)
+
+  def num_params(self) -> int:
+    e, f, n, k, h = self.d_model, self.mlp_dim, self.num_heads, self.num_kv_heads, self.head_dim
+    per_layer = e * h * (n + 2 * k) + n * h * e + 3 * e * f + 2 * e
+    head = 0 if self.tie_embeddings else e * self.vocab_size
+    return self.vocab_size * e + self.num_layers * per_layer + e + head
+
+
+class Block(nnx.Module):
+  """x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, layer_index: int, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+    self.attn = attention_lib.Attention(cfg, layer_index=layer_index, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+    self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                      rngs=rngs)
+
+  def __call__(self, x_bte: jax.Array, positions_bt: jax.Array) -> jax.Array:
+    x_bte = x_bte + self.attn(self.attn_norm(x_bte), positions_bt)
+    x_bte = parallel.constrain(x_bte, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+    x_bte = x_bte + self.mlp(self.mlp_norm(x_bte))
+    return parallel.constrain(x_bte, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+
+
+class TransformerLM(nnx.Module):
+  """tokens [b, t] -> logits [b, t, v] (float32).
+
+  With ``scan_layers`` the blocks are stacked along a leading LAYERS axis and applied
+  with nnx.scan (one compiled body, fast compiles for deep models); otherwise they are a
+  Python list (each layer may differ, e.g. sparse heads only in the last layers).
+  ``remat`` recomputes each block's activations in the backward pass.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = nnx.Param(
+        nnx.initializers.normal(stddev=cfg.d_model**-0.5)(rngs.params(), (cfg.vocab_size, cfg.d_model),
+                                            cfg.param_dtype),
+        logical_axes=(axes.VOCAB, axes.EMBED))
+    if cfg.scan_layers:
+      @nnx.split_rngs(splits=cfg.num_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def make_stack(rngs):
+        return Block(cfg, layer_index=0, rngs=rngs)
+
+      self.layers = make_stack(rngs)
+    else:
+      self.layers = nnx.List([Block(cfg, layer_index=i, rngs=rngs) for i in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+    if not cfg.tie_embeddings:
+      self.lm_head = nnx.Param(
+          nnx.initializers.lecun_normal()(rngs.params(), (cfg.d_model, cfg.vocab_size),
+                                          cfg.param_dtype),
+          logical_axes=(axes.EMBED, axes.VOCAB))
+
+  def embed_tokens(self, tokens_bt: jax.Array) -> jax.Array:
+    x_bte = jnp.take(self.embed.get_value(), tokens_bt, axis=0).astype(self.cfg.dtype)
+    return parallel.constrain(x_bte, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+
+  def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None) -> jax.Array:
+    return self.forward_embeddings(self.embed_tokens(tokens_bt), positions_bt)
+
+  def forward_embeddings(self, x_bte: jax.Array, positions_bt: jax.Array | None = None):
+    """Runs the stack on input embeddings (used by the causality-by-gradient test)."""
+    b, t = x_bte.shape[:2]
+    if t > self.cfg.max_len:
+      raise ValueError(f"sequence length {t} exceeds config.model.max_len={self.cfg.max_len}")
+    if positions_bt is None:
+      positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+    def block_fn(graphdef, params, other, x):
+      # Functional form of one block so that scan/remat see plain pytrees. The block's
+      # non-Param state (e.g. k-means centroids) may change and is returned.
+      block = nnx.merge(graphdef, params, other)
+      y = block(x, positions_bt)
+      return y, nnx.state(block, nnx.Not(nnx.Param))
+
+    if self.cfg.remat:
+      block_fn = jax.checkpoint(block_fn, static_argnums=(0,))
+    if self.cfg.scan_layers:
+      graphdef, params, other = nnx.split(self.layers, nnx.Param, ...)
+
+      def scan_body(x, layer_state):
+        y, new_other = block_fn(graphdef, layer_state[0], layer_state[1], x)
+        return y, new_other
+
+      x_bte, new_other = jax.lax.scan(scan_body, x_bte, (params, other))
+      if jax.tree.leaves(new_other):
+        nnx.update(self.layers, new_other)
+    else:
+      for block in self.layers:
+        if self.cfg.remat:
+          graphdef, params, other = nnx.split(block, nnx.Param, ...)
+          x_bte, new_other = block_fn(graphdef, params, other, x_bte)
+          if jax.tree.leaves(new_other):
+            nnx.update(block, new_other)
+        else:
+          x_bte = block(x_bte, positions_bt)
+    x_bte = self.final_norm(x_bte)
+    if self.cfg.tie_embeddings:
+      head_ev = self.embed.get_value().T
+    else:
+      head_ev = self.lm_head.get_value()
+    logits_btv = jnp.einsum("bte,ev->btv", x_bte, head_ev.astype(self.cfg.dtype),
+                            preferred_element_type=jnp.float32)
+    return parallel.constrain(logits_btv, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))

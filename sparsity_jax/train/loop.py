@@ -1,0 +1,273 @@
+"""Training and evaluation loops: ``train_and_evaluate(config, workdir)``.
+
+Data flow: config -> mesh + model + data -> jitted sharded train step -> checkpoints ->
+evaluation. Launchers (launch/train.py, launch/eval.py) and notebooks call these
+functions; nothing here parses flags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from sparsity_jax import parallel
+from sparsity_jax.data import corpus, pipeline
+from sparsity_jax.models import ModelConfig, TransformerLM
+from sparsity_jax.train import checkpoint as ckpt_lib
+from sparsity_jax.train import metrics as metrics_lib
+from sparsity_jax.train import optimizer as optim
+from sparsity_jax.train import state as state_lib
+from sparsity_jax.train import step as step_lib
+
+log = logging.getLogger(__name__)
+
+
+class Experiment:
+  """Everything derived from a config before any state exists: validated, cheap."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, load_data: bool = True,
+               devices=None):
+    self.config = config
+    self.model_config = ModelConfig.from_config(config.model)
+    seq_len = int(config.data.seq_len)
+    if seq_len > self.model_config.max_len:
+      raise ValueError(f"config.data.seq_len={seq_len} exceeds config.model.max_len="
+                       f"{self.model_config.max_len}: the model cannot take sequences that long; "
+                       "lower seq_len or raise max_len")
+    self.rules = parallel.rules_from_config(config.get("logical_axis_rules"))
+    self.mesh = parallel.make_mesh(config.mesh, devices)
+    batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    for name, batch in (("data.batch_size", config.data.batch_size),
+                        ("eval.batch_size", config.eval.batch_size)):
+      if batch % batch_shards:
+        raise ValueError(f"config.{name}={batch} must be divisible by data x fsdp = {batch_shards}")
+    self.batch_sharding = parallel.batch_sharding(self.mesh, 2, self.rules)
+    self.splits = corpus.load_split(config.data) if load_data else None
+
+  def make_model(self) -> TransformerLM:
+    return TransformerLM(self.model_config, rngs=nnx.Rngs(params=int(self.config.seed)))
+
+  def put_batch(self, batch: dict[str, np.ndarray], global_batch: int) -> dict[str, jax.Array]:
+    shape = lambda x: (global_batch,) + x.shape[1:]
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, shape(v))
+            for k, v in batch.items()}
+
+
+class _Preemption:
+  """Turns SIGTERM/SIGINT into a flag the loop polls (then it checkpoints and exits)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = True
+    log.warning("received signal %d: checkpointing at the end of this step", signum)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def any_process_requested(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
+    return bool(np.any(flags))
+
+
+def evaluate(exp: Experiment, eval_step, params, model_state) -> dict[str, float]:
+  """Validation loss, bits per byte and perplexity over ``config.eval.num_batches``."""
+  cfg = exp.config
+  data = pipeline.PackedSequences(exp.splits["validation"], cfg.data.seq_len, name="validation")
+  rows = pipeline.local_rows(exp.batch_sharding, cfg.eval.batch_size)
+  loss_sum, tokens = 0.0, 0.0
+  for batch in pipeline.eval_batches(data, cfg.eval.batch_size, cfg.eval.num_batches, rows):
+    out = eval_step(params, model_state, exp.put_batch(batch, cfg.eval.batch_size))
+    loss_sum += float(out["loss_sum"])
+    tokens += float(out["tokens"])
+  loss = loss_sum / max(tokens, 1.0)
+  return {"loss": loss, "bits_per_byte": loss / math.log(2.0),
+          "perplexity": math.exp(min(loss, 80.0)), "tokens": tokens}
+
+
+def _jit_eval_step(exp: Experiment, graphdef, shardings):
+  return jax.jit(step_lib.make_eval_step(graphdef),
+                 in_shardings=(shardings.params, shardings.model_state, exp.batch_sharding))
+
+
+def _check_finite(step: int, metrics: dict[str, float], last_saved: int | None, workdir: str):
+  if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm", "param_norm")):
+    kept = (f"the last good checkpoint (step {last_saved}) is kept in {workdir}/checkpoints"
+            if last_saved is not None else "no checkpoint had been written yet")
+    raise FloatingPointError(
+        f"training diverged at step {step}: loss={metrics['loss']}, grad_norm="
+        f"{metrics['grad_norm']}, param_norm={metrics['param_norm']}; {kept}. Lower config.train.lr, raise warmup_steps or "
+        "grad_clip_norm, or use float32 compute, then rerun (it resumes from that checkpoint).")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       devices=None) -> dict[str, Any]:
+  """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint), then evaluates.
+
+  ``devices`` restricts the mesh to a subset of jax.devices() (default: all of them).
+
+  Returns {'state', 'graphdef', 'train_metrics' (last step), 'eval_metrics' (final)}.
+  """
+  config_dict = json.loads(config.to_json_best_effort())
+  exp = Experiment(config, devices=devices)  # Validates config and data; writes nothing.
+  ckpt_lib.check_workdir_compatible(workdir, config_dict)
+  os.makedirs(workdir, exist_ok=True)
+  ckpt_lib.write_config(workdir, config_dict)
+  tcfg = config.train
+  is_main = jax.process_index() == 0
+
+  with parallel.use_mesh(exp.mesh, exp.rules):
+    tx = optim.make_optimizer(tcfg)
+    schedule = optim.learning_rate_schedule(tcfg)
+    graphdef, state, shardings = state_lib.create_train_state(exp.make_model, tx, exp.mesh,
+                                                              exp.rules)
+    train_data = pipeline.PackedSequences(exp.splits["train"], config.data.seq_len)
+    rows = pipeline.local_rows(exp.batch_sharding, config.data.batch_size)
+    iterator = pipeline.TrainIterator(train_data, config.data.batch_size, int(config.seed), rows)
+
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=tcfg.keep_checkpoints)
+    last_saved = checkpointer.latest_step()
+    if last_saved is not None:
+      state, data_state = checkpointer.restore(last_saved, state, shardings)
+      iterator.set_state(data_state)
+      if is_main:
+        print(f"Resumed {workdir} from step {last_saved}.", flush=True)
+    start = int(iterator.step)
+
+    train_step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule),
+                         in_shardings=(shardings, exp.batch_sharding),
+                         out_shardings=(shardings, None), donate_argnums=(0,))
+    eval_step = _jit_eval_step(exp, graphdef, shardings)
+    writer = metrics_lib.MetricWriter(workdir)
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    if is_main:
+      print(f"Model: {n_params / 1e6:.2f}M parameters; mesh {dict(exp.mesh.shape)}; "
+            f"{jax.device_count()} devices, {jax.process_count()} processes.", flush=True)
+
+    from tqdm.auto import tqdm  # Lazily: a library import should not pull a progress bar.
+    bar = tqdm(total=int(tcfg.steps), initial=start, disable=not is_main, desc="train",
+               dynamic_ncols=True)
+    pending = None  # (step, metrics on device, dispatch time) of the previous step.
+    last_train, eval_metrics = {}, None
+    last_fetch = time.perf_counter()
+
+    def fetch(entry):
+      nonlocal last_fetch, last_train
+      step, device_metrics = entry
+      host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+      _check_finite(step, host, last_saved, workdir)
+      now = time.perf_counter()
+      host["step_time_s"] = now - last_fetch
+      host["tokens_per_s"] = host["tokens"] / max(host["step_time_s"], 1e-9)
+      last_fetch = now
+      last_train = host
+      if (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps:
+        writer.write(step + 1, host, prefix="train/")
+      bar.update(1)
+      bar.set_postfix(loss=f"{host['loss']:.3f}", bpb=f"{host['bits_per_byte']:.3f}",
+                      tok_s=f"{host['tokens_per_s']:.0f}")
+
+    try:
+      with _Preemption() as preemption:
+        for step in range(start, int(tcfg.steps)):
+          batch = exp.put_batch(next(iterator), config.data.batch_size)
+          state, device_metrics = train_step(state, batch)
+          if pending is not None:
+            fetch(pending)  # Step n-1's metrics, after step n is dispatched.
+          pending = (step, device_metrics)
+          done = step + 1
+          stop = preemption.any_process_requested()
+          if done % tcfg.checkpoint_every == 0 or done == tcfg.steps or stop:
+            fetch(pending)  # Never checkpoint a state whose step was not checked finite.
+            pending = None
+            checkpointer.save(done, state, iterator.get_state(), force=True)
+            last_saved = done
+          if config.eval.every > 0 and done % config.eval.every == 0 and done < tcfg.steps:
+            if pending is not None:
+              fetch(pending)
+              pending = None
+            eval_metrics = evaluate(exp, eval_step, state.params, state.model_state)
+            writer.write(done, eval_metrics, prefix="eval/")
+            bar.write(f"step {done}: validation loss {eval_metrics['loss']:.4f}, "
+                      f"bits/byte {eval_metrics['bits_per_byte']:.4f}")
+          if stop:
+            checkpointer.close()
+            raise KeyboardInterrupt(f"preempted: checkpoint saved at step {done} in {workdir}; "
+                                    "rerun the same command to resume")
+        if pending is not None:
+          fetch(pending)
+      eval_metrics = evaluate(exp, eval_step, state.params, state.model_state)
+      writer.write(int(tcfg.steps), eval_metrics, prefix="eval/")
+      if is_main:
+        bar.write(f"final validation: loss {eval_metrics['loss']:.4f}, bits/byte "
+                  f"{eval_metrics['bits_per_byte']:.4f}, perplexity {eval_metrics['perplexity']:.3f}")
+    finally:
+      bar.close()
+      writer.close()
+      checkpointer.close()
+  return {"state": state, "graphdef": graphdef, "train_metrics": last_train,
+          "eval_metrics": eval_metrics}
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: --workdir must be a training run's directory")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = None,
+                     step: int | None = None) -> dict[str, float]:
+  """Standalone evaluation of a run's latest (or given) checkpoint on the validation split."""
+  config = load_workdir_config(workdir) if config is None else config
+  exp = Experiment(config)
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=max(int(config.train.keep_checkpoints), 1))
+  step = checkpointer.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints to evaluate")
+  with parallel.use_mesh(exp.mesh, exp.rules):
+    tx = optim.make_optimizer(config.train)
+    graphdef = state_lib.split_model(nnx.eval_shape(exp.make_model))[0]
+    abstract = jax.eval_shape(lambda: _abstract_state(exp, tx))
+    shardings = parallel.state_shardings(abstract, exp.mesh, exp.rules)
+    state, _ = checkpointer.restore(step, abstract, shardings)
+    metrics = evaluate(exp, _jit_eval_step(exp, graphdef, shardings), state.params,
+                       state.model_state)
+  checkpointer.close()
+  writer = metrics_lib.MetricWriter(workdir, filename="eval.jsonl")
+  writer.write(step, metrics, prefix="eval/")
+  writer.close()
+  return {"step": step, **metrics}
+
+
+def _abstract_state(exp: Experiment, tx) -> state_lib.TrainState:
+  _, params, rest = state_lib.split_model(exp.make_model())
+  return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=rest,
+                              opt_state=tx.init(params))
