@@ -1,6 +1,7 @@
 """The launchers as a user runs them: kill/resume, 2 processes, flag errors."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -69,6 +70,32 @@ def test_sigkill_then_rerun_matches_uninterrupted(tmp_path):
   assert full.returncode == 0, full.stdout + full.stderr
   for a, b in zip(_final_params(killed, 200), _final_params(clean, 200), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_then_resumes(tmp_path):
+  workdir = str(tmp_path / "run")
+  steps = ["--config.train.steps=100000", "--config.train.checkpoint_every=100000"]
+  proc = subprocess.Popen(_train_cmd(workdir, *steps), env=subprocess_env(), cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(metrics) and len(read_jsonl(metrics)) >= 3:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 3, err
+  match = re.search(r"checkpoint saved at step (\d+)", err)
+  assert match, err
+  saved = int(match.group(1))
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(saved)]
+  resumed = subprocess.run(_train_cmd(workdir, f"--config.train.steps={saved + 2}"),
+                           env=subprocess_env(), cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+  assert resumed.returncode == 0, resumed.stderr
+  assert f"from step {saved}" in resumed.stdout
 
 
 def _free_port():

@@ -67,6 +67,10 @@ class Experiment:
             for k, v in batch.items()}
 
 
+class Preempted(Exception):
+  """Raised after a SIGTERM/SIGINT checkpoint; rerunning the command resumes the run."""
+
+
 class _Preemption:
   """Turns SIGTERM/SIGINT into a flag the loop polls (then it checkpoints and exits)."""
 
@@ -218,7 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                       f"bits/byte {eval_metrics['bits_per_byte']:.4f}")
           if stop:
             checkpointer.close()
-            raise KeyboardInterrupt(f"preempted: checkpoint saved at step {done} in {workdir}; "
+            raise Preempted(f"preempted: checkpoint saved at step {done} in {workdir}; "
                                     "rerun the same command to resume")
         if pending is not None:
           fetch(pending)
