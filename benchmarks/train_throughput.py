@@ -43,8 +43,9 @@ def measure(config_path: str, mesh: dict, steps: int) -> dict:
     tx = optimizer.make_optimizer(config.train)
     graphdef, state, shardings = state_lib.create_train_state(exp.make_model, tx, exp.mesh,
                                                               exp.rules)
-    train_step = jax.jit(step_lib.make_train_step(graphdef, tx,
-                                                  optimizer.learning_rate_schedule(config.train)),
+    schedule = optimizer.learning_rate_schedule(config.train)
+    train_step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule,
+                                                  objective=config.objective),
                          in_shardings=(shardings, exp.batch_sharding),
                          out_shardings=(shardings, None), donate_argnums=(0,))
     it = pipeline.TrainIterator(pipeline.PackedSequences(exp.splits["train"], config.data.seq_len),

@@ -27,7 +27,8 @@ def parse_arg(arg: str | None, **defaults):
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.seed = 0  # Seeds parameter init and the data order.
+  c.seed = 0  # Seeds parameter init, the data order and per-step noise.
+  c.objective = "causal_lm"  # 'causal_lm' or 'masked_diffusion' (needs model.causal=False).
 
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = 260  # Byte tokenizer: 256 bytes + PAD, BOS, EOS, MASK.

@@ -19,7 +19,8 @@ from sparsity_jax.train.state import abstract_with_shardings
 
 # Config sections that must match to resume: anything that changes shapes or the data
 # stream. Training hyper-parameters (steps, lr, intervals) may change between runs.
-RESUME_KEYS = ("model", "data.source", "data.glob", "data.seq_len", "data.batch_size", "seed")
+RESUME_KEYS = ("model", "data.source", "data.glob", "data.seq_len", "data.batch_size", "seed",
+               "objective")
 
 
 def _lookup(config_dict: dict, dotted: str):

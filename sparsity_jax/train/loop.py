@@ -29,6 +29,7 @@ from sparsity_jax.data import corpus, pipeline
 from sparsity_jax.models import ModelConfig, TransformerLM
 from sparsity_jax.train import checkpoint as ckpt_lib
 from sparsity_jax.train import metrics as metrics_lib
+from sparsity_jax.train import objectives
 from sparsity_jax.train import optimizer as optim
 from sparsity_jax.train import state as state_lib
 from sparsity_jax.train import step as step_lib
@@ -43,6 +44,10 @@ class Experiment:
                devices=None):
     self.config = config
     self.model_config = ModelConfig.from_config(config.model)
+    objectives.get(config.objective)  # Fails early on an unknown objective.
+    if config.objective == "masked_diffusion" and self.model_config.causal:
+      raise ValueError("config.objective='masked_diffusion' needs a bidirectional model: set "
+                       "config.model.causal=False")
     seq_len = int(config.data.seq_len)
     if seq_len > self.model_config.max_len:
       raise ValueError(f"config.data.seq_len={seq_len} exceeds config.model.max_len="
@@ -106,8 +111,9 @@ def evaluate(exp: Experiment, eval_step, params, model_state) -> dict[str, float
   data = pipeline.PackedSequences(exp.splits["validation"], cfg.data.seq_len, name="validation")
   rows = pipeline.local_rows(exp.batch_sharding, cfg.eval.batch_size)
   loss_sum, tokens = 0.0, 0.0
-  for batch in pipeline.eval_batches(data, cfg.eval.batch_size, cfg.eval.num_batches, rows):
-    out = eval_step(params, model_state, exp.put_batch(batch, cfg.eval.batch_size))
+  for index, batch in enumerate(
+      pipeline.eval_batches(data, cfg.eval.batch_size, cfg.eval.num_batches, rows)):
+    out = eval_step(params, model_state, exp.put_batch(batch, cfg.eval.batch_size), index)
     loss_sum += float(out["loss_sum"])
     tokens += float(out["tokens"])
   loss = loss_sum / max(tokens, 1.0)
@@ -116,8 +122,10 @@ def evaluate(exp: Experiment, eval_step, params, model_state) -> dict[str, float
 
 
 def _jit_eval_step(exp: Experiment, graphdef, shardings):
-  return jax.jit(step_lib.make_eval_step(graphdef),
-                 in_shardings=(shardings.params, shardings.model_state, exp.batch_sharding))
+  eval_step = step_lib.make_eval_step(graphdef, objective=exp.config.objective,
+                                      seed=int(exp.config.seed))
+  return jax.jit(eval_step, in_shardings=(shardings.params, shardings.model_state,
+                                          exp.batch_sharding, None))
 
 
 def _check_finite(step: int, metrics: dict[str, float], last_saved: int | None, workdir: str):
@@ -164,7 +172,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         print(f"Resumed {workdir} from step {last_saved}.", flush=True)
     start = int(iterator.step)
 
-    train_step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule),
+    train_step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule,
+                                                  objective=config.objective,
+                                                  seed=int(config.seed)),
                          in_shardings=(shardings, exp.batch_sharding),
                          out_shardings=(shardings, None), donate_argnums=(0,))
     eval_step = _jit_eval_step(exp, graphdef, shardings)

@@ -1,7 +1,4 @@
-"""The pure train and eval steps: ``train_step(state, batch) -> (state, metrics)``.
-
-Legend: b batch, t length, v vocab.
-"""
+"""The pure train and eval steps: ``train_step(state, batch) -> (state, metrics)``."""
 
 from __future__ import annotations
 
@@ -13,17 +10,8 @@ import optax
 from flax import nnx
 
 from sparsity_jax.layers.attention import AuxLoss
+from sparsity_jax.train import objectives
 from sparsity_jax.train.state import TrainState
-
-
-def token_losses(model: nnx.Module, batch: dict[str, jax.Array]):
-  """Per-token cross-entropy [b, t] and weights [b, t] (1 where a target counts)."""
-  logits_btv = model(batch["inputs"])
-  ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, batch["targets"])
-  weights_bt = batch.get("weights")
-  if weights_bt is None:
-    weights_bt = jnp.ones_like(ce_bt)
-  return ce_bt, weights_bt.astype(jnp.float32)
 
 
 def global_norm(tree) -> jax.Array:
@@ -31,21 +19,30 @@ def global_norm(tree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule):
-  """Builds the pure step; the caller jits it once with shardings and donation."""
+def step_rng(seed: int, step: jax.Array) -> jax.Array:
+  """Randomness of a step (e.g. diffusion masking): a function of (seed, step) only, so a
+  resumed run draws exactly what an uninterrupted one would."""
+  return jax.random.fold_in(jax.random.key(seed), step)
 
-  def loss_fn(params, model_state, batch):
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *,
+                    objective: str = "causal_lm", seed: int = 0):
+  """Builds the pure step; the caller jits it once with shardings and donation."""
+  loss_terms = objectives.get(objective)
+
+  def loss_fn(params, model_state, batch, rng):
     model = nnx.merge(graphdef, params, model_state)
-    ce_bt, w_bt = token_losses(model, batch)
-    loss = jnp.sum(ce_bt * w_bt) / jnp.maximum(jnp.sum(w_bt), 1.0)
+    loss_sum, weight = loss_terms(model, batch, rng)
+    loss = loss_sum / jnp.maximum(weight, 1.0)
     aux = sum((jnp.sum(x) for x in jax.tree.leaves(nnx.pop(model, AuxLoss))),
               jnp.zeros((), jnp.float32))
     new_model_state = nnx.state(model, nnx.Not(nnx.Param))
-    return loss + aux, (loss, aux, new_model_state, jnp.sum(w_bt))
+    return loss + aux, (loss, aux, new_model_state, weight)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    rng = step_rng(seed, state.step)
     grads, (loss, aux, model_state, tokens) = jax.grad(loss_fn, has_aux=True)(
-        state.params, state.model_state, batch)
+        state.params, state.model_state, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -64,13 +61,18 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule):
   return train_step
 
 
-def make_eval_step(graphdef):
-  """eval_step(params, model_state, batch) -> {'loss_sum', 'tokens'} (sums, not means)."""
+def make_eval_step(graphdef, *, objective: str = "causal_lm", seed: int = 0):
+  """eval_step(params, model_state, batch, index) -> {'loss_sum', 'tokens'} (sums).
 
-  def eval_step(params, model_state, batch):
+  ``index`` (the batch's position in the validation stream) seeds stochastic objectives,
+  so every evaluation of a checkpoint sees the same noise.
+  """
+  loss_terms = objectives.get(objective)
+
+  def eval_step(params, model_state, batch, index):
     model = nnx.merge(graphdef, params, model_state)
     model.eval()  # Frozen stateful layers (e.g. no k-means updates at eval).
-    ce_bt, w_bt = token_losses(model, batch)
-    return {"loss_sum": jnp.sum(ce_bt * w_bt), "tokens": jnp.sum(w_bt)}
+    loss_sum, weight = loss_terms(model, batch, step_rng(seed + 1, index))
+    return {"loss_sum": loss_sum, "tokens": weight}
 
   return eval_step
