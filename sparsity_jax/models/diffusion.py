@@ -131,7 +131,11 @@ def generate(model: nnx.Module, prompt_bt: Any, cfg: SamplerConfig, *,
     raise ValueError(f"prompt must be [batch, length], got shape {prompt_bt.shape}")
   b, p = prompt_bt.shape
   total = p + cfg.gen_length
-  max_len = getattr(getattr(model, "cfg", None), "max_len", None)
+  model_cfg = getattr(model, "cfg", None)
+  if getattr(model_cfg, "causal", False):
+    raise ValueError("diffusion sampling needs a bidirectional masked-diffusion model "
+                     "(config.model.causal=False, objective='masked_diffusion')")
+  max_len = getattr(model_cfg, "max_len", None)
   if max_len is not None and total > max_len:
     raise ValueError(f"prompt ({p}) + gen_length ({cfg.gen_length}) = {total} tokens exceed the "
                      f"model's context (max_len={max_len}); shorten the prompt or gen_length")
@@ -154,9 +158,10 @@ def generate(model: nnx.Module, prompt_bt: Any, cfg: SamplerConfig, *,
         run_model = step_hook(global_step, cfg.steps) or model
       start = time.perf_counter()
       graphdef, state = nnx.split(run_model)
-      x_bt = step_fn(graphdef, state, x_bt, lo, lo + cfg.block_length, num_commit,
-                     jax.random.fold_in(rng, global_step))
+      x_bt, state = step_fn(graphdef, state, x_bt, lo, lo + cfg.block_length, num_commit,
+                            jax.random.fold_in(rng, global_step))
       x_bt.block_until_ready()
+      nnx.update(run_model, state)  # Layers may keep state across steps (SparseD patterns).
       seconds.append(time.perf_counter() - start)
       if keep_history:
         history.append(np.asarray(x_bt))
@@ -176,8 +181,28 @@ def _jitted_step(cfg: SamplerConfig):
 
     @functools.partial(jax.jit, static_argnums=0)
     def step(graphdef, state, x_bt, lo, hi, num_commit, rng):
-      logits_btv = nnx.merge(graphdef, state)(x_bt)
-      return denoise_step(logits_btv, x_bt, lo, hi, num_commit, rng, cfg)
+      model = nnx.merge(graphdef, state)
+      logits_btv = model(x_bt)
+      return denoise_step(logits_btv, x_bt, lo, hi, num_commit, rng, cfg), nnx.state(model)
 
     _STEP_CACHE[cfg] = step
   return _STEP_CACHE[cfg]
+
+
+def generate_text(model: nnx.Module, prompt: str, cfg: SamplerConfig, *,
+                  sparsed_skip: float | None = None, rng: jax.Array | None = None,
+                  progress: bool = False) -> tuple[str, GenerationResult]:
+  """Byte-tokenises ``prompt``, generates, and decodes the generated part.
+
+  With ``sparsed_skip`` the model's SparseD cores run dense for that fraction of the
+  steps, capture their patterns, then run sparse (the model needs attention kind
+  'sparsed').
+  """
+  from sparsity_jax.layers import sparsed  # Local: keeps the sampler free of SparseD.
+
+  ids = tokenizer.ByteTokenizer().encode(prompt)[None, :]
+  hook = None
+  if sparsed_skip is not None:
+    hook = sparsed.sparsed_step_hook(model, ids.shape[1], sparsed_skip)
+  result = generate(model, ids, cfg, rng=rng, step_hook=hook, progress=progress)
+  return tokenizer.ByteTokenizer().decode(result.generated[0]), result
