@@ -110,6 +110,7 @@ def sparsed_step_hook(model: nnx.Module, prompt_length: int, skip: float):
     if step == 0:
       for core in sparsed_cores(model):  # A new generation: forget the last pattern.
         core.captures.set_value(jnp.zeros((), jnp.int32))
+        core.pattern.set_value(jnp.zeros((0,), bool))  # Same shapes as a fresh model: no retrace.
     mode = "dense" if step < switch else "capture" if step == switch else "sparse"
     set_mode(model, mode, prompt_length)
     return model
