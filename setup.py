@@ -23,6 +23,9 @@ setup(
         "tensorboardX>=2.6",
         "scipy>=1.13",
         "matplotlib>=3.8",
+        "safetensors>=0.4.3",  # Hugging Face checkpoints (sparsity_jax/checkpoints).
+        "tokenizers>=0.19",
+        "jinja2>=3.1",  # Chat templates.
     ],
     extras_require={
         "dev": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3"],

@@ -2,8 +2,12 @@ r"""Evaluates a run's latest checkpoint on the validation split.
 
   python launch/eval.py --workdir=runs/lm_tiny [--config=configs/lm_tiny.py] [--step=N]
 
+  python launch/eval.py --init_from_hf=/ckpt/Llama-3.2-1B --config=configs/lm_tiny.py
+
 Without --config the run's own config.json is used. Prints loss, bits/byte, perplexity
-and appends them to <workdir>/eval.jsonl.
+and appends them to <workdir>/eval.jsonl. With --init_from_hf it evaluates a local
+Hugging Face checkpoint as it is instead (no workdir): its config.json sets the
+architecture, --config (required then) the data, eval, mesh, dtypes and attention core.
 """
 
 import json
@@ -19,7 +23,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Optional config file.
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to evaluate.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-flags.mark_flags_as_required(["workdir"])
+_INIT_FROM_HF = flags.DEFINE_string(
+    "init_from_hf", None, "Evaluate this local Hugging Face checkpoint directory instead of "
+    "a workdir (needs --config).")
 
 
 def main(argv):
@@ -27,8 +33,16 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
-  from sparsity_jax.train import evaluate_workdir
-  metrics = evaluate_workdir(_WORKDIR.value, _CONFIG.value, _STEP.value)
+  if _INIT_FROM_HF.value:
+    if _CONFIG.value is None or _WORKDIR.value:
+      raise app.UsageError("--init_from_hf needs --config and takes no --workdir")
+    from sparsity_jax.checkpoints import hf
+    metrics = hf.evaluate_hf(_INIT_FROM_HF.value, _CONFIG.value)
+  else:
+    if not _WORKDIR.value:
+      raise app.UsageError("--workdir is required (or --init_from_hf with --config)")
+    from sparsity_jax.train import evaluate_workdir
+    metrics = evaluate_workdir(_WORKDIR.value, _CONFIG.value, _STEP.value)
   print(json.dumps(metrics, indent=2))
 
 

@@ -3,6 +3,14 @@ r"""Trains a model: a thin absl app around sparsity_jax.train.train_and_evaluate
   python launch/train.py --config=configs/lm_tiny.py --workdir=runs/lm_tiny \
       [--config.train.steps=100] [--config=configs/lm_tiny.py:runlocal]
 
+  python launch/train.py --config=configs/lm_tiny.py --workdir=runs/ft \
+      --init_from_hf=/ckpt/Llama-3.2-1B [--config.model.param_dtype=bfloat16]
+
+With --init_from_hf the parameters start from a local Hugging Face checkpoint (Llama,
+Mistral, Qwen2, LLaDA; see sparsity_jax/checkpoints/hf.py): its config.json fixes the
+architecture fields of config.model, and --config supplies everything else (data, train,
+eval, mesh, dtypes, attention core).
+
 Rerunning the same command resumes from the workdir's latest checkpoint. For several
 processes on one machine (or hosts without auto-detection) pass --coordinator_address,
 --num_processes and --process_id; on TPU pods jax.distributed discovers them.
@@ -22,6 +30,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_INIT_FROM_HF = flags.DEFINE_string(
+    "init_from_hf", None, "Local Hugging Face checkpoint directory to start from (its "
+    "config.json sets the model architecture; --config the rest).")
 flags.mark_flags_as_required(["config", "workdir"])
 PREEMPTED_EXIT_CODE = 3  # Non-zero so schedulers restart the job; rerunning resumes it.
 
@@ -35,7 +46,7 @@ def main(argv):
   from sparsity_jax.train import loop
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
-    loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value, init_from_hf=_INIT_FROM_HF.value)
   except loop.Preempted as e:
     print(e, file=sys.stderr, flush=True)
     sys.exit(PREEMPTED_EXIT_CODE)

@@ -88,6 +88,8 @@ class Attention(nnx.Module):
     pd = cfg.param_dtype
     self.dtype = cfg.dtype
     self.rope_theta = cfg.rope_theta
+    scaling = getattr(cfg, "rope_scaling", None)  # e.g. Llama 3 frequency scaling.
+    self.rope_scaling = tuple(sorted(scaling.items())) if scaling else None  # Hashable.
     self.causal = cfg.causal
     self.q_proj = nnx.Param(init(rngs.params(), (e, n, h), pd),
                             logical_axes=(axes.EMBED, axes.HEADS, axes.HEAD_DIM))
@@ -114,8 +116,8 @@ class Attention(nnx.Module):
     v = jnp.einsum("bte,ekh->btkh", x_bte, cast(self.v_proj))
     if self.q_bias is not None:
       q, k, v = q + cast(self.q_bias), k + cast(self.k_bias), v + cast(self.v_bias)
-    q = rope.apply_rope(q, positions_bt, self.rope_theta)
-    k = rope.apply_rope(k, positions_bt, self.rope_theta)
+    q = rope.apply_rope(q, positions_bt, self.rope_theta, self.rope_scaling)
+    k = rope.apply_rope(k, positions_bt, self.rope_theta, self.rope_scaling)
     q = parallel.constrain(q, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.HEAD_DIM))
     k = parallel.constrain(k, (axes.BATCH, axes.KV_LENGTH, axes.ACT_KV_HEADS, axes.HEAD_DIM))
     v = parallel.constrain(v, (axes.BATCH, axes.KV_LENGTH, axes.ACT_KV_HEADS, axes.HEAD_DIM))

@@ -12,9 +12,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import FrozenDict
 
 from sparsity_jax import axes, parallel
 from sparsity_jax.layers import attention as attention_lib
+from sparsity_jax.layers import rope
 from sparsity_jax.layers.mlp import SwiGLU
 from sparsity_jax.layers.norms import RMSNorm
 
@@ -42,7 +44,11 @@ class ModelConfig:
   remat: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  attention: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"kind": "dense"})
+  # Hashable (FrozenDict) so that graphdefs holding the config can be static jit arguments.
+  attention: Mapping[str, Any] = dataclasses.field(
+      default_factory=lambda: FrozenDict({"kind": "dense"}))
+  # RoPE frequency scaling, a Hugging Face rope_scaling dict (e.g. Llama 3's); None: none.
+  rope_scaling: Mapping[str, Any] | None = None
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim",
@@ -52,8 +58,16 @@ class ModelConfig:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"config.model.num_heads={self.num_heads} must be a multiple of "
                        f"num_kv_heads={self.num_kv_heads} (grouped-query attention)")
+    if not isinstance(self.attention, FrozenDict):
+      object.__setattr__(self, "attention", FrozenDict(self.attention))
+    if self.rope_scaling is not None and not isinstance(self.rope_scaling, FrozenDict):
+      object.__setattr__(self, "rope_scaling", FrozenDict(self.rope_scaling))
     if self.head_dim % 2:
       raise ValueError(f"config.model.head_dim={self.head_dim} must be even (RoPE)")
+    try:
+      rope.scaling_type(self.rope_scaling)
+    except ValueError as e:
+      raise ValueError(f"config.model.rope_scaling: {e}") from None
 
   @classmethod
   def from_config(cls, model_config: Any) -> "ModelConfig":
@@ -68,7 +82,7 @@ class ModelConfig:
         if values[key] not in _DTYPES:
           raise ValueError(f"config.model.{key}={values[key]!r}; use one of {sorted(_DTYPES)}")
         values[key] = _DTYPES[values[key]]
-    values["attention"] = dict(values.get("attention") or {"kind": "dense"})
+    values["attention"] = FrozenDict(values.get("attention") or {"kind": "dense"})
     return cls(**values)
 
   def num_params(self) -> int:

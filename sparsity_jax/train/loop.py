@@ -8,6 +8,7 @@ functions; nothing here parses flags.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -139,13 +140,19 @@ def _check_finite(step: int, metrics: dict[str, float], last_saved: int | None, 
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       devices=None) -> dict[str, Any]:
+                       devices=None, init_from_hf: str | None = None) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint), then evaluates.
 
   ``devices`` restricts the mesh to a subset of jax.devices() (default: all of them).
+  ``init_from_hf`` starts from the weights of a local Hugging Face checkpoint directory;
+  its config.json then fixes the architecture fields of ``config.model`` (see
+  sparsity_jax.checkpoints.hf.config_with_hf_model), and a resumed run ignores it.
 
   Returns {'state', 'graphdef', 'train_metrics' (last step), 'eval_metrics' (final)}.
   """
+  if init_from_hf:
+    from sparsity_jax.checkpoints import hf
+    config = hf.config_with_hf_model(config, init_from_hf)
   config_dict = json.loads(config.to_json_best_effort())
   exp = Experiment(config, devices=devices)  # Validates config and data; writes nothing.
   ckpt_lib.check_workdir_compatible(workdir, config_dict)
@@ -157,14 +164,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   with parallel.use_mesh(exp.mesh, exp.rules):
     tx = optim.make_optimizer(tcfg)
     schedule = optim.learning_rate_schedule(tcfg)
-    graphdef, state, shardings = state_lib.create_train_state(exp.make_model, tx, exp.mesh,
-                                                              exp.rules)
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=tcfg.keep_checkpoints)
+    last_saved = checkpointer.latest_step()
+    if init_from_hf and last_saved is None:
+      graphdef, state, shardings = hf.create_train_state(init_from_hf, exp.make_model, tx,
+                                                         exp.mesh, exp.rules)
+    else:
+      graphdef, state, shardings = state_lib.create_train_state(exp.make_model, tx, exp.mesh,
+                                                                exp.rules)
     train_data = pipeline.PackedSequences(exp.splits["train"], config.data.seq_len)
     rows = pipeline.local_rows(exp.batch_sharding, config.data.batch_size)
     iterator = pipeline.TrainIterator(train_data, config.data.batch_size, int(config.seed), rows)
 
-    checkpointer = ckpt_lib.Checkpointer(workdir, keep=tcfg.keep_checkpoints)
-    last_saved = checkpointer.latest_step()
     if last_saved is not None:
       state, data_state = checkpointer.restore(last_saved, state, shardings)
       iterator.set_state(data_state)
@@ -250,35 +261,68 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run started with (``<workdir>/config.json``)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: --workdir must be a training run's directory")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  # Fields added to the code after the run started take their defaults.
+  from sparsity_jax import config_lib
+  config = config_lib.base_config()
+  config.update(saved)
+  return config
 
 
-def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = None,
-                     step: int | None = None) -> dict[str, float]:
-  """Standalone evaluation of a run's latest (or given) checkpoint on the validation split."""
+def restore_workdir(workdir: str, config: ml_collections.ConfigDict | None = None,
+                    step: int | None = None, *, load_data: bool = True):
+  """Restores a run's latest (or given) checkpoint into its shardings.
+
+  Returns (experiment, graphdef, state, state shardings, step).
+  """
   config = load_workdir_config(workdir) if config is None else config
-  exp = Experiment(config)
+  exp = Experiment(config, load_data=load_data)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=max(int(config.train.keep_checkpoints), 1))
   step = checkpointer.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints to evaluate")
+    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
   with parallel.use_mesh(exp.mesh, exp.rules):
     tx = optim.make_optimizer(config.train)
     graphdef = state_lib.split_model(nnx.eval_shape(exp.make_model))[0]
     abstract = jax.eval_shape(lambda: _abstract_state(exp, tx))
     shardings = parallel.state_shardings(abstract, exp.mesh, exp.rules)
     state, _ = checkpointer.restore(step, abstract, shardings)
+  checkpointer.close()
+  return exp, graphdef, state, shardings, step
+
+
+def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = None,
+                     step: int | None = None) -> dict[str, float]:
+  """Standalone evaluation of a run's latest (or given) checkpoint on the validation split."""
+  exp, graphdef, state, shardings, step = restore_workdir(workdir, config, step)
+  with parallel.use_mesh(exp.mesh, exp.rules):
     metrics = evaluate(exp, _jit_eval_step(exp, graphdef, shardings), state.params,
                        state.model_state)
-  checkpointer.close()
   writer = metrics_lib.MetricWriter(workdir, filename="eval.jsonl")
   writer.write(step, metrics, prefix="eval/")
   writer.close()
   return {"step": step, **metrics}
+
+
+def load_model(workdir: str, *, step: int | None = None, attention: dict | None = None,
+               config: ml_collections.ConfigDict | None = None) -> nnx.Module:
+  """A trained model from a workdir, optionally with another attention core.
+
+  ``attention`` replaces ``config.model.attention`` (e.g. {'kind': 'sparsed', ...}); the
+  trained parameters are the same for every core, the core's own state starts fresh.
+  """
+  exp, _, state, _, step = restore_workdir(workdir, config, step, load_data=False)
+  model_config = exp.model_config
+  if attention is not None:
+    model_config = dataclasses.replace(model_config, attention=dict(attention))
+  model = TransformerLM(model_config, rngs=nnx.Rngs(0))
+  nnx.update(model, state.params)
+  return model
 
 
 def _abstract_state(exp: Experiment, tx) -> state_lib.TrainState:
