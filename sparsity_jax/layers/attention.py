@@ -34,6 +34,37 @@ class AttentionCore(nnx.Module):
   def __call__(self, q_btnh, k_bskh, v_bskh, *, positions_bt, causal: bool) -> jax.Array:
     raise NotImplementedError  # Abstract: subclasses implement it.
 
+  # ---- incremental decoding (causal models) -----------------------------------------
+  # A cache is a plain dict of arrays owned by the caller (so it can be donated and
+  # sharded) and holds the number of tokens seen under "end"; a core that keeps a
+  # different cache (per-head ragged, per-cluster, ...) overrides both methods.
+
+  def init_cache(self, batch: int, max_len: int, *, num_kv_heads: int, head_dim: int,
+                 dtype) -> dict[str, jax.Array]:
+    """Full KV cache: k/v [b, max_len, k, h] and the number of cached tokens."""
+    shape = (batch, max_len, num_kv_heads, head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "end": jnp.zeros((), jnp.int32)}
+
+  def cached_call(self, q_btnh, k_btkh, v_btkh, *, positions_bt, cache):
+    """Appends t new tokens (at cache['end']) and attends over everything cached.
+
+    Returns (o_btnh, new cache). Keys are cached after RoPE, at absolute positions.
+    """
+    end = cache["end"]
+    k_cache = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_btkh.astype(cache["k"].dtype),
+                                                  end, axis=1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_btkh.astype(cache["v"].dtype),
+                                                  end, axis=1)
+    t, s = q_btnh.shape[1], k_cache.shape[1]
+    key_pos_s = jnp.arange(s)
+    # Slot j holds position j; a query sees keys up to its own position.
+    allowed_bts = (key_pos_s[None, None, :] <= positions_bt[:, :, None]) & (key_pos_s < end + t)
+    o_btnh = jax.nn.dot_product_attention(q_btnh, k_cache.astype(q_btnh.dtype),
+                                          v_cache.astype(q_btnh.dtype),
+                                          mask=allowed_bts[:, None, :, :])
+    return o_btnh, {"k": k_cache, "v": v_cache, "end": end + t}
+
 
 _REGISTRY: dict[str, Callable[..., AttentionCore]] = {}
 
@@ -123,9 +154,22 @@ class Attention(nnx.Module):
     v = parallel.constrain(v, (axes.BATCH, axes.KV_LENGTH, axes.ACT_KV_HEADS, axes.HEAD_DIM))
     return q, k, v
 
-  def __call__(self, x_bte: jax.Array, positions_bt: jax.Array) -> jax.Array:
+  def __call__(self, x_bte: jax.Array, positions_bt: jax.Array, cache=None):
+    """Returns the output [b, t, e], or (output, new cache) when ``cache`` is given."""
     q, k, v = self.project_qkv(x_bte, positions_bt)
-    o_btnh = self.core(q, k, v, positions_bt=positions_bt, causal=self.causal)
+    if cache is not None:
+      if not self.causal:
+        raise ValueError("KV caches are for causal models; a bidirectional model recomputes "
+                         "the whole sequence at every step")
+      o_btnh, cache = self.core.cached_call(q, k, v, positions_bt=positions_bt, cache=cache)
+      return self._output(o_btnh), cache
+    return self._output(self.core(q, k, v, positions_bt=positions_bt, causal=self.causal))
+
+  def init_cache(self, batch: int, max_len: int):
+    return self.core.init_cache(batch, max_len, num_kv_heads=self.k_proj.get_value().shape[1],
+                                head_dim=self.k_proj.get_value().shape[2], dtype=self.dtype)
+
+  def _output(self, o_btnh: jax.Array) -> jax.Array:
     o_btnh = parallel.constrain(o_btnh, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.HEAD_DIM))
     return jnp.einsum("btnh,nhe->bte", o_btnh.astype(self.dtype),
                       self.o_proj.get_value().astype(self.dtype))

@@ -102,18 +102,22 @@ class Block(nnx.Module):
     self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                       rngs=rngs)
 
-  def __call__(self, x_bte: jax.Array, positions_bt: jax.Array) -> jax.Array:
-    x_bte = x_bte + self.attn(self.attn_norm(x_bte), positions_bt)
-    x_bte = parallel.constrain(x_bte, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+  def __call__(self, x_bte: jax.Array, positions_bt: jax.Array, cache=None):
+    """Returns x [b, t, e], or (x, new cache) when ``cache`` is given."""
+    attn = self.attn(self.attn_norm(x_bte), positions_bt, cache)
+    if cache is not None:
+      attn, cache = attn
+    x_bte = parallel.constrain(x_bte + attn, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
     x_bte = x_bte + self.mlp(self.mlp_norm(x_bte))
-    return parallel.constrain(x_bte, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+    x_bte = parallel.constrain(x_bte, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+    return x_bte if cache is None else (x_bte, cache)
 
 
 class TransformerLM(nnx.Module):
   """tokens [b, t] -> logits [b, t, v] (float32).
 
   With ``scan_layers`` the blocks are stacked along a leading LAYERS axis and applied
-  with nnx.scan (one compiled body, fast compiles for deep models); otherwise they are a
+  with jax.lax.scan (one compiled body, fast compiles for deep models); otherwise they are a
   Python list (each layer may differ, e.g. sparse heads only in the last layers).
   ``remat`` recomputes each block's activations in the backward pass.
   """
@@ -147,6 +151,27 @@ class TransformerLM(nnx.Module):
   def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None) -> jax.Array:
     return self.forward_embeddings(self.embed_tokens(tokens_bt), positions_bt)
 
+  def init_cache(self, batch: int, max_len: int | None = None):
+    """Per-layer attention caches for incremental decoding (a list, or stacked when scanned)."""
+    max_len = self.cfg.max_len if max_len is None else max_len
+    if self.cfg.scan_layers:
+      graphdef, state = nnx.split(self.layers)
+      one = lambda st: nnx.merge(graphdef, st).attn.init_cache(batch, max_len)
+      return jax.vmap(one)(state)
+    return [block.attn.init_cache(batch, max_len) for block in self.layers]
+
+  def decode(self, tokens_bt: jax.Array, cache, positions_bt: jax.Array | None = None):
+    """Runs ``tokens_bt`` (a prompt, or one new token per row) against ``cache``.
+
+    Positions default to the cache's length + arange(t). Returns (logits [b, t, v], cache).
+    """
+    x_bte = self.embed_tokens(tokens_bt)
+    if positions_bt is None:
+      first = _cache_end(cache)
+      b, t = tokens_bt.shape
+      positions_bt = jnp.broadcast_to(first + jnp.arange(t, dtype=jnp.int32), (b, t))
+    return self._run_stack(x_bte, positions_bt, cache)
+
   def forward_embeddings(self, x_bte: jax.Array, positions_bt: jax.Array | None = None):
     """Runs the stack on input embeddings (used by the causality-by-gradient test)."""
     b, t = x_bte.shape[:2]
@@ -154,35 +179,44 @@ class TransformerLM(nnx.Module):
       raise ValueError(f"sequence length {t} exceeds config.model.max_len={self.cfg.max_len}")
     if positions_bt is None:
       positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    return self._run_stack(x_bte, positions_bt, None)
 
-    def block_fn(graphdef, params, other, x):
+  def _run_stack(self, x_bte, positions_bt, cache):
+    def block_fn(graphdef, params, other, x, layer_cache):
       # Functional form of one block so that scan/remat see plain pytrees. The block's
       # non-Param state (e.g. k-means centroids) may change and is returned.
       block = nnx.merge(graphdef, params, other)
-      y = block(x, positions_bt)
-      return y, nnx.state(block, nnx.Not(nnx.Param))
+      out = block(x, positions_bt, layer_cache)
+      y, new_cache = out if layer_cache is not None else (out, None)
+      return y, nnx.state(block, nnx.Not(nnx.Param)), new_cache
 
     if self.cfg.remat:
       block_fn = jax.checkpoint(block_fn, static_argnums=(0,))
     if self.cfg.scan_layers:
       graphdef, params, other = nnx.split(self.layers, nnx.Param, ...)
 
-      def scan_body(x, layer_state):
-        y, new_other = block_fn(graphdef, layer_state[0], layer_state[1], x)
-        return y, new_other
+      def scan_body(x, xs):
+        y, new_other, new_cache = block_fn(graphdef, xs[0], xs[1], x, xs[2])
+        return y, (new_other, new_cache)
 
-      x_bte, new_other = jax.lax.scan(scan_body, x_bte, (params, other))
+      x_bte, (new_other, cache) = jax.lax.scan(scan_body, x_bte, (params, other, cache))
       if jax.tree.leaves(new_other):
         nnx.update(self.layers, new_other)
     else:
-      for block in self.layers:
+      new_caches = []
+      for i, block in enumerate(self.layers):
+        layer_cache = None if cache is None else cache[i]
         if self.cfg.remat:
           graphdef, params, other = nnx.split(block, nnx.Param, ...)
-          x_bte, new_other = block_fn(graphdef, params, other, x_bte)
+          x_bte, new_other, layer_cache = block_fn(graphdef, params, other, x_bte, layer_cache)
           if jax.tree.leaves(new_other):
             nnx.update(block, new_other)
-        else:
+        elif layer_cache is None:
           x_bte = block(x_bte, positions_bt)
+        else:
+          x_bte, layer_cache = block(x_bte, positions_bt, layer_cache)
+        new_caches.append(layer_cache)
+      cache = None if cache is None else new_caches
     x_bte = self.final_norm(x_bte)
     if self.cfg.tie_embeddings:
       head_ev = self.embed.get_value().T
@@ -190,4 +224,13 @@ class TransformerLM(nnx.Module):
       head_ev = self.lm_head.get_value()
     logits_btv = jnp.einsum("bte,ev->btv", x_bte, head_ev.astype(self.cfg.dtype),
                             preferred_element_type=jnp.float32)
-    return parallel.constrain(logits_btv, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
+    logits_btv = parallel.constrain(logits_btv, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
+    return logits_btv if cache is None else (logits_btv, cache)
+
+
+def _cache_end(cache) -> jax.Array:
+  """Number of tokens in a model cache (a list of layer caches, or them stacked when the
+  layers are scanned). Every core's cache records it under 'end'."""
+  if isinstance(cache, (list, tuple)):
+    return cache[0]["end"]
+  return cache["end"][0]

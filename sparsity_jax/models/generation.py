@@ -1,0 +1,54 @@
+"""Autoregressive generation for causal LMs with the attention cores' KV caches.
+
+Prefill runs the prompt through ``model.decode`` in one call; each new token is then one
+``decode`` call of length 1. Both are jitted once (the cache is donated).
+
+Legend: b batch, t length, v vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
+def _decode(graphdef, state, tokens_bt, cache):
+  model = nnx.merge(graphdef, state)
+  logits_btv, cache = model.decode(tokens_bt, cache)
+  return logits_btv[:, -1], cache, nnx.state(model)
+
+
+def _pick(logits_bv, temperature: float, rng):
+  if temperature == 0:
+    return jnp.argmax(logits_bv, axis=-1)
+  return jax.random.categorical(rng, logits_bv / temperature, axis=-1)
+
+
+def generate(model: nnx.Module, prompt_bt, max_new_tokens: int, *, temperature: float = 0.0,
+             rng: jax.Array | None = None, max_len: int | None = None) -> np.ndarray:
+  """Returns [b, prompt + max_new_tokens] tokens (greedy at temperature 0)."""
+  prompt_bt = jnp.asarray(prompt_bt, jnp.int32)
+  b, p = prompt_bt.shape
+  total = p + max_new_tokens
+  max_len = model.cfg.max_len if max_len is None else max_len
+  if not model.cfg.causal:
+    raise ValueError("KV-cache generation is for causal LMs; use models.diffusion.generate")
+  if total > max_len:
+    raise ValueError(f"prompt ({p}) + max_new_tokens ({max_new_tokens}) exceed max_len={max_len}")
+  rng = jax.random.key(0) if rng is None else rng
+  cache = model.init_cache(b, total)
+  graphdef, state = nnx.split(model)
+  logits_bv, cache, state = _decode(graphdef, state, prompt_bt, cache)
+  out = [prompt_bt]
+  for i in range(max_new_tokens):
+    token_b = _pick(logits_bv, temperature, jax.random.fold_in(rng, i))
+    out.append(token_b[:, None].astype(jnp.int32))
+    if i + 1 < max_new_tokens:
+      logits_bv, cache, state = _decode(graphdef, state, out[-1], cache)
+  nnx.update(model, state)
+  return np.asarray(jnp.concatenate(out, axis=1))
