@@ -1,0 +1,219 @@
+"""GPU check for the block-sparse Triton kernels (run by gpu_check.sh, < 8 min on an H200).
+
+1. Correctness: implementation='triton' vs the dense reference on the GPU,
+   float32 and bfloat16, forward and backward (dq, dk, dv), several masks.
+2. Timing (bf16, batch 1, 16 heads, head dim 128, L = 8k and 32k):
+   jax.nn.dot_product_attention(implementation='cudnn', is_causal=True) vs
+   block_sparse triton on dense causal and on random block masks of 10% and
+   50% density; forward and forward+backward.
+3. torch flex_attention on the same block tables (if torch is importable).
+
+Writes gpu_check.md / gpu_check.json to $OUT (or --out) when set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import block_sparse
+
+TOL = {'float32': (2e-3, 5e-3), 'bfloat16': (3e-2, 8e-2)}  # (out, grads) max abs error
+
+
+def _time_jax(fn, *args, repeats=5):
+  jax.block_until_ready(fn(*args))
+  ts = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    ts.append(time.perf_counter() - t0)
+  return statistics.median(ts) * 1e3
+
+
+def _qkv(key, b, l, h, d, dtype):
+  ks = jax.random.split(key, 4)
+  return [jax.random.normal(k, (b, l, h, d), jnp.float32).astype(dtype) for k in ks]
+
+
+def random_block_mask(l, density, block=128, seed=0):
+  """Every query block keeps round(density * nk) random key blocks (all full tiles)."""
+  n = l // block
+  scores = jax.random.uniform(jax.random.key(seed), (1, 1, n, n))
+  return block_sparse.from_block_scores(scores, q_len=l, kv_len=l, block_q=block,
+                                        block_k=block, top_k=max(1, round(density * n)))
+
+
+def check_correctness(rows):
+  l, d = 1024, 128
+  masks = {
+      'causal': block_sparse.causal(l),
+      'window+sink per head': block_sparse.sliding_window(
+          l, window=np.array([100, 300, 700, 1024]), sinks=np.array([0, 4, 16, 0])),
+      'top-k 25%': random_block_mask(l, 0.25),
+  }
+  ok = True
+  for dtype in ('float32', 'bfloat16'):
+    q, k, v, do = _qkv(jax.random.key(0), 2, l, 4, d, getattr(jnp, dtype))
+    k, v = k[:, :, :2], v[:, :, :2]  # GQA 4:2
+    for name, mask in masks.items():
+      @jax.jit
+      def both(q, k, v, do, mask):
+        o, f = jax.vjp(lambda *a: block_sparse.attention(*a, mask, implementation='triton'),
+                       q, k, v)
+        o_r, f_r = jax.vjp(lambda *a: block_sparse.attention_ref(*a, mask), q, k, v)
+        return (o,) + f(do), (o_r,) + f_r(do)
+      got, ref = both(q, k, v, do, mask)
+      errs = [float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+              for a, b in zip(got, ref)]
+      tol_o, tol_g = TOL[dtype]
+      passed = errs[0] <= tol_o and max(errs[1:]) <= tol_g
+      ok &= passed
+      rows.append(dict(check='correctness', dtype=dtype, mask=name, out_err=errs[0],
+                       dq_err=errs[1], dk_err=errs[2], dv_err=errs[3], passed=passed))
+      print(f'[check] {dtype:8s} {name:22s} out {errs[0]:.2e} dq {errs[1]:.2e} '
+            f'dk {errs[2]:.2e} dv {errs[3]:.2e} {"PASS" if passed else "FAIL"}', flush=True)
+  return ok
+
+
+def _flex_time(kind, mask, q, k, v, do, repeats=5):
+  import torch
+  from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+  flex = torch.compile(flex_attention)
+  b, l, h, d = q.shape
+  tq = [torch.from_dlpack(x).to(torch.bfloat16).transpose(1, 2).contiguous().requires_grad_()
+        for x in (q, k, v)]
+  tdo = torch.from_dlpack(do).to(torch.bfloat16).transpose(1, 2).contiguous()
+  if kind == 'causal':
+    bm = create_block_mask(lambda b_, h_, qi, ki: qi >= ki, None, None, l, l, device='cuda')
+  else:
+    t = lambda x: torch.from_dlpack(jnp.asarray(x)).cuda()
+    bm = BlockMask.from_kv_blocks(t(mask.kv_num_blocks), t(mask.kv_indices),
+                                  t(mask.full_kv_num_blocks), t(mask.full_kv_indices),
+                                  BLOCK_SIZE=mask.block_q, seq_lengths=(l, l))
+
+  def run(bwd):
+    out = flex(*tq, block_mask=bm)
+    if bwd:
+      out.backward(tdo)
+    return out
+
+  res = {}
+  for bwd in (False, True):
+    run(bwd)
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(repeats):
+      start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+      start.record()
+      run(bwd)
+      end.record()
+      torch.cuda.synchronize()
+      ts.append(start.elapsed_time(end))
+    res['fwd_bwd' if bwd else 'fwd'] = statistics.median(ts)
+  return res
+
+
+def run_timings(rows, lengths, heads=16, d=128):
+  try:
+    import torch  # noqa: F401
+    have_torch = torch.cuda.is_available()
+  except Exception:  # pylint: disable=broad-except
+    have_torch = False
+  for l in lengths:
+    q, k, v, do = _qkv(jax.random.key(1), 1, l, heads, d, jnp.bfloat16)
+
+    def fb(f):
+      @jax.jit
+      def g(q, k, v, do, *extra):
+        out, vjp = jax.vjp(lambda *a: f(*a, *extra), q, k, v)
+        return out, vjp(do)
+      return g
+
+    cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                         implementation='cudnn')
+    base = dict(fwd=_time_jax(jax.jit(cudnn), q, k, v),
+                fwd_bwd=_time_jax(fb(cudnn), q, k, v, do))
+    rows.append(dict(check='timing', L=l, impl='cudnn dense causal', density=0.5, **base))
+    print(f'[time] L={l} cudnn causal fwd {base["fwd"]:.2f} ms fwd+bwd {base["fwd_bwd"]:.2f} ms',
+          flush=True)
+    sparse = lambda q, k, v, m: block_sparse.attention(q, k, v, m, implementation='triton')
+    for kind, mask in (('causal', block_sparse.causal(l)),
+                       ('random 10%', random_block_mask(l, 0.10)),
+                       ('random 50%', random_block_mask(l, 0.50))):
+      dens = float(mask.density())
+      t = dict(fwd=_time_jax(jax.jit(sparse), q, k, v, mask),
+               fwd_bwd=_time_jax(fb(sparse), q, k, v, do, mask))
+      row = dict(check='timing', L=l, impl=f'triton {kind}', density=dens, **t,
+                 speedup_fwd_vs_cudnn=base['fwd'] / t['fwd'],
+                 speedup_fwd_bwd_vs_cudnn=base['fwd_bwd'] / t['fwd_bwd'])
+      if have_torch:
+        try:
+          fl = _flex_time('causal' if kind == 'causal' else 'blocks', mask, q, k, v, do)
+          row.update(flex_fwd=fl['fwd'], flex_fwd_bwd=fl['fwd_bwd'])
+        except Exception:  # pylint: disable=broad-except
+          row['flex_error'] = traceback.format_exc(limit=2)
+      rows.append(row)
+      print(f'[time] L={l} triton {kind:10s} density {dens:.3f} fwd {t["fwd"]:.2f} ms '
+            f'fwd+bwd {t["fwd_bwd"]:.2f} ms  flex fwd {row.get("flex_fwd", float("nan")):.2f} '
+            f'fwd+bwd {row.get("flex_fwd_bwd", float("nan")):.2f}', flush=True)
+
+
+def to_markdown(rows):
+  lines = ['| check | dtype / L | mask / impl | density | out err / fwd ms | dq err / fwd+bwd ms '
+           '| dk err / flex fwd ms | dv err / flex fwd+bwd ms | pass / speedup vs cuDNN (fwd, fwd+bwd) |',
+           '|---|---|---|---|---|---|---|---|---|']
+  for r in rows:
+    if r['check'] == 'correctness':
+      lines.append(f"| correctness | {r['dtype']} | {r['mask']} | - | {r['out_err']:.2e} | "
+                   f"{r['dq_err']:.2e} | {r['dk_err']:.2e} | {r['dv_err']:.2e} | "
+                   f"{'PASS' if r['passed'] else 'FAIL'} |")
+    else:
+      sp = (f"{r['speedup_fwd_vs_cudnn']:.2f}x, {r['speedup_fwd_bwd_vs_cudnn']:.2f}x"
+            if 'speedup_fwd_vs_cudnn' in r else '1x (baseline)')
+      lines.append(f"| timing | {r['L']} | {r['impl']} | {r['density']:.3f} | {r['fwd']:.2f} | "
+                   f"{r['fwd_bwd']:.2f} | {r.get('flex_fwd', float('nan')):.2f} | "
+                   f"{r.get('flex_fwd_bwd', float('nan')):.2f} | {sp} |")
+  return '\n'.join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument('--lengths', type=int, nargs='+', default=[8192, 32768])
+  parser.add_argument('--out', default=os.environ.get('OUT'))
+  parser.add_argument('--skip-timing', action='store_true')
+  args = parser.parse_args()
+  print(f'jax {jax.__version__} devices {jax.devices()}', flush=True)
+  if jax.default_backend() != 'gpu':
+    print('no GPU: nothing to check', file=sys.stderr)
+    return 2
+  rows = []
+  ok = check_correctness(rows)
+  if not args.skip_timing:
+    try:
+      run_timings(rows, args.lengths)
+    except Exception:  # pylint: disable=broad-except
+      traceback.print_exc()
+      ok = False
+  table = to_markdown(rows)
+  print('\n' + table)
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, 'gpu_check.md'), 'w') as f:
+      f.write(f'jax {jax.__version__}, {jax.devices()[0].device_kind}\n\n{table}\n')
+    with open(os.path.join(args.out, 'gpu_check.json'), 'w') as f:
+      json.dump(rows, f, indent=1, default=str)
+  return 0 if ok else 1
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,1 @@
+"""Framework-free kernels (jax + Pallas only, no Flax)."""

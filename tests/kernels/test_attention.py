@@ -1,0 +1,168 @@
+"""attention(): xla backend and API behaviour against the dense reference (CPU)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from pallas_kernels import block_sparse
+
+
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), lq=st.integers(1, 96), lk=st.integers(1, 96),
+       bq=st.sampled_from([8, 16, 32]), bk=st.sampled_from([8, 16, 32]),
+       heads=st.sampled_from([(2, 2), (4, 2), (4, 1)]), per_head=st.booleans(),
+       d=st.sampled_from([8, 16]))
+def test_xla_random_tables_and_bits(check, dense_mask, seed, lq, lk, bq, bk, heads, per_head,
+                                    d):
+  rng = np.random.default_rng(seed)
+  hq, hkv = heads
+  dense = dense_mask(rng, (2, hq if per_head else 1, lq, lk), bq, bk)
+  mask = block_sparse.from_dense(dense, block_q=bq, block_k=bk)
+  check(mask, b=2, lq=lq, lk=lk, hq=hq, hkv=hkv, d=d, seed=seed,
+        tiles=block_sparse.Tiles(xla_tiles_per_step=int(rng.integers(1, 64))))
+
+
+@pytest.mark.parametrize('name,dtype', [
+    ('causal', jnp.float32), ('causal', jnp.bfloat16), ('window', jnp.float32),
+    ('positions', jnp.float32), ('topk', jnp.bfloat16), ('union', jnp.float32)])
+def test_xla_constructors(check, name, dtype):
+  l = 80
+  rng = np.random.default_rng(0)
+  if name == 'causal':
+    mask = block_sparse.causal(l, block_q=16, block_k=32)
+  elif name == 'window':
+    mask = block_sparse.sliding_window(l, window=np.array([4, 9, 30, 70]),
+                                       sinks=np.array([0, 2, 5, 1]), block_q=16, block_k=16)
+  elif name == 'positions':
+    pos = np.stack([rng.permutation(l) for _ in range(4)])[None]
+    mask = block_sparse.from_positions(pos, block_q=16, block_k=16, window=25)
+  elif name == 'topk':
+    scores = jax.random.uniform(jax.random.key(1), (2, 4, 5, 5))
+    mask = block_sparse.from_block_scores(scores, q_len=l, kv_len=l, block_q=16, block_k=16,
+                                          top_k=2, causal=True)
+  else:
+    mask = (block_sparse.sliding_window(l, window=8, sinks=4, block_q=16, block_k=16)
+            | block_sparse.from_dense(rng.random((1, 1, l, l)) < 0.05, block_q=16,
+                                      block_k=16))
+  check(mask, b=2, lq=l, lk=l, hq=4, hkv=2, d=16, dtype=dtype)
+
+
+def test_reference_backend_through_custom_vjp(check):
+  check(block_sparse.causal(40, block_q=16, block_k=16), b=1, lq=40, lk=40, hq=2, hkv=1,
+        d=8, implementation='reference')
+
+
+@pytest.mark.parametrize('implementation', ['reference', 'xla'])
+def test_fully_masked_rows_give_zeros_and_zero_grads(qkv, implementation):
+  l = 48
+  dense = np.tril(np.ones((l, l), bool))
+  dense[5] = False          # one empty row inside a partial block
+  dense[32:48] = False      # a whole empty query block
+  mask = block_sparse.from_dense(dense[None, None], block_q=16, block_k=16)
+  q, k, v, do = qkv(0, 1, l, l, 2, 2, 16, jnp.float32)
+  fn = lambda q, k, v: block_sparse.attention(q, k, v, mask, implementation=implementation)
+  out, vjp = jax.vjp(fn, q, k, v)
+  dq, dk, dv = vjp(do)
+  for x in (out, dq, dk, dv):
+    assert np.isfinite(np.asarray(x)).all()
+  assert (np.asarray(out)[:, [5] + list(range(32, 48))] == 0).all()
+  assert (np.asarray(dq)[:, [5] + list(range(32, 48))] == 0).all()
+  out_r = block_sparse.attention_ref(q, k, v, mask)
+  np.testing.assert_allclose(out, out_r, atol=1e-5)
+
+
+def test_no_retrace_when_pattern_changes(qkv):
+  traces = []
+
+  @jax.jit
+  def f(q, k, v, scores):
+    traces.append(1)
+    mask = block_sparse.from_block_scores(scores, q_len=64, kv_len=64, block_q=16,
+                                          block_k=16, top_k=2, causal=True)
+    return block_sparse.attention(q, k, v, mask), mask
+
+  q, k, v, _ = qkv(0, 1, 64, 64, 2, 2, 16, jnp.float32)
+  outs = []
+  for seed in range(2):
+    scores = jax.random.uniform(jax.random.key(seed), (1, 2, 4, 4))
+    out, mask = f(q, k, v, scores)
+    np.testing.assert_allclose(out, block_sparse.attention_ref(q, k, v, mask), atol=1e-4)
+    outs.append(out)
+  assert len(traces) == 1
+  assert not np.allclose(outs[0], outs[1])
+
+  # A mask built from device arrays outside jit is a traced argument too.
+  g_traces = []
+
+  @jax.jit
+  def g(q, k, v, mask):
+    g_traces.append(1)
+    return block_sparse.attention(q, k, v, mask)
+
+  rng = np.random.default_rng(0)
+  for _ in range(2):
+    mask = block_sparse.from_dense(jnp.asarray(rng.random((1, 1, 64, 64)) < 0.3),
+                                   block_q=16, block_k=16)
+    np.testing.assert_allclose(g(q, k, v, mask), block_sparse.attention_ref(q, k, v, mask),
+                               atol=1e-4)
+  assert len(g_traces) == 1
+
+
+def test_default_scale_and_explicit_scale(qkv):
+  mask = block_sparse.causal(32, block_q=16, block_k=16)
+  q, k, v, _ = qkv(0, 1, 32, 32, 1, 1, 16, jnp.float32)
+  out = block_sparse.attention(q, k, v, mask, scale=0.25)
+  np.testing.assert_allclose(out, block_sparse.attention_ref(q, k, v, mask, scale=0.25),
+                             atol=1e-5)
+  dense = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+  np.testing.assert_allclose(block_sparse.attention(q, k, v, mask), dense, atol=1e-5)
+
+
+def test_bad_inputs_raise_value_errors(qkv):
+  q, k, v, _ = qkv(0, 2, 32, 32, 4, 2, 16, jnp.float32)
+  mask = block_sparse.causal(32, block_q=16, block_k=16)
+  attn = block_sparse.attention
+  with pytest.raises(ValueError, match='q must be rank 4'):
+    attn(q[0], k, v, mask)
+  with pytest.raises(ValueError, match='share a dtype'):
+    attn(q.astype(jnp.bfloat16), k, v, mask)
+  with pytest.raises(ValueError, match='must be float32'):
+    attn(q.astype(jnp.int32), k.astype(jnp.int32), v.astype(jnp.int32), mask)
+  with pytest.raises(ValueError, match='multiple of k/v heads'):
+    attn(q[:, :, :3], k, v, mask)
+  with pytest.raises(ValueError, match='k and v must have the same shape'):
+    attn(q, k, v[:, :16], mask)
+  with pytest.raises(ValueError, match='head_dim'):
+    attn(q, k[..., :8], v[..., :8], mask)
+  with pytest.raises(ValueError, match='mask was built for'):
+    attn(q, k, v, block_sparse.causal(48, block_q=16, block_k=16))
+  with pytest.raises(ValueError, match='mask has 3 heads'):
+    attn(q, k, v, block_sparse.sliding_window(32, window=np.array([1, 2, 3]), block_q=16,
+                                              block_k=16))
+  with pytest.raises(ValueError, match='mask must be a BlockMask'):
+    attn(q, k, v, np.ones((32, 32), bool))
+  with pytest.raises(ValueError, match='implementation must be'):
+    attn(q, k, v, mask, implementation='cuda')
+  with pytest.raises(ValueError, match='Tiles.block_q'):
+    attn(q, k, v, mask, tiles=block_sparse.Tiles(block_q=12), implementation='xla')
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='checks CPU dispatch')
+def test_dispatch_on_cpu():
+  assert block_sparse.resolve_implementation(None) == 'xla'
+  for impl in ('triton', 'mosaic_tpu'):
+    with pytest.raises(ValueError, match='interpret=True'):
+      block_sparse.resolve_implementation(impl)
+  assert block_sparse.resolve_implementation('triton', interpret=True) == 'triton'
+
+
+def test_mosaic_tpu_missing_is_a_clear_error(qkv):
+  import importlib.util
+  if importlib.util.find_spec('pallas_kernels.block_sparse.mosaic_tpu') is not None:
+    pytest.skip('mosaic_tpu backend present')
+  q, k, v, _ = qkv(0, 1, 32, 32, 1, 1, 16, jnp.float32)
+  mask = block_sparse.causal(32, block_q=16, block_k=16)
+  with pytest.raises(NotImplementedError, match='mosaic_tpu'):
+    block_sparse.attention(q, k, v, mask, implementation='mosaic_tpu', interpret=True)
