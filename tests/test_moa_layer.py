@@ -1,0 +1,120 @@
+"""The MoA attention core: prefill, decode caches and cache bytes under a plan."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sparsity_jax.layers import attention as attention_lib
+from sparsity_jax.layers import moa as moa_layer
+from sparsity_jax.models import ModelConfig, TransformerLM
+from sparsity_jax.moa import plan as plan_lib
+
+BASE = dict(vocab_size=260, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
+            mlp_dim=64, max_len=64)
+N = 40
+
+_EXPLICIT = {}
+
+
+@attention_lib.register_attention("test_explicit_mask")
+class ExplicitMask(attention_lib.AttentionCore):
+  """Dense attention with a per-layer boolean mask [n, t, s] set by the test."""
+
+  def __init__(self, model_config, *, layer_index, rngs):
+    del model_config, rngs
+    self.layer_index = layer_index
+
+  def __call__(self, q, k, v, *, positions_bt, causal):
+    mask = jnp.asarray(_EXPLICIT[self.layer_index])
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[None])
+
+
+def random_plan(seed, layers=2, kv=2, heads=4, max_length=64):
+  rng = np.random.default_rng(seed)
+  return plan_lib.Plan(alpha=rng.integers(-8, 12, (layers, kv)).astype(float),
+                       beta=rng.choice([0.0, 0.125, 0.25, 0.5], (layers, kv)),
+                       sink=rng.integers(0, 5, (layers, kv)), num_heads=heads,
+                       max_length=max_length)
+
+
+def moa_model(tmp_path, plan, **overrides):
+  path = str(tmp_path / "plan.json")
+  plan_lib.save_plan(plan, path)
+  cfg = ModelConfig(**{**BASE, **overrides}, attention={"kind": "moa", "plan": path,
+                                                        "block_size": 8})
+  return TransformerLM(cfg, rngs=nnx.Rngs(3))
+
+
+def dense_rule_mask(window, sink, length):
+  i, j = np.arange(length)[:, None], np.arange(length)[None, :]
+  return (j <= i) & ((i - j < window) | (j < sink))
+
+
+def test_prefill_equals_dense_with_explicit_mask(tmp_path):
+  plan = random_plan(np.random.randint(1 << 30))
+  model = moa_model(tmp_path, plan)
+  for layer in range(2):
+    w = plan.windows(N)[layer]
+    _EXPLICIT[layer] = np.stack([dense_rule_mask(w[n // 2], plan.sink[layer, n // 2], N)
+                                 for n in range(4)])
+  ref = TransformerLM(ModelConfig(**BASE, attention={"kind": "test_explicit_mask"}),
+                      rngs=nnx.Rngs(3))
+  tokens = jax.random.randint(jax.random.key(0), (2, N), 0, 256)
+  np.testing.assert_allclose(model(tokens), ref(tokens), atol=2e-5, rtol=2e-5)
+
+
+def test_decode_with_plan_caches_equals_prefill(tmp_path):
+  plan = random_plan(np.random.randint(1 << 30))
+  model = moa_model(tmp_path, plan)
+  tokens = jax.random.randint(jax.random.key(1), (2, N), 0, 256)
+  full = model(tokens)  # Prefill of the whole sequence: spans at length N.
+  cache = model.init_cache(2, N)  # Spans for N = prompt + new tokens, as in generation.
+  logits, cache = model.decode(tokens[:, :13], cache)
+  pieces = [logits]
+  for i in range(13, N - 6):
+    logits, cache = model.decode(tokens[:, i:i + 1], cache)
+    pieces.append(logits)
+  logits, cache = model.decode(tokens[:, N - 6:], cache)  # A few tokens at once, ring wrapped.
+  pieces.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=3e-5, rtol=3e-5)
+
+
+def test_cache_bytes_fall_with_density(tmp_path):
+  plan = random_plan(5)
+  model = moa_model(tmp_path, plan)
+  dense = TransformerLM(ModelConfig(**BASE), rngs=nnx.Rngs(0))
+  for length in (16, 40, 64):
+    moa_bytes = moa_layer.cache_bytes(model.init_cache(3, length))
+    dense_bytes = moa_layer.cache_bytes(dense.init_cache(3, length))
+    assert moa_bytes == pytest.approx(dense_bytes * plan.density(length))
+    assert moa_bytes < dense_bytes or plan.density(length) == 1.0
+
+
+def test_bad_plans_raise_clear_errors(tmp_path):
+  with pytest.raises(ValueError, match="3 layers but the model has 2"):
+    moa_model(tmp_path, random_plan(0, layers=3))
+  with pytest.raises(ValueError, match="1 KV heads per layer but the model has 2"):
+    moa_model(tmp_path, random_plan(0, kv=1))
+  with pytest.raises(ValueError, match="scan_layers=False"):
+    moa_model(tmp_path, random_plan(0), scan_layers=True)
+  with pytest.raises(FileNotFoundError, match="plan.json"):
+    TransformerLM(ModelConfig(**BASE, attention={"kind": "moa", "plan": "/nope.json"}),
+                  rngs=nnx.Rngs(0))
+  model = moa_model(tmp_path, random_plan(0, max_length=32))
+  with pytest.raises(ValueError, match="beyond the plan's max_length=32"):
+    model(jnp.zeros((1, 40), jnp.int32))
+  bad = tmp_path / "bad.json"
+  bad.write_text('{"version": 1, "layers": []}')
+  with pytest.raises(ValueError, match="not a valid MoA plan"):
+    plan_lib.load_plan(str(bad))
+
+
+def test_plan_json_roundtrip(tmp_path):
+  plan = random_plan(1)
+  plan_lib.save_plan(plan, str(tmp_path / "p.json"))
+  again = plan_lib.load_plan(str(tmp_path / "p.json"))
+  for name in ("alpha", "beta", "sink"):
+    np.testing.assert_array_equal(getattr(plan, name), getattr(again, name))
+  assert again.max_length == plan.max_length and again.num_heads == plan.num_heads

@@ -1,0 +1,89 @@
+"""Rule search: every constraint holds, and the MILP finds the exhaustive optimum."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from sparsity_jax.moa import plan as plan_lib
+from sparsity_jax.moa import search
+from sparsity_jax.moa.profile import Influence
+
+
+def random_influence(rng, length, layers=3, kv=2, sink=4, block=16):
+  # Influence decaying with distance, with head-specific long-range bumps.
+  d = np.arange(length)
+  dist = rng.random((layers, kv, 1)) * np.exp(-d / rng.uniform(2, length, (layers, kv, 1)))
+  dist += 0.05 * rng.random((layers, kv, length))
+  nq = length // block
+  return Influence(length, block, sink, rng.random((layers, kv, nq, nq)), dist, 1)
+
+
+@pytest.mark.parametrize("budget,max_rules", [(0.5, 2), (0.25, 1)])
+def test_plans_respect_every_constraint(budget, max_rules):
+  rng = np.random.default_rng(np.random.randint(1 << 30))
+  profiles = [random_influence(rng, n) for n in (64, 128, 256)]
+  plans = search.search(profiles, budget=budget, extend_length=512, num_heads=4,
+                        max_rules_per_layer=max_rules, num_intervals=2)
+  assert plans
+  grid = {tuple(r) for r in search.candidate_rules(64, 256, 512)}
+  objs = []
+  for plan in plans:
+    assert plan.alpha.shape == (3, 2) and (plan.sink == 4).all() and plan.max_length == 512
+    for n in (64, 128, 256, 512):
+      assert plan.density(n) <= budget + 1e-9, (n, plan.density(n))
+    for layer in range(3):
+      assert len(plan.rules(layer)) <= max_rules
+      assert all((a, b) in grid for a, b, _ in plan.rules(layer))
+    objs.append([plan.meta["objectives"][str(n)] for n in (64, 128, 256)])
+  for i, a in enumerate(objs):  # Pareto: no plan dominates another.
+    for j, b in enumerate(objs):
+      assert i == j or not (np.all(np.array(b) <= a) and np.any(np.array(b) < a))
+
+
+def test_milp_matches_exhaustive_enumeration():
+  rng = np.random.default_rng(np.random.randint(1 << 30))
+  nl, nk, nr = 2, 2, 4
+  cost = rng.random((nl, nk, nr))
+  dens = {64: rng.uniform(0.1, 1.0, nr), 128: rng.uniform(0.1, 1.0, nr)}
+  budgets = {64: 0.55, 128: 0.6}
+  for max_rules in (1, 2, 4):
+    problem = search.Problem({64: cost}, dens, budgets, max_rules)
+    best = None
+    for assign in itertools.product(range(nr), repeat=nl * nk):
+      ch = np.array(assign).reshape(nl, nk)
+      if any(len(set(ch[l])) > max_rules for l in range(nl)):
+        continue
+      if any(d[ch].mean() > budgets[n] + 1e-12 for n, d in dens.items()):
+        continue
+      value = search.objectives(problem, ch)[64]
+      best = value if best is None else min(best, value)
+    choice = search.solve(problem, 64)
+    if best is None:
+      assert choice is None
+    else:
+      assert search.objectives(problem, choice)[64] == pytest.approx(best, abs=1e-9)
+
+
+def test_rule_costs_are_token_exact():
+  rng = np.random.default_rng(0)
+  inf = random_influence(rng, 64)
+  rules = np.array([[0.0, 0.25], [10.0, 0.0], [-8.0, 1.0]])
+  cost = search.rule_costs(inf, rules)
+  for r, (a, b) in enumerate(rules):
+    w = plan_lib.rule_window(a, b, 64)
+    np.testing.assert_allclose(cost[..., r], inf.distance[..., w:].sum(-1))
+
+
+def test_search_bad_input():
+  rng = np.random.default_rng(1)
+  profiles = [random_influence(rng, n) for n in (64, 128)]
+  with pytest.raises(ValueError, match="infeasible at length"):
+    search.search(profiles, budget=0.01, extend_length=256, num_heads=4)
+  with pytest.raises(ValueError, match="no profiles"):
+    search.search([], budget=0.5, extend_length=256, num_heads=4)
+  with pytest.raises(ValueError, match="disagree on sink"):
+    search.search([profiles[0], random_influence(rng, 128, sink=8)], budget=0.5,
+                  extend_length=256, num_heads=4)
+  with pytest.raises(ValueError, match="extend_length=64"):
+    search.search(profiles, budget=0.5, extend_length=64, num_heads=4)
