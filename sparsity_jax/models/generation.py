@@ -19,6 +19,7 @@ from flax import nnx
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
 def _decode(graphdef, state, tokens_bt, cache):
   model = nnx.merge(graphdef, state)
+  model.eval()  # Generation never updates stateful layers (e.g. routing centroids).
   logits_btv, cache = model.decode(tokens_bt, cache)
   return logits_btv[:, -1], cache, nnx.state(model)
 

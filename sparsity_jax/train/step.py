@@ -31,6 +31,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *,
   loss_terms = objectives.get(objective)
 
   def loss_fn(params, model_state, batch, rng):
+    # Fresh Variable objects at this trace level, so layers may update their state here.
+    model_state = jax.tree.map(lambda x: x, model_state)
     model = nnx.merge(graphdef, params, model_state)
     loss_sum, weight = loss_terms(model, batch, rng)
     loss = loss_sum / jnp.maximum(weight, 1.0)

@@ -1,0 +1,142 @@
+"""Routing Transformer attention: k-means, balanced clusters, causality, cache decoding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import make_tiny_config
+from sparsity_jax.layers.attention import AuxLoss
+from sparsity_jax.layers.routing import RoutingAttention
+from sparsity_jax.models import ModelConfig, TransformerLM
+from sparsity_jax.patterns import routing as routing_lib
+from sparsity_jax.train import loop, train_and_evaluate
+
+BASE = dict(vocab_size=260, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
+            mlp_dim=64, max_len=128)
+ROUTING = {"kind": "routing", "window": 16, "num_clusters": 4, "num_routing_heads": 2,
+           "local_block": 16}
+
+
+def _seed():
+  return np.random.randint(1 << 30)
+
+
+def test_kmeans_recovers_planted_clusters():
+  rng = np.random.default_rng(_seed())
+  centers = rng.normal(size=(4, 16)) * 4
+  labels = rng.integers(0, 4, size=(8, 128))
+  x = centers[labels] + rng.normal(size=(8, 128, 16)) * 0.3
+  x = routing_lib.scale_free_layer_norm(jnp.asarray(x, jnp.float32))[:, :, None, :]
+  means = routing_lib.kmeans_init(x, 4, jax.random.key(_seed()))
+  counts, sums = routing_lib.cluster_statistics(x, means)
+  ema_counts, ema_sums = counts, sums
+  for _ in range(20):  # The EMA keeps good centroids where they are.
+    counts, sums = routing_lib.cluster_statistics(x, means)
+    ema_counts, ema_sums, means = routing_lib.ema_update(ema_counts, ema_sums, counts, sums, 0.9)
+  assign = np.asarray(routing_lib.nearest_centroid(x, means))[..., 0]
+  # Each planted cluster maps to a single centroid, and different ones to different ones.
+  mapping = {int(l): set(np.unique(assign[labels == l])) for l in range(4)}
+  assert all(len(v) == 1 for v in mapping.values()), mapping
+  assert len(set.union(*mapping.values())) == 4
+
+
+def test_every_cluster_holds_exactly_window_tokens():
+  x = jax.random.normal(jax.random.key(_seed()), (2, 64, 3, 8))
+  means = jax.random.normal(jax.random.key(_seed()), (3, 4, 8))
+  idx = np.asarray(routing_lib.route(x, means, 16))
+  assert idx.shape == (2, 3, 4, 16)
+  for row in idx.reshape(-1, 16):
+    assert len(set(row)) == 16 and (np.diff(row) > 0).all()  # Distinct, in position order.
+
+
+def test_one_cluster_full_window_equals_dense_causal():
+  cfg = ModelConfig(**{**BASE, "attention": {"kind": "routing", "window": 32, "num_clusters": 1,
+                                             "num_routing_heads": 4}})
+  core = RoutingAttention(cfg, layer_index=1, rngs=nnx.Rngs(0))
+  core.deterministic = True
+  key = jax.random.key(_seed())
+  q = jax.random.normal(key, (2, 32, 4, 8))
+  v = jax.random.normal(jax.random.fold_in(key, 1), (2, 32, 2, 8))
+  positions = jnp.broadcast_to(jnp.arange(32), (2, 32))
+  out = core(q, q[:, :, ::2], v, positions_bt=positions, causal=True)
+  x = routing_lib.scale_free_layer_norm(q)
+  want = jax.nn.dot_product_attention(x, x, jnp.repeat(v, 2, axis=2), is_causal=True)
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+def _position_jacobian(model, x):
+  graphdef, state = nnx.split(model)
+  fn = lambda x: nnx.merge(graphdef, state).forward_embeddings(x)[0].sum(-1)
+  return np.abs(np.asarray(jax.jacrev(fn)(x)[:, 0])).max(-1)
+
+
+def test_routing_lm_is_causal_by_gradient():
+  model = TransformerLM(ModelConfig(**BASE, attention=ROUTING), rngs=nnx.Rngs(_seed()))
+  x = jax.random.normal(jax.random.key(_seed()), (1, 48, 32))
+  model(jnp.zeros((1, 48), jnp.int32))  # Initialise the centroids.
+  model.eval()
+  jac = _position_jacobian(model, x)
+  assert np.triu(jac, k=1).max() == 0.0
+  assert (np.diag(jac) > 0).all()
+
+
+def test_ema_changes_in_training_not_in_eval_and_is_checkpointed(tmp_path):
+  cfg = make_tiny_config(**{"model.attention": dict(ROUTING, window=8), "data.seq_len": 32,
+                            "train.steps": 4, "train.checkpoint_every": 4})
+  exp = loop.Experiment(cfg, load_data=False)
+  initial = nnx.state(exp.make_model(), nnx.Not(nnx.Param))
+  out = train_and_evaluate(cfg, str(tmp_path / "run"))
+  trained = out["state"].model_state
+  core = trained["layers"][1]["attn"]["core"]
+  assert bool(core["initialized"].get_value())
+  assert not np.allclose(core["means"].get_value(),
+                         initial["layers"][1]["attn"]["core"]["means"].get_value())
+  # The checkpoint holds the same centroids.
+  _, _, restored, _, _ = loop.restore_workdir(str(tmp_path / "run"), load_data=False)
+  np.testing.assert_array_equal(restored.model_state["layers"][1]["attn"]["core"]["means"]
+                                .get_value(), core["means"].get_value())
+  # Evaluation leaves them alone.
+  model = loop.load_model(str(tmp_path / "run"))
+  nnx.update(model, restored.model_state)
+  model.eval()
+  before = np.asarray(model.layers[1].attn.core.means.get_value())
+  model(jnp.zeros((2, 32), jnp.int32))
+  np.testing.assert_array_equal(model.layers[1].attn.core.means.get_value(), before)
+
+
+def test_commitment_loss_is_added_in_training():
+  model = TransformerLM(ModelConfig(**BASE, attention=dict(ROUTING, beta=1.0)), rngs=nnx.Rngs(0))
+  model(jnp.zeros((1, 32), jnp.int32))
+  losses = jax.tree.leaves(nnx.pop(model, AuxLoss))
+  assert len(losses) == 2 and all(float(l) > 0 for l in losses)
+
+
+@pytest.mark.parametrize("num_layers, routing_layers", [(2, 1), (1, None)])
+def test_cached_generation_equals_full_forward(num_layers, routing_layers):
+  """Exact when routing heads sit in the last layer only (see sparsity_jax/layers/routing.py:
+  balanced routing lets later tokens change the clusters of earlier ones, so with routing
+  below the last layer a full forward recomputes earlier tokens differently)."""
+  attention = dict(ROUTING, routing_layers=routing_layers)
+  model = TransformerLM(ModelConfig(**{**BASE, "num_layers": num_layers}, attention=attention),
+                        rngs=nnx.Rngs(_seed()))
+  tokens = jax.random.randint(jax.random.key(_seed()), (2, 48), 0, 256)
+  model(tokens)  # Training-mode forward: initialises the centroids.
+  model.eval()
+  cache = model.init_cache(2, 48)
+  _, cache = model.decode(tokens[:, :32], cache)
+  for i in range(32, 48):
+    logits, cache = model.decode(tokens[:, i:i + 1], cache)
+    full = model(tokens[:, :i + 1])[:, -1]
+    np.testing.assert_allclose(logits[:, 0], full, rtol=1e-4, atol=1e-4)
+  assert [b.attn.core.n_routing for b in model.layers] == [0] * (num_layers - 1) + [2]
+
+
+def test_bad_routing_config():
+  with pytest.raises(ValueError, match="multiples of the GQA group"):
+    TransformerLM(ModelConfig(**BASE, attention=dict(ROUTING, num_routing_heads=1)),
+                  rngs=nnx.Rngs(0))
+  model = TransformerLM(ModelConfig(**BASE, attention=ROUTING), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="shorter than the routing window"):
+    model(jnp.zeros((1, 8), jnp.int32))
