@@ -83,3 +83,35 @@ def base_config() -> ml_collections.ConfigDict:
   # Logical axis -> mesh axes; see sparsity_jax/axes.py for the glossary.
   c.logical_axis_rules = [list(rule) for rule in axes.DEFAULT_RULES]
   return c
+
+
+def long_lm_tiny(attention: dict, arg: str | None = None) -> ml_collections.ConfigDict:
+  """The Routing Transformer comparison's shared setting: one tiny model, seq_len 2048.
+
+  dense / local / routing configs differ only in ``model.attention``, so a comparison
+  trains the same architecture for the same steps on the same data.
+  """
+  args = parse_arg(arg, runlocal=False, steps=150)
+  c = base_config()
+  c.model.max_len = 2048
+  c.model.attention = ml_collections.ConfigDict(attention)
+  c.data.seq_len = 2048
+  c.data.batch_size = 2
+  c.eval.batch_size = 2
+  c.eval.num_batches = 8
+  c.eval.every = 0
+  c.train.steps = args.steps
+  c.train.warmup_steps = min(30, args.steps // 5)
+  c.train.checkpoint_every = 50
+  if args.runlocal:
+    c.model.max_len = 256
+    c.data.seq_len = 256
+    c.model.num_layers = 2
+    c.train.steps = 4
+    c.train.warmup_steps = 1
+    c.eval.num_batches = 1
+    c.train.log_every = 1
+    for key in ("window", "local_block"):
+      if key in c.model.attention:
+        c.model.attention[key] = 64
+  return c

@@ -1,4 +1,4 @@
-"""Test set-up: 8 fake CPU devices for in-process sharding tests, strict numerics."""
+"""Test set-up: 8 fake CPU devices for in-process sharding tests."""
 
 import os
 import sys
@@ -7,53 +7,7 @@ import sys
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)  # So tests can import configs/ and launch/ helpers by path.
-
-
-@pytest.fixture
-def tiny_config():
-  """A seconds-long causal-LM config on the embedded corpus."""
-  return make_tiny_config()
-
-
-def make_tiny_config(**overrides):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("lm_tiny", os.path.join(ROOT, "configs", "lm_tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("runlocal")
-  c.model.num_heads = 4
-  c.model.num_kv_heads = 2
-  c.model.head_dim = 16
-  c.model.d_model = 32
-  c.model.mlp_dim = 64
-  c.data.seq_len = 32
-  c.data.batch_size = 8
-  c.eval.batch_size = 8
-  c.eval.num_batches = 2
-  c.eval.every = 0
-  c.train.log_every = 1
-  c.train.steps = 5
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
-
-
-def subprocess_env(num_devices: int | None = None) -> dict:
-  """Environment for launching launch/*.py in a subprocess."""
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  if num_devices:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  return env
+TESTS = os.path.dirname(os.path.abspath(__file__))
+for path in (TESTS, os.path.dirname(TESTS)):  # tests/support.py, and configs/ + launch/.
+  if path not in sys.path:
+    sys.path.insert(0, path)

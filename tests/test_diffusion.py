@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import make_tiny_config
+from support import make_tiny_config
 from sparsity_jax.data import tokenizer
 from sparsity_jax.models import ModelConfig, TransformerLM
 from sparsity_jax.models.diffusion import SamplerConfig, denoise_step, generate

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
-from conftest import ROOT, make_tiny_config, subprocess_env
+from support import ROOT, make_tiny_config, subprocess_env
 from sparsity_jax import parallel
 from sparsity_jax.checkpoints import hf
 from sparsity_jax.checkpoints.hf_tokenizer import HFTokenizer

@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT, subprocess_env
+from support import ROOT, subprocess_env
 from sparsity_jax.train.metrics import read_jsonl
 
 TINY = ["--config=" + os.path.join(ROOT, "configs", "lm_tiny.py") + ":runlocal",

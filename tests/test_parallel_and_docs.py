@@ -7,7 +7,7 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import ROOT
+from support import ROOT
 from sparsity_jax import axes, parallel
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import make_tiny_config
+from support import make_tiny_config
 from sparsity_jax.layers.attention import AuxLoss
 from sparsity_jax.layers.routing import RoutingAttention
 from sparsity_jax.models import ModelConfig, TransformerLM
@@ -74,8 +74,8 @@ def _position_jacobian(model, x):
 
 def test_routing_lm_is_causal_by_gradient():
   model = TransformerLM(ModelConfig(**BASE, attention=ROUTING), rngs=nnx.Rngs(_seed()))
-  x = jax.random.normal(jax.random.key(_seed()), (1, 48, 32))
-  model(jnp.zeros((1, 48), jnp.int32))  # Initialise the centroids.
+  x = jax.random.normal(jax.random.key(_seed()), (1, 32, 32))
+  model(jnp.zeros((1, 32), jnp.int32))  # Initialise the centroids.
   model.eval()
   jac = _position_jacobian(model, x)
   assert np.triu(jac, k=1).max() == 0.0
@@ -121,12 +121,12 @@ def test_cached_generation_equals_full_forward(num_layers, routing_layers):
   attention = dict(ROUTING, routing_layers=routing_layers)
   model = TransformerLM(ModelConfig(**{**BASE, "num_layers": num_layers}, attention=attention),
                         rngs=nnx.Rngs(_seed()))
-  tokens = jax.random.randint(jax.random.key(_seed()), (2, 48), 0, 256)
+  tokens = jax.random.randint(jax.random.key(_seed()), (2, 40), 0, 256)
   model(tokens)  # Training-mode forward: initialises the centroids.
   model.eval()
-  cache = model.init_cache(2, 48)
+  cache = model.init_cache(2, 40)
   _, cache = model.decode(tokens[:, :32], cache)
-  for i in range(32, 48):
+  for i in range(32, 40):
     logits, cache = model.decode(tokens[:, i:i + 1], cache)
     full = model(tokens[:, :i + 1])[:, -1]
     np.testing.assert_allclose(logits[:, 0], full, rtol=1e-4, atol=1e-4)

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import make_tiny_config
+from support import make_tiny_config
 from sparsity_jax.train import evaluate_workdir, train_and_evaluate
 from sparsity_jax.train.metrics import read_jsonl
 

@@ -194,8 +194,7 @@ def attention(q, k, v, mask: BlockMask, *, scale: float | None = None,
   impl = resolve_implementation(implementation, interpret)
   d = q.shape[-1]
   scale = float(1.0 / math.sqrt(d) if scale is None else scale)
-  tiles = (tiles or Tiles()).resolve(mask.block_q, mask.block_k, d,
-                                     power_of_two=impl == 'triton')
+  tiles = (tiles or Tiles()).resolve(mask.block_q, mask.block_k, d, backend=impl)
   cfg = _Config(impl, scale, tiles, interpret)
   t, s = q.shape[1], k.shape[1]
 

@@ -10,6 +10,15 @@ from __future__ import annotations
 import dataclasses
 
 
+# Largest default tiles (block_q, block_k, block_q_bwd, block_k_bwd) per backend.
+_DEFAULT_CAPS = {
+    'xla': (128, 64, 64, 64),
+    'reference': (128, 64, 64, 64),
+    'triton': (128, 64, 64, 64),
+    'mosaic_tpu': (512, 512, 512, 512),
+}
+
+
 def _is_pow2(x: int) -> bool:
   return x > 0 and (x & (x - 1)) == 0
 
@@ -47,14 +56,18 @@ class Tiles:
       raise ValueError('Tiles.num_stages and Tiles.xla_tiles_per_step must be >= 1.')
 
   def resolve(self, block_q: int, block_k: int, head_dim: int,
-              power_of_two: bool = False) -> 'Tiles':
+              backend: str = 'xla') -> 'Tiles':
     """Fills defaults for a mask with these block sizes and checks divisibility.
 
     Args:
       block_q, block_k: the mask's block sizes.
       head_dim: head dimension (picks num_warps).
-      power_of_two: require power-of-two tiles (Triton).
+      backend: the implementation the tiles are for. Triton needs power-of-two tiles
+        and keeps register tiles small; Mosaic TPU wants whole 128-lane score tiles,
+        so its default tiles are the mask blocks themselves (capped at 512).
     """
+    power_of_two = backend == 'triton'
+    caps = _DEFAULT_CAPS.get(backend, _DEFAULT_CAPS['xla'])
     def pick(value, mask_block, cap, name):
       v = value
       if v is None:  # largest power of two <= cap that divides the mask block
@@ -69,8 +82,8 @@ class Tiles:
       return v
     return dataclasses.replace(
         self,
-        block_q=pick(self.block_q, block_q, 128, 'block_q'),
-        block_k=pick(self.block_k, block_k, 64, 'block_k'),
-        block_q_bwd=pick(self.block_q_bwd, block_q, 64, 'block_q_bwd'),
-        block_k_bwd=pick(self.block_k_bwd, block_k, 64, 'block_k_bwd'),
+        block_q=pick(self.block_q, block_q, caps[0], 'block_q'),
+        block_k=pick(self.block_k, block_k, caps[1], 'block_k'),
+        block_q_bwd=pick(self.block_q_bwd, block_q, caps[2], 'block_q_bwd'),
+        block_k_bwd=pick(self.block_k_bwd, block_k, caps[3], 'block_k_bwd'),
         num_warps=self.num_warps or (4 if head_dim <= 64 else 8))

@@ -158,11 +158,3 @@ def test_dispatch_on_cpu():
   assert block_sparse.resolve_implementation('triton', interpret=True) == 'triton'
 
 
-def test_mosaic_tpu_missing_is_a_clear_error(qkv):
-  import importlib.util
-  if importlib.util.find_spec('pallas_kernels.block_sparse.mosaic_tpu') is not None:
-    pytest.skip('mosaic_tpu backend present')
-  q, k, v, _ = qkv(0, 1, 32, 32, 1, 1, 16, jnp.float32)
-  mask = block_sparse.causal(32, block_q=16, block_k=16)
-  with pytest.raises(NotImplementedError, match='mosaic_tpu'):
-    block_sparse.attention(q, k, v, mask, implementation='mosaic_tpu', interpret=True)
