@@ -88,6 +88,8 @@ def main():
   parser.add_argument("--eval_block_size", type=int, default=32)
   parser.add_argument("--eval_batches", type=int, default=8)
   parser.add_argument("--out", default="docs/results/sparsed.md")
+  parser.add_argument("--rows", default=None,
+                      help="JSON lines of earlier generation rows to include (e.g. from a log)")
   args = parser.parse_args()
 
   config = loop.load_workdir_config(args.workdir)
@@ -95,7 +97,7 @@ def main():
                                 block_length=args.block_length)
   attention = {"kind": "sparsed", "block_size": args.block_size, "select": args.select}
   rows = []
-  for context in [int(c) for c in args.contexts.split(",")]:
+  for context in [int(c) for c in args.contexts.split(",") if c]:
     prompt = prompt_tokens(config, context)
     override = loop.load_workdir_config(args.workdir)
     override.model.max_len = max(override.model.max_len, context + args.gen_length)
@@ -110,12 +112,15 @@ def main():
     rows.append(row)
     print(json.dumps(row), flush=True)
 
+  if args.rows:
+    with open(args.rows) as f:
+      rows = [json.loads(line) for line in f if line.startswith("{\"context\"")] + rows
   eval_attention = dict(attention, block_size=args.eval_block_size)
   losses = sparsed_validation_loss(args.workdir, eval_attention, args.eval_batches)
   print(json.dumps(losses), flush=True)
 
   command = ("python benchmarks/sparsed_bench.py " + " ".join(
-      f"--{k}={v}" for k, v in vars(args).items() if k != "out"))
+      f"--{k}={v}" for k, v in vars(args).items() if k not in ("out", "rows")))
   lines = [
       "# SparseD results", "",
       f"Command: `{command}`", "",

@@ -12,6 +12,7 @@ from sparsity_jax.layers.routing import RoutingAttention
 from sparsity_jax.models import ModelConfig, TransformerLM
 from sparsity_jax.patterns import routing as routing_lib
 from sparsity_jax.train import loop, train_and_evaluate
+from sparsity_jax.train.metrics import read_jsonl
 
 BASE = dict(vocab_size=260, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
             mlp_dim=64, max_len=128)
@@ -140,3 +141,18 @@ def test_bad_routing_config():
   model = TransformerLM(ModelConfig(**BASE, attention=ROUTING), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="shorter than the routing window"):
     model(jnp.zeros((1, 8), jnp.int32))
+
+
+def test_routing_lm_sharded_2x2x2_matches_single_device(tmp_path):
+  """Routing (k-means statistics, top-k, gather, scatter-mean and the kernels) runs on a
+  data x fsdp x tensor mesh and gives the single-device losses."""
+  overrides = {"model.attention": dict(ROUTING, window=8), "data.seq_len": 32,
+               "train.steps": 3, "train.checkpoint_every": 3}
+  single = make_tiny_config(**overrides, **{"mesh.data": 1})
+  train_and_evaluate(single, str(tmp_path / "single"), devices=jax.devices()[:1])
+  sharded = make_tiny_config(**overrides, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+  out = train_and_evaluate(sharded, str(tmp_path / "sharded"))
+  assert len(out["state"].params["embed"].get_value().sharding.device_set) == 8
+  losses = lambda w: [r["train/loss"] for r in read_jsonl(str(tmp_path / w / "metrics.jsonl"))
+                      if "train/loss" in r]
+  np.testing.assert_allclose(losses("sharded"), losses("single"), rtol=1e-4, atol=1e-4)

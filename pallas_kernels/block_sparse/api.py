@@ -182,7 +182,8 @@ def attention(q, k, v, mask: BlockMask, *, scale: float | None = None,
       missing from the mesh are ignored; sequence dims are never sharded).
       Mask tables with batch / head dim 1 are replicated.
     batch_axes: mesh axes of the batch dimension.
-    head_axis: mesh axis of the head dimension (must divide both n and k).
+    head_axis: mesh axis of the head dimension. An explicitly chosen axis must divide
+      both n and k; the default ('tensor') is skipped when it does not.
 
   Lengths need not be multiples of the mask's block sizes: inputs are padded
   internally and the output is sliced back.
@@ -216,6 +217,10 @@ def attention(q, k, v, mask: BlockMask, *, scale: float | None = None,
   batch_spec = batch or None
   n_batch = math.prod(mesh.shape[a] for a in batch)
   n_head = mesh.shape[head] if head else 1
+  if head == DEFAULT_HEAD_AXIS and (q.shape[2] % n_head or k.shape[2] % n_head):
+    # The default layout only shards heads when the axis divides both head counts (e.g. a
+    # core that runs 1 KV head of a layer here); otherwise heads stay whole on each shard.
+    head, n_head = None, 1
   if q.shape[0] % n_batch:
     raise ValueError(f'q batch {q.shape[0]} is not divisible by mesh axes {batch} '
                      f'(size {n_batch}); pass batch_axes=() or a matching mesh.')
