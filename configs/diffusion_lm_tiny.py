@@ -21,18 +21,5 @@ def get_config(arg: str | None = None):
   c.train.checkpoint_every = 200
   c.eval.every = 200
   if args.runlocal:
-    c.model.num_layers = 2
-    c.model.d_model = 64
-    c.model.mlp_dim = 128
-    c.model.head_dim = 16
-    c.model.max_len = 128
-    c.data.seq_len = 64
-    c.data.batch_size = 8
-    c.eval.batch_size = 8
-    c.eval.num_batches = 2
-    c.train.steps = 20
-    c.train.warmup_steps = 5
-    c.train.log_every = 5
-    c.train.checkpoint_every = 10
-    c.eval.every = 10
+    common.shrink_for_runlocal(c)
   return c

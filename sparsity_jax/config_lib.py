@@ -85,6 +85,25 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def shrink_for_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The ``runlocal`` variant of the tiny configs: a seconds-long CPU smoke run."""
+  c.model.num_layers = 2
+  c.model.d_model = 64
+  c.model.mlp_dim = 128
+  c.model.head_dim = 16
+  c.model.max_len = 128
+  c.data.seq_len = 64
+  c.data.batch_size = 8
+  c.eval.batch_size = 8
+  c.eval.num_batches = 2
+  c.train.steps = 20
+  c.train.warmup_steps = 5
+  c.train.log_every = 5
+  c.train.checkpoint_every = 10
+  c.eval.every = 10
+  return c
+
+
 def long_lm_tiny(attention: dict, arg: str | None = None) -> ml_collections.ConfigDict:
   """The Routing Transformer comparison's shared setting: one tiny model, seq_len 2048.
 

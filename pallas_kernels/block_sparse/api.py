@@ -36,16 +36,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels.dispatch import IMPLEMENTATIONS, resolve_implementation
 from pallas_kernels.block_sparse.block_mask import BlockMask
 from pallas_kernels.block_sparse.tiles import Tiles
 
-IMPLEMENTATIONS = ('reference', 'xla', 'triton', 'mosaic_tpu')
 DEFAULT_BATCH_AXES = ('data', 'fsdp')
 DEFAULT_HEAD_AXIS = 'tensor'
 
-_PLATFORM_DEFAULT = {'cpu': 'xla', 'gpu': 'triton', 'cuda': 'triton', 'rocm': 'triton',
-                     'tpu': 'mosaic_tpu'}
-_NEEDS_PLATFORM = {'triton': ('gpu', 'cuda', 'rocm'), 'mosaic_tpu': ('tpu',)}
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
@@ -64,23 +61,6 @@ def _backend(name: str):
     raise NotImplementedError(
         f"implementation='{name}' is not available: pallas_kernels.block_sparse.{name} "
         f'could not be imported ({e}).') from e
-
-
-def resolve_implementation(implementation: str | None, interpret: Any = False) -> str:
-  """The backend to run; raises if an explicit choice cannot run here."""
-  platform = jax.default_backend()
-  if implementation is None:
-    return _PLATFORM_DEFAULT.get(platform, 'xla')
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f'implementation must be None or one of {IMPLEMENTATIONS}, '
-                     f'got {implementation!r}.')
-  needs = _NEEDS_PLATFORM.get(implementation)
-  if needs and platform not in needs and not interpret:
-    raise ValueError(
-        f"implementation='{implementation}' needs a {needs[0].upper()} but the default "
-        f"backend is '{platform}'; pass interpret=True to run the kernel in Pallas "
-        'interpret mode, or implementation=None for the platform default.')
-  return implementation
 
 
 def _fwd(q, k, v, mask, cfg: _Config):

@@ -23,29 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-IMPLEMENTATIONS = ('reference', 'xla', 'triton', 'mosaic_tpu')
-_PLATFORM_DEFAULT = {'cpu': 'xla', 'gpu': 'triton', 'cuda': 'triton', 'rocm': 'triton',
-                     'tpu': 'mosaic_tpu'}
-_NEEDS_PLATFORM = {'triton': ('gpu', 'cuda', 'rocm'), 'mosaic_tpu': ('tpu',)}
+from pallas_kernels.dispatch import IMPLEMENTATIONS, resolve_implementation
+
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 UNBOUNDED = 2 ** 30
-
-
-def resolve_implementation(implementation: str | None, interpret: Any = False) -> str:
-  """The backend to run; raises if an explicit choice cannot run here."""
-  platform = jax.default_backend()
-  if implementation is None:
-    return _PLATFORM_DEFAULT.get(platform, 'xla')
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f'implementation must be None or one of {IMPLEMENTATIONS}, '
-                     f'got {implementation!r}.')
-  needs = _NEEDS_PLATFORM.get(implementation)
-  if needs and platform not in needs and not interpret:
-    raise ValueError(
-        f"implementation='{implementation}' needs a {needs[0].upper()} but the default "
-        f"backend is '{platform}'; pass interpret=True to run the kernel in Pallas "
-        'interpret mode, or implementation=None for the platform default.')
-  return implementation
 
 
 def _check(q, k, v, lengths, q_positions, kv_positions, window, sinks):
