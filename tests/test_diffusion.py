@@ -98,3 +98,11 @@ def test_prompt_longer_than_context_is_refused():
   with pytest.raises(ValueError, match="exceed the model's context"):
     generate(_model(), np.zeros((1, 90), np.int32), SamplerConfig(gen_length=16, steps=16,
                                                                    block_length=16))
+
+
+def test_sampler_never_commits_the_mask_token():
+  cfg = SamplerConfig(gen_length=4, steps=4, block_length=4)
+  logits = jnp.zeros((1, 4, 260)).at[..., tokenizer.MASK_ID].set(10.0)  # Mask is the argmax.
+  x = jnp.full((1, 4), tokenizer.MASK_ID)
+  out = denoise_step(logits, x, 0, 4, 1, jax.random.key(0), cfg)
+  assert int((out != tokenizer.MASK_ID).sum()) == 1

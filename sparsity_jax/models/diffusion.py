@@ -86,6 +86,8 @@ def denoise_step(logits_btv: jax.Array, x_bt: jax.Array, block_lo: jax.Array,
                  cfg: SamplerConfig) -> jax.Array:
   """One step of low-confidence remasking on given logits; returns the new tokens."""
   logits_btv = logits_btv.astype(jnp.float32)
+  # Never "commit" the mask token itself: the position would stay masked forever.
+  logits_btv = logits_btv.at[..., cfg.mask_id].set(NEG_INF)
   if cfg.temperature > 0:
     scaled = logits_btv / cfg.temperature
     if cfg.top_p is not None:
