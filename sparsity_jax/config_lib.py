@@ -57,6 +57,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.seq_len = 256  # Tokens (bytes) per training sequence.
   c.data.batch_size = 16  # Global batch size (sequences per step).
   c.data.val_fraction = 0.05  # Fraction of files held out for validation.
+  # Fraction of seq_len blocks that are generated LongEval-style retrieval documents
+  # (sparsity_jax.data.retrieval; the MoA experiment's training mix). 0: text only.
+  c.data.retrieval_fraction = 0.0
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000  # Total optimizer steps.

@@ -2,14 +2,19 @@
 
 import json
 import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from flax import nnx
 
-from sparsity_jax.data import retrieval
-from sparsity_jax.models import ModelConfig, TransformerLM
+from sparsity_jax.checkpoints.hf_tokenizer import HFTokenizer
+from sparsity_jax.data import corpus, retrieval
+from sparsity_jax.models import ModelConfig, TransformerLM, generation
 from sparsity_jax.moa import calibrate, pipeline, plan as plan_lib
+from support import ROOT, subprocess_env
 
 BASE = dict(vocab_size=260, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
             mlp_dim=64, max_len=256)
@@ -65,3 +70,76 @@ def test_retrieval_samples_and_scoring():
   outs = [s.answer if i % 2 else "no idea" for i, s in enumerate(samples)]
   result = retrieval.score(samples, outs)
   assert result["accuracy"] == 0.5 and set(result["by_decile"]) == set(range(10))
+
+
+def _documents(text):
+  return [d for d in text.split(retrieval.HEADER) if d.strip()]
+
+
+def test_retrieval_training_blocks_hold_whole_consistent_documents():
+  seed, block = np.random.randint(1 << 30), 512
+  tokens = retrieval.token_blocks(seed, 6, block)
+  assert tokens.shape == (6 * block,) and tokens.max() < 256
+  for b in range(6):
+    text = bytes(tokens[b * block:(b + 1) * block].astype(np.uint8)).decode()
+    assert text.startswith(retrieval.HEADER)  # No document crosses a block boundary.
+    for doc in _documents(text):
+      table = dict(re.findall(r"^line (\d+): REGISTER_CONTENT is <(\d+)>$", doc, flags=re.M))
+      asked = re.findall(r"in line (\d+)\? Answer: <(\d+)>$", doc, flags=re.M)
+      assert table and asked and all(table[k] == v for k, v in asked)
+
+
+def test_retrieval_mix_fraction_and_determinism():
+  text = np.arange(256 * 40, dtype=np.uint16) % 200
+  mixed = corpus.mix_retrieval(text, 0.5, 256, seed=1)
+  blocks = mixed.reshape(-1, 256)
+  is_doc = np.array([bytes(b[:len(retrieval.HEADER)].astype(np.uint8)) ==
+                     retrieval.HEADER.encode() for b in blocks])
+  assert len(blocks) == 80 and is_doc.sum() == 40
+  assert 0 < is_doc[:20].sum() < 20  # Shuffled: the first (validation) batches mix both.
+  np.testing.assert_array_equal(mixed, corpus.mix_retrieval(text, 0.5, 256, seed=1))
+  with pytest.raises(ValueError, match="retrieval_fraction"):
+    corpus.mix_retrieval(text, 1.0, 256, seed=1)
+
+
+def test_forced_match_agrees_with_greedy_decoding():
+  model = TransformerLM(ModelConfig(**BASE), rngs=nnx.Rngs(np.random.randint(1 << 30)))
+  rng = np.random.default_rng(np.random.randint(1 << 30))
+  prompts = rng.integers(0, 256, (4, 40))
+  greedy = generation.generate(model, prompts, 6)[:, 40:]
+  assert retrieval.forced_match(model, prompts, greedy).all()
+  wrong = greedy.copy()
+  rows, cols = np.arange(4), rng.integers(0, 6, 4)
+  wrong[rows, cols] = (wrong[rows, cols] + 1 + rng.integers(0, 250, 4)) % 256
+  assert not retrieval.forced_match(model, prompts, wrong).any()
+
+
+def test_forced_retrieval_scoring_by_decile():
+  samples = retrieval.dataset(np.random.randint(1 << 30), 160, 10)
+  model = TransformerLM(ModelConfig(**BASE), rngs=nnx.Rngs(0))
+  result = retrieval.evaluate_forced(model, samples, batch_size=4)
+  assert result["accuracy"] == 0.0  # A random model answers none of these.
+  assert set(result["by_decile"]) <= set(range(10)) and list(result["by_lines"]) == [
+      samples[0].num_lines]
+
+
+def test_launcher_runs_the_pipeline_on_an_imported_hf_model(tmp_path):
+  """launch/moa.py all on the tiny Llama fixture (GQA, llama3 RoPE, its own tokenizer)."""
+  out = tmp_path / "moa"
+  cmd = [sys.executable, "launch/moa.py", "all",
+         f"--hf_dir={os.path.join(ROOT, 'tests', 'fixtures', 'hf', 'llama')}", f"--out={out}",
+         "--lengths=64,128", "--extend_length=256", "--validate_length=192", "--budget=0.5",
+         "--sink=4", "--block_size=16", "--num_samples=2", "--response_len=8",
+         "--num_intervals=2"]
+  run = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                       timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  plan = plan_lib.load_plan(str(out / "plan.json"))
+  assert (plan.num_layers, plan.num_kv_heads, plan.num_heads) == (2, 2, 4)  # Per KV head.
+  assert all(plan.density(n) <= 0.5 + 1e-9 for n in (64, 128, 256))
+  applied = json.load(open(out / "apply.json"))
+  assert applied["256"]["ratio"] == pytest.approx(plan.density(256))
+  tokens = np.load(out / "calib_64.npz")["tokens"]  # In the Llama tokenizer's ids, not bytes:
+  tok = HFTokenizer.from_dir(os.path.join(ROOT, "tests", "fixtures", "hf", "llama"))
+  text = tok.decode(tokens[0])
+  assert text.count("line ") >= 2 and "Answer: <" in text

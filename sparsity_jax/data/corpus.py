@@ -83,4 +83,27 @@ def load_split(data_config) -> dict[str, np.ndarray]:
   else:
     raise ValueError(f"config.data.source={source!r}; use 'stdlib' or 'text_files'")
   train, val = split_files(files, data_config.val_fraction)
-  return {"train": load_tokens(root, train), "validation": load_tokens(root, val)}
+  splits = {"train": load_tokens(root, train), "validation": load_tokens(root, val)}
+  fraction = float(data_config.get("retrieval_fraction", 0.0))
+  if fraction:
+    for i, name in enumerate(("train", "validation")):
+      splits[name] = mix_retrieval(splits[name], fraction, data_config.seq_len, seed=i)
+  return splits
+
+
+def mix_retrieval(tokens: np.ndarray, fraction: float, seq_len: int, *, seed: int) -> np.ndarray:
+  """Interleaves ``tokens`` with LongEval-style retrieval documents, ``seq_len`` at a time.
+
+  Both streams are cut into blocks of ``seq_len`` tokens, so every training window is one
+  block (plus one target token) and a retrieval window holds whole documents. Blocks are
+  shuffled with ``seed``, so the first validation batches already hold both kinds.
+  """
+  from sparsity_jax.data import retrieval
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(f"config.data.retrieval_fraction must be in [0, 1), got {fraction}")
+  text = tokens[:len(tokens) // seq_len * seq_len].reshape(-1, seq_len)
+  num_retrieval = int(round(len(text) * fraction / (1.0 - fraction)))
+  docs = retrieval.token_blocks(seed, num_retrieval, seq_len).reshape(-1, seq_len)
+  blocks = np.concatenate([text, docs])
+  order = np.random.default_rng([seed, seq_len]).permutation(len(blocks))
+  return blocks[order].reshape(-1)

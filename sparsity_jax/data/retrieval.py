@@ -80,8 +80,9 @@ def dataset(seed: int, length: int, num_samples: int) -> list[Sample]:
   for i in range(num_samples):
     decile = i % 10  # Keys in [decile * n / 10, (decile + 1) * n / 10); empty if n < 10.
     lo, hi = -(-decile * n // 10), -(-(decile + 1) * n // 10)
-    samples.append(make_sample(rng, n, key_index=int(rng.integers(min(lo, n - 1),
-                                                                  max(hi, lo + 1)))))
+    lo = min(lo, n - 1)  # With fewer than 10 lines some deciles are empty: use the nearest.
+    key_index = int(rng.integers(lo, max(min(hi, n), lo + 1)))
+    samples.append(make_sample(rng, n, key_index=key_index))
   return samples
 
 
@@ -92,11 +93,16 @@ def parse_answer(output: str) -> str | None:
 
 def score(samples, outputs) -> dict:
   """Accuracy overall, by prompt length (lines) and by key-position decile."""
+  return score_correct(samples, [parse_answer(out) == s.answer
+                                 for s, out in zip(samples, outputs, strict=True)])
+
+
+def score_correct(samples, correct) -> dict:
+  """``score`` from per-sample booleans."""
   by_len, by_pos = defaultdict(list), defaultdict(list)
-  for s, out in zip(samples, outputs, strict=True):
-    ok = parse_answer(out) == s.answer
-    by_len[s.num_lines].append(ok)
-    by_pos[s.position_decile].append(ok)
+  for s, ok in zip(samples, correct, strict=True):
+    by_len[s.num_lines].append(bool(ok))
+    by_pos[s.position_decile].append(bool(ok))
   mean = lambda xs: float(np.mean(xs)) if xs else float("nan")
   return {"accuracy": mean([x for v in by_len.values() for x in v]),
           "by_lines": {k: mean(v) for k, v in sorted(by_len.items())},
@@ -118,6 +124,105 @@ def evaluate(model, samples, *, max_new_tokens: int = 8, batch_size: int = 8) ->
       text = tok.decode([int(x) for x in row if x < 256])
       outputs.append(text.split(">")[0])
   return score(samples, outputs)
+
+
+ANSWER = "{value}>\n"
+
+
+def training_document(rng: np.random.Generator, num_lines: int, num_questions: int) -> str:
+  """Lines, then ``num_questions`` answered questions about random lines.
+
+  The first question and answer are exactly an evaluation ``Sample.text``; the extra
+  questions multiply the retrieval signal per document (the lines themselves are random
+  and carry no learnable signal).
+  """
+  sample = make_sample(rng, num_lines)
+  keys = re.findall(r"^line (\d+):", sample.prompt, flags=re.M)
+  values = re.findall(r"is <(\d+)>", sample.prompt)
+  text = sample.text
+  for i in rng.integers(num_lines, size=num_questions - 1):
+    text += QUESTION.format(key=keys[i]) + ANSWER.format(value=values[i])
+  return text
+
+
+def document_bytes(num_lines: int, num_questions: int) -> int:
+  per_question = len(QUESTION.format(key="0" * KEY_DIGITS) + ANSWER.format(value="0" * VALUE_DIGITS))
+  return prompt_bytes(num_lines) + len(ANSWER.format(value="0" * VALUE_DIGITS)) + (
+      num_questions - 1) * per_question
+
+
+def token_blocks(seed: int, num_blocks: int, block_len: int, *,
+                 max_questions: int = 4) -> np.ndarray:
+  """[num_blocks * block_len] byte tokens of training documents, packed block by block.
+
+  Each block holds whole documents only (no document crosses a block boundary, so a
+  training window of ``block_len`` tokens always sees the lines its questions ask about).
+  Half the blocks are one document as long as fits (the long-range retrieval cases);
+  the others pack documents of random sizes. Leftover bytes are newlines.
+  """
+  rng = np.random.default_rng([seed, block_len])
+  per_line = len(LINE.format(key="0" * KEY_DIGITS, value="0" * VALUE_DIGITS))
+  blocks = np.full((num_blocks, block_len), ord("\n"), np.uint16)
+  for b in range(num_blocks):
+    pos, single = 0, rng.random() < 0.5
+    while True:
+      questions = int(rng.integers(1, max_questions + 1))
+      while questions > 1 and document_bytes(1, questions) > block_len - pos:
+        questions -= 1  # Short blocks: fewer questions rather than no document.
+      room = block_len - pos - document_bytes(1, questions)
+      if room < 0:
+        break
+      most = 1 + room // per_line
+      lines = most if single else int(rng.integers(1, most + 1))
+      doc = np.frombuffer(training_document(rng, lines, questions).encode(), np.uint8)
+      blocks[b, pos:pos + len(doc)] = doc
+      pos += len(doc)
+      if single:
+        break
+  return blocks.reshape(-1)
+
+
+def forced_match(model, prompt_bt, target_ba) -> np.ndarray:
+  """bool [b]: is every target token the argmax given the prompt and the targets before it?
+
+  Exactly when greedy decoding would emit ``target`` after ``prompt``, computed in one
+  forward pass of the model's full-sequence path (no KV cache).
+  """
+  import jax.numpy as jnp
+  prompt_bt, target_ba = np.asarray(prompt_bt), np.asarray(target_ba)
+  seqs = np.concatenate([prompt_bt, target_ba], axis=1)
+  predicted = np.asarray(_argmax_forward(model, jnp.asarray(seqs[:, :-1], jnp.int32)))
+  p = prompt_bt.shape[1]
+  return (predicted[:, p - 1:] == target_ba).all(axis=1)
+
+
+def _argmax_forward(model, tokens_bt):
+  import jax.numpy as jnp
+  from flax import nnx
+  global _ARGMAX
+  if _ARGMAX is None:
+    _ARGMAX = nnx.jit(lambda m, x: jnp.argmax(m(x), axis=-1))
+  return _ARGMAX(model, tokens_bt)
+
+
+_ARGMAX = None
+
+
+def evaluate_forced(model, samples, *, batch_size: int = 8) -> dict:
+  """Exact match of ``answer + '>'`` by ``forced_match``: one forward pass per batch.
+
+  The verdict of greedy decoding with a stop at '>' (stricter than ``evaluate``'s
+  last-integer parse). For MoA the spans are those at N = prompt + answer + 1 tokens.
+  """
+  from sparsity_jax.data.tokenizer import ByteTokenizer
+  tok = ByteTokenizer()
+  correct = []
+  for start in range(0, len(samples), batch_size):
+    chunk = samples[start:start + batch_size]
+    prompts = np.stack([tok.encode(s.prompt) for s in chunk])  # Equal lengths by design.
+    targets = np.stack([tok.encode(s.answer + ">") for s in chunk])
+    correct.extend(forced_match(model, prompts, targets).tolist())
+  return score_correct(samples, correct)
 
 
 def write_corpus(directory: str, seed: int, lengths, num_files: int) -> list[str]:
