@@ -31,7 +31,9 @@ def test_prefill_then_token_by_token_equals_full_forward(scan_layers):
 def test_greedy_generation_matches_argmax_of_full_forward():
   model = TransformerLM(ModelConfig(**BASE), rngs=nnx.Rngs(1))
   prompt = np.random.randint(0, 256, (1, 6))
-  out = generation.generate(model, prompt, 8)
+  timings = {}
+  out = generation.generate(model, prompt, 8, timings=timings)
+  assert timings["prefill_s"] > 0 and timings["decode_s"] > 0
   for i in range(6, 14):  # Each generated token is the argmax given everything before it.
     assert out[0, i] == int(jnp.argmax(model(jnp.asarray(out[:, :i]))[0, -1]))
 

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sparsity_jax import parallel
 from sparsity_jax.layers import attention as attention_lib
 from sparsity_jax.layers import moa as moa_layer
-from sparsity_jax.models import ModelConfig, TransformerLM
+from sparsity_jax.models import ModelConfig, TransformerLM, generation
 from sparsity_jax.moa import plan as plan_lib
+from sparsity_jax.moa import profile
 
 BASE = dict(vocab_size=260, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
             mlp_dim=64, max_len=64)
@@ -118,3 +120,27 @@ def test_plan_json_roundtrip(tmp_path):
   for name in ("alpha", "beta", "sink"):
     np.testing.assert_array_equal(getattr(plan, name), getattr(again, name))
   assert again.max_length == plan.max_length and again.num_heads == plan.num_heads
+
+
+def test_moa_on_a_2x2x2_mesh_matches_single_device(tmp_path):
+  """Prefill (block-sparse under shard_map), cached generation and influence profiling
+  with parameters over data x fsdp x tensor and the batch over data/fsdp."""
+  plan = random_plan(np.random.randint(1 << 30))
+  single, sharded = moa_model(tmp_path, plan), moa_model(tmp_path, plan)
+  tokens = np.asarray(jax.random.randint(jax.random.key(2), (4, 33), 0, 256))
+  samples = [(row, (np.arange(33) >= 24).astype(np.int32)) for row in tokens]
+  want = (single(jnp.asarray(tokens[:, :N])), generation.generate(single, tokens[:, :20], 6),
+          profile.profile_length(single, samples, length=32, block_size=8, sink=2,
+                                 batch_size=4))
+  mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  with parallel.use_mesh(mesh):
+    state = nnx.state(sharded)
+    nnx.update(sharded, jax.device_put(state, parallel.state_shardings(state, mesh)))
+    assert len(sharded.embed.get_value().sharding.device_set) == 8
+    logits = nnx.jit(lambda m, x: m(x))(sharded, jnp.asarray(tokens[:, :N]))
+    generated = generation.generate(sharded, tokens[:, :20], 6)
+    influence = profile.profile_length(sharded, samples, length=32, block_size=8, sink=2,
+                                       batch_size=4)
+  np.testing.assert_allclose(logits, want[0], atol=3e-5, rtol=3e-5)
+  np.testing.assert_array_equal(generated, want[1])
+  np.testing.assert_allclose(influence.blocks, want[2].blocks, rtol=1e-4, atol=1e-7)

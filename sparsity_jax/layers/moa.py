@@ -10,7 +10,8 @@ keys i - w_h(N) < j <= i plus j < sink_h, with w_h from
 ``sparsity_jax.moa.plan.rule_window`` (the same function search uses):
 
   prefill  (``__call__``) pallas_kernels.block_sparse with per-head windows/sinks, N = t;
-  decode   (``init_cache`` / ``cached_call``) per-head caches sized for N = max_len:
+  decode   (``init_cache`` / ``cached_call``) per-head caches sized for N = max_len; a
+           prompt into an empty cache runs the block-sparse kernel, then fills the caches:
            a sink region then a ring buffer of the window (keys after RoPE at
            absolute positions, so ring order is irrelevant), read by
            pallas_kernels.decode. Heads sharing a rule (at most R per layer) share
@@ -109,7 +110,50 @@ class MoAAttention(AttentionCore):
     return cache
 
   def cached_call(self, q_btnh, k_btkh, v_btkh, *, positions_bt, cache):
-    """Appends t tokens to the per-head caches and attends (token-exact rule)."""
+    """Appends t tokens to the per-head caches and attends (token-exact rule).
+
+    A prompt into an empty cache runs the block-sparse prefill kernel (cost ~ density x
+    dense); appending to a filled cache uses the decode kernel with the position rule.
+    """
+    args = (q_btnh, k_btkh, v_btkh, positions_bt, cache)
+    if q_btnh.shape[1] == 1:
+      return self._append(*args)
+    return jax.lax.cond(cache["end"] == 0, self._prefill_empty, self._append, *args)
+
+  def _prefill_empty(self, q_btnh, k_btkh, v_btkh, positions_bt, cache):
+    """Prompt at positions 0..t-1 into an empty cache: one block-sparse call, then write."""
+    t = q_btnh.shape[1]
+    window, sink = np.ones(len(self.sink), np.int64), np.asarray(self.sink)
+    for gi, heads in enumerate(self.kv_groups):
+      for h in heads:
+        # The cache keeps sink + ring slots; the ring is the window (it is clipped only when
+        # sink + window >= max_len, where every key is visible anyway).
+        window[h] = max(cache[f"k{gi}"].shape[2] - sink[h], 1)
+    mask = block_sparse.sliding_window(
+        t, window=np.repeat(window, self.group), sinks=np.repeat(sink, self.group),
+        block_q=self.block_size, block_k=self.block_size)
+    o_btnh = block_sparse.attention(q_btnh, k_btkh, v_btkh, mask,
+                                    implementation=self.implementation)
+    new_cache = {"end": cache["end"] + t}
+    for gi, heads in enumerate(self.kv_groups):
+      k_new, v_new, pos_new = self._group_tokens(gi, heads, k_btkh, v_btkh, positions_bt, cache)
+      kc, vc, pc = _write(cache[f"k{gi}"], cache[f"v{gi}"], cache[f"pos{gi}"], k_new, v_new,
+                          pos_new, cache[f"sink{gi}"])
+      new_cache.update({f"k{gi}": kc, f"v{gi}": vc, f"pos{gi}": pc,
+                        f"window{gi}": cache[f"window{gi}"], f"sink{gi}": cache[f"sink{gi}"]})
+    return o_btnh.astype(q_btnh.dtype), new_cache
+
+  def _group_tokens(self, gi, heads, k_btkh, v_btkh, positions_bt, cache):
+    """New keys, values [b, k_g, t, h] and positions [b, k_g, t] of one rule group."""
+    kc = cache[f"k{gi}"]
+    b, t = positions_bt.shape
+    k_new = jnp.swapaxes(k_btkh[:, :, list(heads)], 1, 2).astype(kc.dtype)
+    v_new = jnp.swapaxes(v_btkh[:, :, list(heads)], 1, 2).astype(kc.dtype)
+    pos_new = jnp.broadcast_to(positions_bt[:, None, :], (b, len(heads), t)).astype(jnp.int32)
+    return k_new, v_new, pos_new
+
+  def _append(self, q_btnh, k_btkh, v_btkh, positions_bt, cache):
+    """t tokens after the cached ones, through the ragged decode kernel."""
     b, t = q_btnh.shape[:2]
     end = cache["end"]
     new_cache = {"end": end + t}
@@ -119,9 +163,7 @@ class MoAAttention(AttentionCore):
       window, sink = cache[f"window{gi}"], cache[f"sink{gi}"]
       qheads = [h * self.group + j for h in heads for j in range(self.group)]
       q_g = q_btnh[:, :, qheads]
-      k_new = jnp.swapaxes(k_btkh[:, :, list(heads)], 1, 2).astype(kc.dtype)  # [b, k_g, t, h]
-      v_new = jnp.swapaxes(v_btkh[:, :, list(heads)], 1, 2).astype(vc.dtype)
-      pos_new = jnp.broadcast_to(positions_bt[:, None, :], (b, len(heads), t)).astype(jnp.int32)
+      k_new, v_new, pos_new = self._group_tokens(gi, heads, k_btkh, v_btkh, positions_bt, cache)
       if t == 1:
         # Write first: afterwards every valid slot is exactly the head's visible set,
         # so the kernel needs only the ragged lengths.
@@ -134,8 +176,7 @@ class MoAAttention(AttentionCore):
         # (a new token may evict a key an earlier new token still sees), then write.
         lengths = jnp.full((b, len(heads)), kc.shape[2] + t, jnp.int32)
         o = decode_lib.decode_attention(
-            q_g, jnp.concatenate([kc, k_new.astype(kc.dtype)], 2),
-            jnp.concatenate([vc, v_new.astype(vc.dtype)], 2), lengths,
+            q_g, jnp.concatenate([kc, k_new], 2), jnp.concatenate([vc, v_new], 2), lengths,
             q_positions=positions_bt, kv_positions=jnp.concatenate([pc, pos_new], 2),
             window=window, sinks=sink, implementation=self.decode_implementation)
         kc, vc, pc = _write(kc, vc, pc, k_new, v_new, pos_new, sink)

@@ -9,6 +9,7 @@ Legend: b batch, t length, v vocab.
 from __future__ import annotations
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +32,13 @@ def _pick(logits_bv, temperature: float, rng):
 
 
 def generate(model: nnx.Module, prompt_bt, max_new_tokens: int, *, temperature: float = 0.0,
-             rng: jax.Array | None = None, max_len: int | None = None) -> np.ndarray:
-  """Returns [b, prompt + max_new_tokens] tokens (greedy at temperature 0)."""
+             rng: jax.Array | None = None, max_len: int | None = None,
+             timings: dict | None = None) -> np.ndarray:
+  """Returns [b, prompt + max_new_tokens] tokens (greedy at temperature 0).
+
+  ``timings``, if given, receives 'prefill_s' (prompt through the caches, first token's
+  logits ready) and 'decode_s' (the remaining max_new_tokens - 1 decode calls).
+  """
   prompt_bt = jnp.asarray(prompt_bt, jnp.int32)
   b, p = prompt_bt.shape
   total = p + max_new_tokens
@@ -44,12 +50,20 @@ def generate(model: nnx.Module, prompt_bt, max_new_tokens: int, *, temperature: 
   rng = jax.random.key(0) if rng is None else rng
   cache = model.init_cache(b, total)
   graphdef, state = nnx.split(model)
+  start = time.perf_counter()
   logits_bv, cache, state = _decode(graphdef, state, prompt_bt, cache)
+  if timings is not None:
+    jax.block_until_ready(logits_bv)
+    timings["prefill_s"] = time.perf_counter() - start
+    start = time.perf_counter()
   out = [prompt_bt]
   for i in range(max_new_tokens):
     token_b = _pick(logits_bv, temperature, jax.random.fold_in(rng, i))
     out.append(token_b[:, None].astype(jnp.int32))
     if i + 1 < max_new_tokens:
       logits_bv, cache, state = _decode(graphdef, state, out[-1], cache)
+  if timings is not None:
+    jax.block_until_ready(out[-1])
+    timings["decode_s"] = time.perf_counter() - start
   nnx.update(model, state)
   return np.asarray(jnp.concatenate(out, axis=1))
