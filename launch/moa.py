@@ -3,7 +3,11 @@ r"""MoA pipeline: calibrate / profile / search / validate / apply into one --out
   python launch/moa.py all --workdir=runs/lm_retrieval --out=runs/moa_50 \
       --lengths=256,512 --extend_length=1024 --validate_length=768 --budget=0.5
 
-Subcommands: calibrate, profile, search, validate, apply, or all. Finished stages
+  python launch/moa.py all --hf_dir=/ckpt/Llama-3.2-1B --out=runs/moa_llama ...
+
+Subcommands: calibrate, profile, search, validate, apply, or all. The model is a training
+run (--workdir) or a local Hugging Face checkpoint (--hf_dir; its tokenizer.json encodes
+the calibration prompts). Finished stages
 leave stages/<stage>.done markers; rerunning resumes after the last finished stage
 (--force reruns the named stage). The work is done by sparsity_jax.moa.pipeline.
 """
@@ -14,6 +18,7 @@ from sparsity_jax.moa import pipeline
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training run directory of the dense model.")
+flags.DEFINE_string("hf_dir", None, "Or: a local Hugging Face checkpoint directory.")
 flags.DEFINE_string("out", None, "MoA output directory.")
 flags.DEFINE_list("lengths", ["256", "512", "1024"], "Profiled lengths.")
 flags.DEFINE_integer("extend_length", 2048, "Budget-only extension length.")
@@ -35,12 +40,9 @@ def main(argv):
   if len(argv) != 2 or argv[1] not in pipeline.STAGES + ("all",):
     raise app.UsageError(f"usage: moa.py <{'|'.join(pipeline.STAGES + ('all',))}> --workdir= "
                          "--out=")
-  if not FLAGS.workdir or not FLAGS.out:
-    raise app.UsageError("--workdir and --out are required")
-  from sparsity_jax.data import corpus
-  from sparsity_jax.train import loop
-  model = loop.load_model(FLAGS.workdir)
-  config = loop.load_workdir_config(FLAGS.workdir)
+  if bool(FLAGS.workdir) == bool(FLAGS.hf_dir) or not FLAGS.out:
+    raise app.UsageError("give --out and exactly one of --workdir / --hf_dir")
+  model, tokenizer, corpus_text = _load(FLAGS.workdir, FLAGS.hf_dir)
   opts = pipeline.Options(
       out=FLAGS.out, lengths=[int(x) for x in FLAGS.lengths], extend_length=FLAGS.extend_length,
       validate_length=FLAGS.validate_length, budget=FLAGS.budget, sink=FLAGS.sink,
@@ -49,10 +51,33 @@ def main(argv):
       num_intervals=FLAGS.num_intervals, alpha_interval=FLAGS.alpha_interval,
       lower_ratio=FLAGS.lower_ratio, seed=FLAGS.seed)
   stages = pipeline.STAGES if argv[1] == "all" else (argv[1],)
-  corpus_tokens = None
-  if "calibrate" in stages:
-    corpus_tokens = corpus.load_split(config.data)["validation"]
-  pipeline.run(model, opts, stages, force=FLAGS.force, corpus_tokens=corpus_tokens)
+  corpus_tokens = corpus_text() if "calibrate" in stages else None
+  pipeline.run(model, opts, stages, force=FLAGS.force, corpus_tokens=corpus_tokens,
+               tokenizer=tokenizer)
+
+
+def _load(workdir, hf_dir):
+  """(model, tokenizer or None for bytes, thunk giving calibration corpus tokens)."""
+  from sparsity_jax.data import corpus
+  if workdir:
+    from sparsity_jax.train import loop
+    config = loop.load_workdir_config(workdir)
+    return (loop.load_model(workdir), None,
+            lambda: corpus.load_split(config.data)["validation"])
+  import os
+  from sparsity_jax import config_lib
+  from sparsity_jax.checkpoints import hf, hf_tokenizer
+  from sparsity_jax.data.tokenizer import ByteTokenizer
+  if not os.path.exists(os.path.join(hf_dir, "tokenizer.json")):
+    raise app.UsageError(f"--hf_dir={hf_dir} has no tokenizer.json: the calibration prompts "
+                         "need the model's tokenizer")
+  tokenizer = hf_tokenizer.HFTokenizer.from_dir(hf_dir)
+
+  def corpus_text():  # The stdlib validation text, re-tokenised for this model.
+    text_bytes = corpus.load_split(config_lib.base_config().data)["validation"][:2_000_000]
+    return tokenizer.encode(ByteTokenizer().decode(text_bytes), add_special_tokens=False)
+
+  return hf.load_model(hf_dir), tokenizer, corpus_text
 
 
 if __name__ == "__main__":

@@ -29,9 +29,15 @@ def middle_truncate(tokens: np.ndarray, length: int) -> np.ndarray:
 
 
 def default_prompts(length: int, num_samples: int, *, seed: int = 0,
-                    corpus_tokens: np.ndarray | None = None) -> list[np.ndarray]:
-  """Prompts of exactly ``length`` tokens: retrieval records, and corpus text if given."""
-  tok = ByteTokenizer()
+                    corpus_tokens: np.ndarray | None = None,
+                    tokenizer=None) -> list[np.ndarray]:
+  """Prompts of exactly ``length`` tokens: retrieval records, and corpus text if given.
+
+  ``tokenizer`` (anything with ``encode(text) -> ids``; default the byte tokenizer) must be
+  the model's: an imported Hugging Face model passes its HFTokenizer, and ``corpus_tokens``
+  in the same vocabulary.
+  """
+  tok = ByteTokenizer() if tokenizer is None else tokenizer
   rng = np.random.default_rng([seed, length])
   prompts = []
   for i in range(num_samples):
@@ -40,8 +46,11 @@ def default_prompts(length: int, num_samples: int, *, seed: int = 0,
       prompts.append(np.asarray(corpus_tokens[start:start + length], np.int32))
       continue
     n = retrieval.lines_at_least(length + 64)  # A little longer: middle-truncated to fit.
-    sample = retrieval.make_sample(rng, n)
-    prompts.append(middle_truncate(tok.encode(sample.prompt), length))
+    encoded = tok.encode(retrieval.make_sample(rng, n).prompt)
+    while len(encoded) < length:  # Tokenizers with long tokens: add lines until it fits.
+      n = min(2 * n, 10 ** retrieval.KEY_DIGITS)
+      encoded = tok.encode(retrieval.make_sample(rng, n).prompt)
+    prompts.append(middle_truncate(np.asarray(encoded, np.int32), length))
   for p in prompts:
     if len(p) < length:
       raise ValueError(f"a calibration prompt has {len(p)} < {length} tokens")

@@ -69,10 +69,10 @@ def _write_json(path, data):
     json.dump(data, f, indent=1)
 
 
-def stage_calibrate(model, opts: Options, corpus_tokens=None) -> dict:
+def stage_calibrate(model, opts: Options, corpus_tokens=None, tokenizer=None) -> dict:
   for n in list(opts.lengths) + [opts.validate_length]:
     prompts = calibrate_lib.default_prompts(n, opts.num_samples, seed=opts.seed,
-                                            corpus_tokens=corpus_tokens)
+                                            corpus_tokens=corpus_tokens, tokenizer=tokenizer)
     tokens, mask = calibrate_lib.calibration_set(model, prompts, length=n,
                                                  response_len=opts.response_len)
     calibrate_lib.save(os.path.join(opts.out, f"calib_{n}.npz"), tokens, mask)
@@ -151,8 +151,12 @@ _RUN = {"calibrate": stage_calibrate, "profile": stage_profile, "search": stage_
 
 
 def run(model, opts: Options, stages: Sequence[str] = STAGES, *, force: bool = False,
-        corpus_tokens=None, log=print) -> dict:
-  """Runs the given stages in order, skipping finished ones unless ``force``."""
+        corpus_tokens=None, tokenizer=None, log=print) -> dict:
+  """Runs the given stages in order, skipping finished ones unless ``force``.
+
+  ``corpus_tokens`` (text for calibration prompts) and ``tokenizer`` (for the retrieval
+  prompts; default bytes) must be in the model's vocabulary.
+  """
   unknown = [s for s in stages if s not in STAGES]
   if unknown:
     raise ValueError(f"unknown MoA stages {unknown}; stages: {STAGES}")
@@ -170,7 +174,8 @@ def run(model, opts: Options, stages: Sequence[str] = STAGES, *, force: bool = F
       log(f"[moa] {stage}: already done ({_marker(opts.out, stage)})")
       continue
     start = time.time()
-    kwargs = {"corpus_tokens": corpus_tokens} if stage == "calibrate" else {}
+    kwargs = ({"corpus_tokens": corpus_tokens, "tokenizer": tokenizer}
+              if stage == "calibrate" else {})
     results[stage] = _RUN[stage](model, opts, **kwargs)
     _finish(opts.out, stage, {"seconds": time.time() - start})
     log(f"[moa] {stage}: done in {time.time() - start:.1f}s")
