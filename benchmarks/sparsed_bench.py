@@ -36,13 +36,28 @@ def prompt_tokens(config, length: int) -> np.ndarray:
   return val[:length].astype(np.int32)[None, :]
 
 
-def timed_generation(model, prompt, cfg, skip=None):
-  hook = None if skip is None else sparsed.sparsed_step_hook(model, prompt.shape[1], skip)
-  diffusion.generate(model, prompt, cfg, step_hook=hook)  # Warm-up: compiles every mode.
-  start = time.perf_counter()
-  hook = None if skip is None else sparsed.sparsed_step_hook(model, prompt.shape[1], skip)
-  result = diffusion.generate(model, prompt, cfg, step_hook=hook)
-  return result, time.perf_counter() - start
+def timed_generation(model, prompt, cfg, skip=None, warmup=True):
+  """(result, seconds) of one generation, compilation excluded.
+
+  warmup=True runs the generation twice and times the second. warmup=False (for contexts
+  where one generation takes many minutes) times one run and replaces the first step of
+  each compiled phase (the first dense and the first sparse step) by the median of that
+  phase's other steps; the capture step keeps its compile time (conservative for SparseD).
+  """
+  make_hook = lambda: None if skip is None else sparsed.sparsed_step_hook(
+      model, prompt.shape[1], skip)
+  if warmup:
+    diffusion.generate(model, prompt, cfg, step_hook=make_hook())  # Compiles every mode.
+    start = time.perf_counter()
+    result = diffusion.generate(model, prompt, cfg, step_hook=make_hook())
+    return result, time.perf_counter() - start
+  result = diffusion.generate(model, prompt, cfg, step_hook=make_hook())
+  seconds = np.asarray(result.step_seconds, np.float64)
+  switch = cfg.steps if skip is None else sparsed.switch_step(cfg.steps, skip)
+  for lo, hi in ((0, switch), (switch + 1, cfg.steps)):
+    if hi - lo > 1:
+      seconds[lo] = np.median(seconds[lo + 1:hi])
+  return result, float(seconds.sum())
 
 
 def attention_fraction(model, seq_len, cfg, skip) -> float:
@@ -88,6 +103,9 @@ def main():
   parser.add_argument("--eval_block_size", type=int, default=32)
   parser.add_argument("--eval_batches", type=int, default=8)
   parser.add_argument("--out", default="docs/results/sparsed.md")
+  parser.add_argument("--no_warmup", action="store_true",
+                      help="Time one generation per configuration, compile steps replaced by "
+                           "their phase's median step (for very long contexts)")
   parser.add_argument("--rows", default=None,
                       help="JSON lines of earlier generation rows to include (e.g. from a log)")
   args = parser.parse_args()
@@ -103,8 +121,10 @@ def main():
     override.model.max_len = max(override.model.max_len, context + args.gen_length)
     dense = loop.load_model(args.workdir, config=override)
     sparse = loop.load_model(args.workdir, attention=attention, config=override)
-    dense_result, dense_s = timed_generation(dense, prompt, cfg)
-    sparse_result, sparse_s = timed_generation(sparse, prompt, cfg, skip=args.skip)
+    warmup = not args.no_warmup
+    dense_result, dense_s = timed_generation(dense, prompt, cfg, warmup=warmup)
+    sparse_result, sparse_s = timed_generation(sparse, prompt, cfg, skip=args.skip,
+                                               warmup=warmup)
     agree = float((dense_result.generated == sparse_result.generated).mean())
     frac = attention_fraction(sparse, context + args.gen_length, cfg, args.skip)
     row = dict(context=context, dense_s=dense_s, sparsed_s=sparse_s, speedup=dense_s / sparse_s,
