@@ -6,7 +6,7 @@ r"""SparseD vs dense generation on a trained masked-diffusion LM (writes docs/re
 
 For each context length, a prompt of that many bytes (validation-split Python sources) is
 followed by --gen_length masked tokens and denoised densely and with SparseD; the table
-reports wall time (compilation excluded: each configuration runs once to warm up), the
+reports wall time (compilation excluded: a warm-up run, or see --no_warmup), the
 fraction of attention computed, and how many generated tokens agree with dense decoding.
 It also reports the validation loss (negative ELBO) of the model with SparseD patterns
 captured on each batch vs dense attention.
@@ -41,8 +41,9 @@ def timed_generation(model, prompt, cfg, skip=None, warmup=True):
 
   warmup=True runs the generation twice and times the second. warmup=False (for contexts
   where one generation takes many minutes) times one run and replaces the first step of
-  each compiled phase (the first dense and the first sparse step) by the median of that
-  phase's other steps; the capture step keeps its compile time (conservative for SparseD).
+  each phase with more than one step (dense, sparse; each compiles on its first step) by
+  the median of that phase's other steps; one-step phases (the capture step) keep their
+  compile time, which is conservative for SparseD.
   """
   make_hook = lambda: None if skip is None else sparsed.sparsed_step_hook(
       model, prompt.shape[1], skip)
@@ -139,8 +140,9 @@ def main():
   losses = sparsed_validation_loss(args.workdir, eval_attention, args.eval_batches)
   print(json.dumps(losses), flush=True)
 
+  flag = lambda k, v: f"--{k}" if v is True else f"--{k}={v}"
   command = ("python benchmarks/sparsed_bench.py " + " ".join(
-      f"--{k}={v}" for k, v in vars(args).items() if k not in ("out", "rows")))
+      flag(k, v) for k, v in vars(args).items() if k not in ("out", "rows") and v is not False))
   lines = [
       "# SparseD results", "",
       f"Command: `{command}`", "",
@@ -149,7 +151,9 @@ def main():
       f"{jax.device_count()} {jax.default_backend().upper()} device(s). Sampler: gen_length "
       f"{args.gen_length}, {args.steps} steps, block_length {args.block_length}, greedy. SparseD: "
       f"skip {args.skip}, select {args.select}, block_size {args.block_size}. Times exclude "
-      "compilation (one warm-up generation per configuration).", "",
+      + ("compilation (one timed generation per configuration; compile steps replaced by "
+         "their phase's median step, see timed_generation)." if args.no_warmup else
+         "compilation (one warm-up generation per configuration)."), "",
       "| context | dense (s) | SparseD (s) | speed-up | attention computed | tokens = dense |",
       "|---|---|---|---|---|---|",
   ]

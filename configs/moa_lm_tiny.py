@@ -5,7 +5,8 @@ documents (``data.retrieval_fraction``), so the dense model learns long-range
 retrieval at the lengths MoA profiles; the other half is the Python stdlib corpus.
 
   python launch/train.py --config=configs/moa_lm_tiny.py --workdir=runs/moa_lm_tiny
-  python benchmarks/moa_experiment.py --workdir=runs/moa_lm_tiny --out=runs/moa_experiment
+  python launch/moa.py all --workdir=runs/moa_lm_tiny --out=runs/moa_50 --budget=0.5 ...
+  python benchmarks/moa_experiment.py --workdir=runs/moa_lm_tiny --moa_dirs=runs/moa_50,...
 
 Arguments: ``steps=N``, ``runlocal`` (seconds-long smoke run).
 Expected: docs/results/moa.md.
@@ -33,4 +34,6 @@ def get_config(arg: str | None = None):
   if args.runlocal:
     common.shrink_for_runlocal(c)
     c.model.num_kv_heads = 4
+    c.model.max_len = 256
+    c.data.seq_len = 128  # The shortest block that holds a retrieval document.
   return c

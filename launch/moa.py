@@ -38,8 +38,8 @@ flags.DEFINE_bool("force", False, "Rerun the named stage even if it is done.")
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in pipeline.STAGES + ("all",):
-    raise app.UsageError(f"usage: moa.py <{'|'.join(pipeline.STAGES + ('all',))}> --workdir= "
-                         "--out=")
+    raise app.UsageError(f"usage: moa.py <{'|'.join(pipeline.STAGES + ('all',))}> "
+                         "(--workdir= | --hf_dir=) --out=")
   if bool(FLAGS.workdir) == bool(FLAGS.hf_dir) or not FLAGS.out:
     raise app.UsageError("give --out and exactly one of --workdir / --hf_dir")
   model, tokenizer, corpus_text = _load(FLAGS.workdir, FLAGS.hf_dir)
@@ -61,10 +61,11 @@ def _load(workdir, hf_dir):
   from sparsity_jax.data import corpus
   if workdir:
     from sparsity_jax.train import loop
-    config = loop.load_workdir_config(workdir)
-    return (loop.load_model(workdir), None,
-            lambda: corpus.load_split(config.data)["validation"])
+    data = loop.load_workdir_config(workdir).data
+    data.retrieval_fraction = 0.0  # Text prompts are text; retrieval ones are made apart.
+    return loop.load_model(workdir), None, lambda: corpus.load_split(data)["validation"]
   import os
+  import numpy as np
   from sparsity_jax import config_lib
   from sparsity_jax.checkpoints import hf, hf_tokenizer
   from sparsity_jax.data.tokenizer import ByteTokenizer
@@ -73,9 +74,13 @@ def _load(workdir, hf_dir):
                          "need the model's tokenizer")
   tokenizer = hf_tokenizer.HFTokenizer.from_dir(hf_dir)
 
-  def corpus_text():  # The stdlib validation text, re-tokenised for this model.
+  def corpus_text():  # The stdlib validation files, re-tokenised for this model.
     text_bytes = corpus.load_split(config_lib.base_config().data)["validation"][:2_000_000]
-    return tokenizer.encode(ByteTokenizer().decode(text_bytes), add_special_tokens=False)
+    files = np.split(text_bytes, np.flatnonzero(text_bytes == ByteTokenizer.eos_id))
+    text = "\n".join(ByteTokenizer().decode(f) for f in files)
+    # Windows from the middle of this text start mid-document: no BOS (retrieval prompts,
+    # which start a document, get the tokenizer's BOS).
+    return tokenizer.encode(text, add_special_tokens=False)
 
   return hf.load_model(hf_dir), tokenizer, corpus_text
 

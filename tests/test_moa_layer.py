@@ -1,5 +1,7 @@
 """The MoA attention core: prefill, decode caches and cache bytes under a plan."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,8 +69,13 @@ def test_prefill_equals_dense_with_explicit_mask(tmp_path):
   np.testing.assert_allclose(model(tokens), ref(tokens), atol=2e-5, rtol=2e-5)
 
 
-def test_decode_with_plan_caches_equals_prefill(tmp_path):
+@pytest.mark.parametrize("kind", ["random", "clipped"])
+def test_decode_with_plan_caches_equals_prefill(tmp_path, kind):
   plan = random_plan(np.random.randint(1 << 30))
+  if kind == "clipped":  # Spans reaching past N: full windows, and sinks beyond the cache.
+    plan = dataclasses.replace(plan, alpha=np.array([[0.0, 4.0], [-2.0, 0.0]]),
+                               beta=np.array([[1.0, 0.0], [0.5, 0.0]]),
+                               sink=np.array([[2, 50], [0, 38]]))
   model = moa_model(tmp_path, plan)
   tokens = jax.random.randint(jax.random.key(1), (2, N), 0, 256)
   full = model(tokens)  # Prefill of the whole sequence: spans at length N.

@@ -1,17 +1,21 @@
 """The MoA pipeline end to end on a tiny random model, resume, and retrieval data."""
 
+import dataclasses
 import json
 import os
 import re
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from sparsity_jax.checkpoints.hf_tokenizer import HFTokenizer
 from sparsity_jax.data import corpus, retrieval
+from sparsity_jax.data.tokenizer import ByteTokenizer
 from sparsity_jax.models import ModelConfig, TransformerLM, generation
 from sparsity_jax.moa import calibrate, pipeline, plan as plan_lib
 from support import ROOT, subprocess_env
@@ -114,13 +118,32 @@ def test_forced_match_agrees_with_greedy_decoding():
   assert not retrieval.forced_match(model, prompts, wrong).any()
 
 
-def test_forced_retrieval_scoring_by_decile():
-  samples = retrieval.dataset(np.random.randint(1 << 30), 160, 10)
-  model = TransformerLM(ModelConfig(**BASE), rngs=nnx.Rngs(0))
-  result = retrieval.evaluate_forced(model, samples, batch_size=4)
-  assert result["accuracy"] == 0.0  # A random model answers none of these.
-  assert set(result["by_decile"]) <= set(range(10)) and list(result["by_lines"]) == [
-      samples[0].num_lines]
+class _Oracle(nnx.Module):
+  """Logits one-hot on the true next byte of the reference text the input is a prefix of."""
+
+  def __init__(self, texts):
+    self.refs = nnx.Variable(jnp.asarray(np.stack([ByteTokenizer().encode(t) for t in texts])))
+
+  def __call__(self, x_bt):
+    refs, t = self.refs.get_value(), x_bt.shape[1]
+    row = jnp.argmax((x_bt[:, None, :] == refs[None, :, :t]).all(-1), axis=1)
+    return jax.nn.one_hot(refs[row, 1:t + 1], 260)
+
+
+def test_forced_retrieval_scoring_with_an_oracle():
+  samples = retrieval.dataset(np.random.randint(1 << 30), 600, 20)
+  oracle = _Oracle([s.text for s in samples])
+  result = retrieval.evaluate_forced(oracle, samples, batch_size=8)
+  assert result["accuracy"] == 1.0 and set(result["by_decile"]) == set(range(10))
+  wrong = np.random.randint(20)
+  answer = str((int(samples[wrong].answer) + 1 + np.random.randint(9)) % 10 ** 5).zfill(5)
+  corrupted = [dataclasses.replace(s, answer=answer) if i == wrong else s
+               for i, s in enumerate(samples)]
+  result = retrieval.evaluate_forced(oracle, corrupted, batch_size=8)
+  assert result["accuracy"] == 19 / 20
+  assert result["by_decile"][corrupted[wrong].position_decile] == 0.5  # 2 samples per decile.
+  with pytest.raises(ValueError, match="at least 120 tokens"):
+    retrieval.token_blocks(0, 1, 64)
 
 
 def test_launcher_runs_the_pipeline_on_an_imported_hf_model(tmp_path):

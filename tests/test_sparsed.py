@@ -156,5 +156,6 @@ def test_sparsed_generation_on_a_2x2x2_mesh_matches_single_device():
     assert len(sharded.embed.get_value().sharding.device_set) == 8
     got = generate(sharded, prompt, cfg, step_hook=sparsed.sparsed_step_hook(sharded, 40, 0.25))
   np.testing.assert_array_equal(got.tokens, want.tokens)
+  assert len(sparsed.sparsed_cores(sharded)) == 2
   for a, b in zip(sparsed.sparsed_cores(sharded), sparsed.sparsed_cores(single)):
     np.testing.assert_array_equal(a.pattern.get_value(), b.pattern.get_value())

@@ -95,8 +95,9 @@ def mix_retrieval(tokens: np.ndarray, fraction: float, seq_len: int, *, seed: in
   """Interleaves ``tokens`` with LongEval-style retrieval documents, ``seq_len`` at a time.
 
   Both streams are cut into blocks of ``seq_len`` tokens, so every training window is one
-  block (plus one target token) and a retrieval window holds whole documents. Blocks are
-  shuffled with ``seed``, so the first validation batches already hold both kinds.
+  block (plus one target token: the first of the next, unrelated block) and a retrieval
+  window holds whole documents. Blocks are shuffled with ``seed``, so the first validation
+  batches already hold both kinds.
   """
   from sparsity_jax.data import retrieval
   if not 0.0 <= fraction < 1.0:
@@ -105,5 +106,5 @@ def mix_retrieval(tokens: np.ndarray, fraction: float, seq_len: int, *, seed: in
   num_retrieval = int(round(len(text) * fraction / (1.0 - fraction)))
   docs = retrieval.token_blocks(seed, num_retrieval, seq_len).reshape(-1, seq_len)
   blocks = np.concatenate([text, docs])
-  order = np.random.default_rng([seed, seq_len]).permutation(len(blocks))
+  order = np.random.default_rng([seed, seq_len, 1]).permutation(len(blocks))
   return blocks[order].reshape(-1)

@@ -160,6 +160,10 @@ def token_blocks(seed: int, num_blocks: int, block_len: int, *,
   Half the blocks are one document as long as fits (the long-range retrieval cases);
   the others pack documents of random sizes. Leftover bytes are newlines.
   """
+  if block_len < document_bytes(1, 1):
+    raise ValueError(f"retrieval documents need blocks of at least {document_bytes(1, 1)} "
+                     f"tokens, got {block_len}: raise config.data.seq_len or set "
+                     "config.data.retrieval_fraction=0")
   rng = np.random.default_rng([seed, block_len])
   per_line = len(LINE.format(key="0" * KEY_DIGITS, value="0" * VALUE_DIGITS))
   blocks = np.full((num_blocks, block_len), ord("\n"), np.uint16)
@@ -185,8 +189,10 @@ def token_blocks(seed: int, num_blocks: int, block_len: int, *,
 def forced_match(model, prompt_bt, target_ba) -> np.ndarray:
   """bool [b]: is every target token the argmax given the prompt and the targets before it?
 
-  Exactly when greedy decoding would emit ``target`` after ``prompt``, computed in one
-  forward pass of the model's full-sequence path (no KV cache).
+  Exactly when greedy decoding would emit ``target`` after ``prompt`` (up to float ties),
+  computed in one forward pass of length prompt + target - 1 through the model's
+  full-sequence path (no KV cache). For MoA that path uses the spans at that length N,
+  while cached generation uses those at its cache length: equal rules, N differs slightly.
   """
   import jax.numpy as jnp
   prompt_bt, target_ba = np.asarray(prompt_bt), np.asarray(target_ba)
@@ -212,7 +218,7 @@ def evaluate_forced(model, samples, *, batch_size: int = 8) -> dict:
   """Exact match of ``answer + '>'`` by ``forced_match``: one forward pass per batch.
 
   The verdict of greedy decoding with a stop at '>' (stricter than ``evaluate``'s
-  last-integer parse). For MoA the spans are those at N = prompt + answer + 1 tokens.
+  last-integer parse). For MoA the spans are those at N = prompt + answer tokens.
   """
   from sparsity_jax.data.tokenizer import ByteTokenizer
   tok = ByteTokenizer()

@@ -126,8 +126,9 @@ class MoAAttention(AttentionCore):
     window, sink = np.ones(len(self.sink), np.int64), np.asarray(self.sink)
     for gi, heads in enumerate(self.kv_groups):
       for h in heads:
-        # The cache keeps sink + ring slots; the ring is the window (it is clipped only when
-        # sink + window >= max_len, where every key is visible anyway).
+        # The cache keeps sink + ring slots; the ring is the window (clipped only when
+        # sink + window > max_len, where every key is visible anyway). Exact for a prompt
+        # at positions 0..t-1 with t <= max_len, which model.decode guarantees.
         window[h] = max(cache[f"k{gi}"].shape[2] - sink[h], 1)
     mask = block_sparse.sliding_window(
         t, window=np.repeat(window, self.group), sinks=np.repeat(sink, self.group),

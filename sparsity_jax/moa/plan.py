@@ -69,6 +69,9 @@ class Plan:
     if not self.alpha.shape == self.beta.shape == self.sink.shape or self.alpha.ndim != 2:
       raise ValueError(f"plan alpha/beta/sink must all be [layers, kv_heads], got "
                        f"{self.alpha.shape}, {self.beta.shape}, {self.sink.shape}")
+    if self.min_window < 1:
+      raise ValueError(f"plan min_window must be >= 1 (a query always sees itself), got "
+                       f"{self.min_window}")
     if (self.sink < 0).any() or (self.beta < 0).any():
       raise ValueError("plan sinks and betas must be non-negative")
     if self.num_heads % self.num_kv_heads:
