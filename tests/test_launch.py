@@ -147,3 +147,24 @@ def test_eval_launcher(tmp_path):
                        capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr
   assert '"bits_per_byte"' in run.stdout and '"step": 2' in run.stdout
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(ROOT, "configs"))
+                                        if f.endswith(".py")))
+def test_every_config_builds_a_valid_experiment(name):
+  """Each configs/*.py (and its runlocal variant) passes the trainer's checks without
+  loading data, and only sets fields that base_config documents."""
+  import importlib.util
+  import jax
+  from sparsity_jax import config_lib
+  from sparsity_jax.train import loop
+  spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(ROOT, "configs", name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  base = config_lib.base_config().to_dict()
+  for arg in (None, "runlocal"):
+    config = module.get_config(arg)
+    for section, fields in config.to_dict().items():
+      if isinstance(fields, dict) and section in base and section != "model":
+        assert set(fields) <= set(base[section]), (name, section, set(fields) - set(base[section]))
+    loop.Experiment(config, load_data=False, devices=jax.devices()[:1])
