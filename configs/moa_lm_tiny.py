@@ -1,8 +1,8 @@
 r"""Tiny causal LM on the embedded corpus mixed with retrieval documents: MoA's test bed.
 
-Half of the 1024-token training windows are LongEval-style key-value retrieval
-documents (``data.retrieval_fraction``), so the dense model learns long-range
-retrieval at the lengths MoA profiles; the other half is the Python stdlib corpus.
+Three quarters of the 512-token training windows are LongEval-style key-value retrieval
+documents (``data.retrieval_fraction``; see sparsity_jax/data/retrieval.py), so the dense
+model can learn retrieval at the lengths MoA profiles; the rest is the Python stdlib.
 
   python launch/train.py --config=configs/moa_lm_tiny.py --workdir=runs/moa_lm_tiny
   python launch/moa.py all --workdir=runs/moa_lm_tiny --out=runs/moa_50 --budget=0.5 ...
@@ -16,14 +16,14 @@ from sparsity_jax import config_lib as common
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(arg, runlocal=False, steps=1200)
+  args = common.parse_arg(arg, runlocal=False, steps=1500)
   c = common.base_config()
   # 4 KV heads (no GQA): 16 (layer, KV head) spans for MoA's search to allocate.
   c.model.num_kv_heads = 4
-  c.model.max_len = 2048  # Room for MoA's extension length beyond the 1024 trained.
-  c.data.seq_len = 1024
-  c.data.batch_size = 8
-  c.data.retrieval_fraction = 0.5
+  c.model.max_len = 2048  # Room for MoA's extension lengths beyond the 512 trained.
+  c.data.seq_len = 512
+  c.data.batch_size = 16
+  c.data.retrieval_fraction = 0.75
   c.eval.batch_size = 8
   c.eval.num_batches = 8
   c.eval.every = 500

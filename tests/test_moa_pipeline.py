@@ -88,8 +88,8 @@ def test_retrieval_training_blocks_hold_whole_consistent_documents():
     text = bytes(tokens[b * block:(b + 1) * block].astype(np.uint8)).decode()
     assert text.startswith(retrieval.HEADER)  # No document crosses a block boundary.
     for doc in _documents(text):
-      table = dict(re.findall(r"^line (\d+): REGISTER_CONTENT is <(\d+)>$", doc, flags=re.M))
-      asked = re.findall(r"in line (\d+)\? Answer: <(\d+)>$", doc, flags=re.M)
+      table = dict(re.findall(r"^line (\w+): REGISTER_CONTENT is <(\d+)>$", doc, flags=re.M))
+      asked = re.findall(r"in line (\w+)\? Answer: <(\d+)>$", doc, flags=re.M)
       assert table and asked and all(table[k] == v for k, v in asked)
 
 
@@ -142,7 +142,7 @@ def test_forced_retrieval_scoring_with_an_oracle():
   result = retrieval.evaluate_forced(oracle, corrupted, batch_size=8)
   assert result["accuracy"] == 19 / 20
   assert result["by_decile"][corrupted[wrong].position_decile] == 0.5  # 2 samples per decile.
-  with pytest.raises(ValueError, match="at least 120 tokens"):
+  with pytest.raises(ValueError, match=f"at least {retrieval.document_bytes(1, 1)} tokens"):
     retrieval.token_blocks(0, 1, 64)
 
 
@@ -166,3 +166,16 @@ def test_launcher_runs_the_pipeline_on_an_imported_hf_model(tmp_path):
   tok = HFTokenizer.from_dir(os.path.join(ROOT, "tests", "fixtures", "hf", "llama"))
   text = tok.decode(tokens[0])
   assert text.count("line ") >= 2 and "Answer: <" in text
+
+
+@pytest.mark.parametrize("length", [200, 1024, 2300, 4096, 16384])
+def test_retrieval_prompt_lengths_and_key_widths(length):
+  """Prompts fill the length they are made for, with keys as short as their count allows
+  (one character up to 62 lines, then two), all distinct."""
+  n = retrieval.lines_for_length(length)
+  sample = retrieval.make_sample(np.random.default_rng(np.random.randint(1 << 30)), n)
+  keys = re.findall(r"^line (\w+):", sample.prompt, flags=re.M)
+  assert len(keys) == len(set(keys)) == n
+  assert {len(k) for k in keys} == {retrieval.key_width(n)}
+  assert len(sample.prompt) <= length - 8 < retrieval.prompt_bytes(n + 1) or n == 62
+  assert retrieval.prompt_bytes(retrieval.lines_at_least(length)) >= length

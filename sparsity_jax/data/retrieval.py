@@ -19,7 +19,32 @@ import numpy as np
 HEADER = "Remember the lines.\n"
 LINE = "line {key}: REGISTER_CONTENT is <{value}>\n"
 QUESTION = "What is the <REGISTER_CONTENT> in line {key}? Answer: <"
-KEY_DIGITS, VALUE_DIGITS = 4, 5
+# Keys are as short as the number of lines allows: one character up to 62 lines, then
+# two (3844), three. Byte-level models this small did not learn to match 4-digit keys
+# within a CPU budget (chance after 500 steps), while one-byte keys make the task the
+# associative recall that MoA must keep in range. Longer prompts (real models) get longer
+# keys automatically.
+KEY_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+NUM_KEYS = len(KEY_ALPHABET)  # One-character keys.
+MAX_KEY_WIDTH = 3
+VALUE_DIGITS = 5
+_KEY0 = KEY_ALPHABET[0]
+
+
+def key_width(num_lines: int) -> int:
+  """Characters per key for a prompt of ``num_lines`` distinct keys."""
+  width = 1
+  while NUM_KEYS ** width < num_lines:
+    width += 1
+  return width
+
+
+def key_text(index: int, width: int) -> str:
+  chars = []
+  for _ in range(width):
+    index, digit = divmod(index, NUM_KEYS)
+    chars.append(KEY_ALPHABET[digit])
+  return "".join(reversed(chars))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,13 +65,15 @@ class Sample:
 
 
 def make_sample(rng: np.random.Generator, num_lines: int, key_index: int | None = None) -> Sample:
-  if num_lines < 1 or num_lines > 10 ** KEY_DIGITS:
-    raise ValueError(f"num_lines must be in [1, {10 ** KEY_DIGITS}], got {num_lines}")
-  keys = rng.choice(10 ** KEY_DIGITS, num_lines, replace=False)
+  if num_lines < 1 or num_lines > NUM_KEYS ** MAX_KEY_WIDTH:
+    raise ValueError(f"num_lines must be in [1, {NUM_KEYS ** MAX_KEY_WIDTH}], got {num_lines}")
+  width = key_width(num_lines)
+  keys = [key_text(int(i), width) for i in rng.choice(NUM_KEYS ** width, num_lines,
+                                                      replace=False)]
   values = rng.integers(10 ** (VALUE_DIGITS - 1), 10 ** VALUE_DIGITS, num_lines)
   key_index = int(rng.integers(num_lines)) if key_index is None else key_index
-  lines = "".join(LINE.format(key=f"{k:0{KEY_DIGITS}d}", value=v) for k, v in zip(keys, values))
-  prompt = HEADER + lines + QUESTION.format(key=f"{keys[key_index]:0{KEY_DIGITS}d}")
+  lines = "".join(LINE.format(key=k, value=v) for k, v in zip(keys, values))
+  prompt = HEADER + lines + QUESTION.format(key=keys[key_index])
   return Sample(prompt, str(values[key_index]), num_lines, key_index)
 
 
@@ -54,22 +81,35 @@ def prompt_bytes(num_lines: int) -> int:
   return len(make_sample(np.random.default_rng(0), num_lines).prompt.encode())
 
 
+def _line_bytes(width: int) -> int:
+  return len(LINE.format(key=_KEY0 * width, value="0" * VALUE_DIGITS))
+
+
 def lines_for_length(length: int, reserve: int = 8) -> int:
   """The most lines whose prompt fits in ``length - reserve`` bytes."""
-  per_line = len(LINE.format(key="0" * KEY_DIGITS, value="0" * VALUE_DIGITS))
-  fixed = prompt_bytes(1) - per_line
-  lines = (length - reserve - fixed) // per_line
-  if lines < 1:
-    raise ValueError(f"length {length} is too short for one retrieval line ({fixed + per_line} "
-                     "bytes)")
-  return int(lines)
+  best = 0
+  for width in range(1, MAX_KEY_WIDTH + 1):
+    per_line = _line_bytes(width)
+    fixed = len(HEADER + QUESTION.format(key=_KEY0 * width))
+    lines = min((length - reserve - fixed) // per_line, NUM_KEYS ** width)
+    lowest = NUM_KEYS ** (width - 1) + 1 if width > 1 else 1  # Fewer use narrower keys.
+    if lines >= lowest:
+      best = max(best, lines)
+  if best < 1:
+    raise ValueError(f"length {length} is too short for one retrieval line "
+                     f"({prompt_bytes(1)} bytes)")
+  return int(best)
 
 
 def lines_at_least(length: int) -> int:
   """The fewest lines whose prompt has at least ``length`` bytes."""
-  per_line = len(LINE.format(key="0" * KEY_DIGITS, value="0" * VALUE_DIGITS))
-  fixed = prompt_bytes(1) - per_line
-  return max(1, -(-(length - fixed) // per_line))
+  for width in range(1, MAX_KEY_WIDTH + 1):
+    fixed = len(HEADER + QUESTION.format(key=_KEY0 * width))
+    lines = max(1, -(-(length - fixed) // _line_bytes(width)))
+    if lines <= NUM_KEYS ** width:
+      return max(lines, NUM_KEYS ** (width - 1) + 1 if width > 1 else 1)  # Key width fits.
+  raise ValueError(f"no retrieval prompt reaches {length} bytes (at most "
+                   f"{NUM_KEYS ** MAX_KEY_WIDTH} lines)")
 
 
 def dataset(seed: int, length: int, num_samples: int) -> list[Sample]:
@@ -137,7 +177,7 @@ def training_document(rng: np.random.Generator, num_lines: int, num_questions: i
   and carry no learnable signal).
   """
   sample = make_sample(rng, num_lines)
-  keys = re.findall(r"^line (\d+):", sample.prompt, flags=re.M)
+  keys = re.findall(r"^line (\w+):", sample.prompt, flags=re.M)
   values = re.findall(r"is <(\d+)>", sample.prompt)
   text = sample.text
   for i in rng.integers(num_lines, size=num_questions - 1):
@@ -145,30 +185,63 @@ def training_document(rng: np.random.Generator, num_lines: int, num_questions: i
   return text
 
 
+def interleaved_document(rng: np.random.Generator, max_bytes: int) -> str:
+  """Lines with answered questions about earlier lines between them, up to ``max_bytes``.
+
+  About one question per line, each about a uniformly random earlier line: the densest
+  retrieval signal, at every distance the document spans (a training-only format; the
+  evaluation asks one question after all the lines).
+  """
+  keys = rng.permutation(NUM_KEYS)
+  text, lines = HEADER, []
+  while True:
+    if lines and rng.random() < 0.5:
+      key, value = lines[int(rng.integers(len(lines)))]
+      item = QUESTION.format(key=key) + ANSWER.format(value=value)
+    else:
+      if len(lines) == NUM_KEYS:
+        return text
+      key = KEY_ALPHABET[keys[len(lines)]]
+      value = int(rng.integers(10 ** (VALUE_DIGITS - 1), 10 ** VALUE_DIGITS))
+      item = LINE.format(key=key, value=value)
+      if len(text) + len(item) <= max_bytes:
+        lines.append((key, value))
+    if len(text) + len(item) > max_bytes:
+      return text
+    text += item
+
+
 def document_bytes(num_lines: int, num_questions: int) -> int:
-  per_question = len(QUESTION.format(key="0" * KEY_DIGITS) + ANSWER.format(value="0" * VALUE_DIGITS))
+  per_question = len(QUESTION.format(key=_KEY0) + ANSWER.format(value="0" * VALUE_DIGITS))
   return prompt_bytes(num_lines) + len(ANSWER.format(value="0" * VALUE_DIGITS)) + (
       num_questions - 1) * per_question
 
 
-def token_blocks(seed: int, num_blocks: int, block_len: int, *,
-                 max_questions: int = 4) -> np.ndarray:
+def token_blocks(seed: int, num_blocks: int, block_len: int, *, max_questions: int = 4,
+                 interleaved: float = 0.5) -> np.ndarray:
   """[num_blocks * block_len] byte tokens of training documents, packed block by block.
 
   Each block holds whole documents only (no document crosses a block boundary, so a
   training window of ``block_len`` tokens always sees the lines its questions ask about).
-  Half the blocks are one document as long as fits (the long-range retrieval cases);
-  the others pack documents of random sizes. Leftover bytes are newlines.
+  Of the blocks, ``interleaved`` are one ``interleaved_document`` (dense retrieval signal
+  at every distance); the rest are split evenly between one evaluation-format document as
+  long as fits (the long-range cases) and packed documents of random sizes. Leftover bytes
+  are newlines.
   """
   if block_len < document_bytes(1, 1):
     raise ValueError(f"retrieval documents need blocks of at least {document_bytes(1, 1)} "
                      f"tokens, got {block_len}: raise config.data.seq_len or set "
                      "config.data.retrieval_fraction=0")
   rng = np.random.default_rng([seed, block_len])
-  per_line = len(LINE.format(key="0" * KEY_DIGITS, value="0" * VALUE_DIGITS))
+  per_line = len(LINE.format(key=_KEY0, value="0" * VALUE_DIGITS))
   blocks = np.full((num_blocks, block_len), ord("\n"), np.uint16)
   for b in range(num_blocks):
-    pos, single = 0, rng.random() < 0.5
+    kind = rng.random()
+    if kind < interleaved:
+      doc = np.frombuffer(interleaved_document(rng, block_len).encode(), np.uint8)
+      blocks[b, :len(doc)] = doc
+      continue
+    pos, single = 0, kind < interleaved + (1.0 - interleaved) / 2
     while True:
       questions = int(rng.integers(1, max_questions + 1))
       while questions > 1 and document_bytes(1, questions) > block_len - pos:
@@ -176,7 +249,7 @@ def token_blocks(seed: int, num_blocks: int, block_len: int, *,
       room = block_len - pos - document_bytes(1, questions)
       if room < 0:
         break
-      most = 1 + room // per_line
+      most = min(1 + room // per_line, NUM_KEYS)  # One-character keys (fixed sizes).
       lines = most if single else int(rng.integers(1, most + 1))
       doc = np.frombuffer(training_document(rng, lines, questions).encode(), np.uint8)
       blocks[b, pos:pos + len(doc)] = doc

@@ -48,10 +48,10 @@ def default_prompts(length: int, num_samples: int, *, seed: int = 0,
     n = retrieval.lines_at_least(length + 64)  # A little longer: middle-truncated to fit.
     encoded = tok.encode(retrieval.make_sample(rng, n).prompt)
     while len(encoded) < length:  # Tokenizers with long tokens: add lines until it fits.
-      if n == 10 ** retrieval.KEY_DIGITS:
+      if n == retrieval.NUM_KEYS ** retrieval.MAX_KEY_WIDTH:
         raise ValueError(f"the longest retrieval prompt is {len(encoded)} < {length} tokens "
                          "with this tokenizer: profile shorter lengths")
-      n = min(2 * n, 10 ** retrieval.KEY_DIGITS)
+      n = min(2 * n, retrieval.NUM_KEYS ** retrieval.MAX_KEY_WIDTH)
       encoded = tok.encode(retrieval.make_sample(rng, n).prompt)
     prompts.append(middle_truncate(np.asarray(encoded, np.int32), length))
   for p in prompts:
