@@ -6,7 +6,8 @@ every attention variant:
 
   retrieval  LongEval-style exact match (``retrieval.evaluate_forced``) by prompt length
              and by the asked key's position decile;
-  text loss  bits/byte on the stdlib validation text (no retrieval documents), seq 1024;
+  text loss  bits/byte on the stdlib validation text (no retrieval documents) at each of
+             --text_lengths;
   KV cache   bytes of the decode caches at N = longest length + new tokens, and density;
   speed      prefill seconds and decode tokens/s of greedy generation with the caches.
 
@@ -71,13 +72,14 @@ def main():
   p.add_argument("--lengths", default="256,512,768,1024", help="Retrieval prompt lengths.")
   p.add_argument("--num_samples", type=int, default=60, help="Retrieval samples per length.")
   p.add_argument("--text_batches", type=int, default=8)
-  p.add_argument("--text_seq_len", type=int, default=1024)
+  p.add_argument("--text_lengths", default="512,1024", help="Text-loss sequence lengths.")
   p.add_argument("--new_tokens", type=int, default=32, help="Decode tokens timed.")
   p.add_argument("--speed_batch", type=int, default=4)
   p.add_argument("--skip_speed", action="store_true")
   p.add_argument("--out", default="docs/results/moa_experiment")
   args = p.parse_args()
   lengths = [int(x) for x in args.lengths.split(",")]
+  text_lengths = [int(x) for x in args.text_lengths.split(",")]
   model = loop.load_model(args.workdir)
   config = loop.load_workdir_config(args.workdir)
   cfg = model.cfg
@@ -109,8 +111,8 @@ def main():
       row = {"name": name, "retrieval": {}}
       for n in lengths:
         row["retrieval"][n] = retrieval.evaluate_forced(variant, samples[n])
-      row["text_bpb"] = text_bits_per_byte(variant, config, args.text_seq_len,
-                                           args.text_batches, 8)
+      row["text_bpb"] = {n: text_bits_per_byte(variant, config, n, args.text_batches, 8)
+                         for n in text_lengths}
       row["density"] = {n: 1.0 if plan is None else plan.density(n) for n in lengths}
       row["cache_bytes"] = moa_layer.cache_bytes(variant.init_cache(1, n_cache))
       if not args.skip_speed:
@@ -118,26 +120,30 @@ def main():
                                                              args.new_tokens)
       rows.append(row)
       acc = ", ".join(f"{n}: {row['retrieval'][n]['accuracy']:.2f}" for n in lengths)
-      print(f"[{time.time() - start:.0f}s] {name}: accuracy {acc}; text {row['text_bpb']:.3f} "
-            f"bits/byte; KV {row['cache_bytes']:,} B", flush=True)
+      text = ", ".join(f"{n}: {v:.3f}" for n, v in row["text_bpb"].items())
+      print(f"[{time.time() - start:.0f}s] {name}: accuracy {acc}; text bits/byte {text}; "
+            f"KV {row['cache_bytes']:,} B", flush=True)
 
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out + ".json", "w") as f:
     json.dump({"args": vars(args), "rows": rows}, f, indent=1)
   plot(rows, lengths, args.out + ".png")
-  print(table(rows, lengths, n_cache, args))
+  print(table(rows, lengths, text_lengths, n_cache))
 
 
-def table(rows, lengths, n_cache, args) -> str:
-  head = ("| attention | " + " | ".join(f"retrieval @{n}" for n in lengths)
-          + " | density @{} | text bits/byte | KV bytes @{} |".format(max(lengths), n_cache))
-  speed = "prefill s | decode tok/s |" if "decode_tok_s" in rows[0] else ""
-  lines = [head + (" " + speed if speed else ""),
-           "|" + "---|" * (len(lengths) + 4 + (2 if speed else 0))]
+def table(rows, lengths, text_lengths, n_cache) -> str:
+  """Markdown: retrieval accuracy (answer NLL) per length, text bits/byte, KV, speed."""
+  speed = "decode_tok_s" in rows[0]
+  head = (["attention"] + [f"retrieval @{n}" for n in lengths]
+          + [f"density @{max(lengths)}"] + [f"text bits/byte @{n}" for n in text_lengths]
+          + [f"KV bytes @{n_cache}"] + (["prefill s", "decode tok/s"] if speed else []))
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
-    cells = [r["name"]] + [f"{r['retrieval'][n]['accuracy']:.2f}" for n in lengths]
-    cells += [f"{r['density'][max(lengths)]:.3f}", f"{r['text_bpb']:.3f}",
-              f"{r['cache_bytes']:,}"]
+    scores = [r["retrieval"][n] for n in lengths]
+    cells = [r["name"]] + [f"{x['accuracy']:.2f} ({x['answer_nll']:.2f})" for x in scores]
+    cells += [f"{r['density'][max(lengths)]:.3f}"] + [f"{r['text_bpb'][n]:.3f}"
+                                                       for n in text_lengths]
+    cells += [f"{r['cache_bytes']:,}"]
     if speed:
       cells += [f"{r['prefill_s']:.2f}", f"{r['decode_tok_s']:.1f}"]
     lines.append("| " + " | ".join(cells) + " |")

@@ -179,3 +179,14 @@ def test_retrieval_prompt_lengths_and_key_widths(length):
   assert {len(k) for k in keys} == {retrieval.key_width(n)}
   assert len(sample.prompt) <= length - 8 < retrieval.prompt_bytes(n + 1) or n == 62
   assert retrieval.prompt_bytes(retrieval.lines_at_least(length)) >= length
+
+
+def test_forced_answer_nll_matches_a_direct_computation():
+  model = TransformerLM(ModelConfig(**BASE), rngs=nnx.Rngs(np.random.randint(1 << 30)))
+  samples = retrieval.dataset(np.random.randint(1 << 30), 200, 3)
+  got = retrieval.evaluate_forced(model, samples)["answer_nll"]
+  seqs = np.stack([ByteTokenizer().encode(s.text[:-1]) for s in samples])  # answer + '>'.
+  logp = jax.nn.log_softmax(model(jnp.asarray(seqs[:, :-1])), axis=-1)
+  p = len(samples[0].prompt)
+  nll = -np.take_along_axis(np.asarray(logp[:, p - 1:]), seqs[:, p:, None], -1)[..., 0]
+  np.testing.assert_allclose(got, nll.mean(), rtol=1e-5)

@@ -259,49 +259,69 @@ def token_blocks(seed: int, num_blocks: int, block_len: int, *, max_questions: i
   return blocks.reshape(-1)
 
 
-def forced_match(model, prompt_bt, target_ba) -> np.ndarray:
-  """bool [b]: is every target token the argmax given the prompt and the targets before it?
+def forced_scores(model, prompt_bt, target_ba) -> tuple[np.ndarray, np.ndarray]:
+  """(match bool [b], nll float [b]) of ``target`` after ``prompt``, teacher-forced.
 
-  Exactly when greedy decoding would emit ``target`` after ``prompt`` (up to float ties),
-  computed in one forward pass of length prompt + target - 1 through the model's
-  full-sequence path (no KV cache). For MoA that path uses the spans at that length N,
-  while cached generation uses those at its cache length: equal rules, N differs slightly.
+  match: is every target token the argmax given the prompt and the targets before it?
+  Exactly when greedy decoding would emit ``target`` (up to float ties), computed in one
+  forward pass of length prompt + target - 1 through the model's full-sequence path (no
+  KV cache). For MoA that path uses the spans at that length N, while cached generation
+  uses those at its cache length: the same rules at a slightly different N.
+  nll: mean negative log-likelihood (nats) of the target tokens, a graded score.
   """
   import jax.numpy as jnp
   prompt_bt, target_ba = np.asarray(prompt_bt), np.asarray(target_ba)
   seqs = np.concatenate([prompt_bt, target_ba], axis=1)
-  predicted = np.asarray(_argmax_forward(model, jnp.asarray(seqs[:, :-1], jnp.int32)))
   p = prompt_bt.shape[1]
-  return (predicted[:, p - 1:] == target_ba).all(axis=1)
+  predicted, nll = _scored_forward(model, jnp.asarray(seqs[:, :-1], jnp.int32),
+                                   jnp.asarray(target_ba, jnp.int32), p - 1)
+  return (np.asarray(predicted) == target_ba).all(axis=1), np.asarray(nll)
 
 
-def _argmax_forward(model, tokens_bt):
+def forced_match(model, prompt_bt, target_ba) -> np.ndarray:
+  """bool [b]: would greedy decoding emit ``target`` after ``prompt``? (``forced_scores``)"""
+  return forced_scores(model, prompt_bt, target_ba)[0]
+
+
+def _scored_forward(model, tokens_bt, target_ba, first):
+  import functools
+  import jax
   import jax.numpy as jnp
   from flax import nnx
-  global _ARGMAX
-  if _ARGMAX is None:
-    _ARGMAX = nnx.jit(lambda m, x: jnp.argmax(m(x), axis=-1))
-  return _ARGMAX(model, tokens_bt)
+  global _SCORED
+  if _SCORED is None:
+    @functools.partial(nnx.jit, static_argnums=3)
+    def scored(m, x, target, first):
+      logits = m(x)[:, first:]
+      logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+      nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+      return jnp.argmax(logits, axis=-1), nll.mean(axis=1)
+    _SCORED = scored
+  return _SCORED(model, tokens_bt, target_ba, first)
 
 
-_ARGMAX = None
+_SCORED = None
 
 
 def evaluate_forced(model, samples, *, batch_size: int = 8) -> dict:
-  """Exact match of ``answer + '>'`` by ``forced_match``: one forward pass per batch.
+  """Exact match of ``answer + '>'`` by ``forced_scores``: one forward pass per batch.
 
   The verdict of greedy decoding with a stop at '>' (stricter than ``evaluate``'s
-  last-integer parse). For MoA the spans are those at N = prompt + answer tokens.
+  last-integer parse). For MoA the spans are those at N = prompt + answer tokens. Adds
+  'answer_nll': the mean per-token NLL (nats) of the answers (log 10 = 2.30 for a digit
+  guessed at chance).
   """
   from sparsity_jax.data.tokenizer import ByteTokenizer
   tok = ByteTokenizer()
-  correct = []
+  correct, nll = [], []
   for start in range(0, len(samples), batch_size):
     chunk = samples[start:start + batch_size]
     prompts = np.stack([tok.encode(s.prompt) for s in chunk])  # Equal lengths by design.
     targets = np.stack([tok.encode(s.answer + ">") for s in chunk])
-    correct.extend(forced_match(model, prompts, targets).tolist())
-  return score_correct(samples, correct)
+    match, chunk_nll = forced_scores(model, prompts, targets)
+    correct.extend(match.tolist())
+    nll.extend(chunk_nll.tolist())
+  return {**score_correct(samples, correct), "answer_nll": float(np.mean(nll))}
 
 
 def write_corpus(directory: str, seed: int, lengths, num_files: int) -> list[str]:
