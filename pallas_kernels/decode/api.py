@@ -131,7 +131,7 @@ def decode_attention(q, k, v, lengths, *, q_positions=None, kv_positions=None, w
                            kv_positions, window, sinks, scale, bk)
   # Pallas kernels: one program per kv head; rows = the group's heads x tokens.
   r = g * t
-  rows = max(16, pl.next_power_of_2(r)) if impl == 'triton' else -(-r // 8) * 8
+  rows = backend.block_rows(r)[1] if impl == 'triton' else -(-r // 8) * 8
   q_bkrd = jnp.einsum('btkgd->bkgtd', q.reshape(b, t, kh, g, d)).reshape(b, kh, r, d)
   q_bkrd = jnp.pad(q_bkrd, ((0, 0), (0, 0), (0, rows - r), (0, 0)))
   qpos = jnp.zeros((b, t), jnp.int32) if q_positions is None else q_positions

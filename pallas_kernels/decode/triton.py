@@ -1,8 +1,9 @@
 """Pallas GPU (Triton) decode attention over per-head ragged KV caches.
 
-Layout: one program per (batch, kv head). The program's rows are the group's
-query heads x query tokens ([R, d], R = g * t padded to a power of two >= 16
-for tl.dot), so K/V are read once per kv head (GQA never re-reads the cache).
+Layout: one program per (batch, kv head, row block). Rows are the group's query heads x
+query tokens (R = g * t); a row block holds up to MAX_BLOCK_ROWS of them (a power of two
+>= 16 for tl.dot), so one-token decode reads K/V once per kv head (GQA never re-reads the
+cache) and a long multi-token append stays within a program's registers.
 The program walks only the head's first ceil(length / block_k) cache blocks
 (a fori_loop with a data-dependent trip count: ragged lengths cost what they
 hold) with an online softmax. Per-(batch, head) scalars (length, window,
@@ -21,6 +22,13 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.decode.reference import MASK_VALUE, allowed
 
 M_INIT = 0.5 * MASK_VALUE
+MAX_BLOCK_ROWS = 64
+
+
+def block_rows(r: int) -> tuple[int, int]:
+  """(rows per program, padded total rows) for r query rows per kv head."""
+  block = min(MAX_BLOCK_ROWS, max(16, pl.next_power_of_2(r)))
+  return block, -(-r // block) * block
 
 
 def _kernel(meta_ref, qpos_ref, q_ref, k_ref, v_ref, kpos_ref, o_ref, *, block_k, scale,
@@ -61,29 +69,32 @@ def forward(q_bkrd, k, v, meta_bk4, qpos_br, kpos_bkc, scale, block_k, use_posit
   """Grouped rows in, grouped rows out (api.py does the layout).
 
   Args:
-    q_bkrd: [b, k, R, d] query rows of each kv head (R a power of two >= 16).
+    q_bkrd: [b, k, R, d] query rows of each kv head (R from ``block_rows``).
     k, v: [b, k, c, d] caches, c % block_k == 0.
     meta_bk4: int32 [b, k, 4] = (length, window, sink, unused).
     qpos_br: int32 [b, R] row positions; kpos_bkc: int32 [b, k, c] slot positions.
   """
-  b, kh, rows, d = q_bkrd.shape
+  b, kh, total_rows, d = q_bkrd.shape
+  rows, padded = block_rows(total_rows)
+  if padded != total_rows:
+    raise ValueError(f'{total_rows} query rows: pad them to {padded} (block_rows)')
   c = k.shape[2]
   dp = max(16, pl.next_power_of_2(d))
   pad = lambda x: x if d == dp else jnp.pad(x, ((0, 0),) * 3 + ((0, dp - d),))
   kernel = functools.partial(_kernel, block_k=block_k, scale=scale, use_positions=use_positions)
   out = pl.pallas_call(
       kernel,
-      grid=(b, kh),
+      grid=(b, kh, total_rows // rows),
       in_specs=[
-          pl.BlockSpec((None, None, 4), lambda b_, h: (b_, h, 0)),
-          pl.BlockSpec((None, rows), lambda b_, h: (b_, 0)),
-          pl.BlockSpec((None, None, rows, dp), lambda b_, h: (b_, h, 0, 0)),
-          pl.BlockSpec((None, None, c, dp), lambda b_, h: (b_, h, 0, 0)),
-          pl.BlockSpec((None, None, c, dp), lambda b_, h: (b_, h, 0, 0)),
-          pl.BlockSpec((None, None, c), lambda b_, h: (b_, h, 0)),
+          pl.BlockSpec((None, None, 4), lambda b_, h, r: (b_, h, 0)),
+          pl.BlockSpec((None, rows), lambda b_, h, r: (b_, r)),
+          pl.BlockSpec((None, None, rows, dp), lambda b_, h, r: (b_, h, r, 0)),
+          pl.BlockSpec((None, None, c, dp), lambda b_, h, r: (b_, h, 0, 0)),
+          pl.BlockSpec((None, None, c, dp), lambda b_, h, r: (b_, h, 0, 0)),
+          pl.BlockSpec((None, None, c), lambda b_, h, r: (b_, h, 0)),
       ],
-      out_specs=pl.BlockSpec((None, None, rows, dp), lambda b_, h: (b_, h, 0, 0)),
-      out_shape=jax.ShapeDtypeStruct((b, kh, rows, dp), q_bkrd.dtype),
+      out_specs=pl.BlockSpec((None, None, rows, dp), lambda b_, h, r: (b_, h, r, 0)),
+      out_shape=jax.ShapeDtypeStruct((b, kh, total_rows, dp), q_bkrd.dtype),
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name='moa_decode',

@@ -37,10 +37,10 @@ def _both(q, k, v, lengths, qpos, kpos, window, sinks, *, implementation, positi
   return out, ref
 
 
-def _inputs(seed, dtype, empty_head):
+def _inputs(seed, dtype, empty_head, t=T):
   rng = np.random.default_rng(seed)
   ks = jax.random.split(jax.random.key(seed), 3)
-  q = jax.random.normal(ks[0], (B, T, N, D), jnp.float32).astype(dtype)
+  q = jax.random.normal(ks[0], (B, t, N, D), jnp.float32).astype(dtype)
   k = jax.random.normal(ks[1], (B, K, C, D), jnp.float32).astype(dtype)
   v = jax.random.normal(ks[2], (B, K, C, D), jnp.float32).astype(dtype)
   lengths = rng.integers(0, C + 1, (B, K)).astype(np.int32)
@@ -48,7 +48,7 @@ def _inputs(seed, dtype, empty_head):
     lengths[0, 1] = 0
   # Slots hold a shuffled set of past positions (a ring buffer's order is arbitrary).
   kpos = np.stack([np.stack([rng.permutation(60)[:C] for _ in range(K)]) for _ in range(B)])
-  qpos = rng.integers(30, 64, (B, T))
+  qpos = rng.integers(30, 64, (B, t))
   window = rng.integers(1, 40, (K,))
   sinks = rng.integers(0, 8, (K,))
   return q, k, v, lengths, qpos.astype(np.int32), kpos.astype(np.int32), window, sinks
@@ -102,3 +102,15 @@ def test_bad_input_raises():
     decode.decode_attention(q[:, :, :3], k, v, lengths)
   with pytest.raises(ValueError, match='need q_positions'):
     decode.decode_attention(q, k, v, lengths, window=4)
+
+
+def test_triton_many_query_rows_use_several_row_blocks():
+  """A multi-token append (g * t = 80 rows) runs as several row blocks per kv head."""
+  from pallas_kernels.decode import triton as triton_decode
+  assert triton_decode.block_rows(80) == (64, 128)
+  q, k, v, lengths, qpos, kpos, window, sinks = _inputs(np.random.randint(1 << 30),
+                                                        jnp.float32, False, t=40)
+  out, ref = _both(q, k, v, lengths, qpos, kpos, window, sinks, implementation='triton',
+                   positions=True)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=TOLERANCES[jnp.float32],
+                             rtol=0)
