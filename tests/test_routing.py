@@ -127,7 +127,7 @@ def test_cached_generation_equals_full_forward(num_layers, routing_layers):
   model.eval()
   cache = model.init_cache(2, 40)
   _, cache = model.decode(tokens[:, :32], cache)
-  for i in range(32, 40):
+  for i in range(32, 36):  # Four cached steps (each full forward is a slow eager call).
     logits, cache = model.decode(tokens[:, i:i + 1], cache)
     full = model(tokens[:, :i + 1])[:, -1]
     np.testing.assert_allclose(logits[:, 0], full, rtol=1e-4, atol=1e-4)
