@@ -135,14 +135,15 @@ def table(rows, lengths, text_lengths, n_cache) -> str:
   """Markdown: retrieval accuracy (answer NLL) per length, text bits/byte, KV, speed."""
   speed = "decode_tok_s" in rows[0]
   head = (["attention"] + [f"retrieval @{n}" for n in lengths]
-          + [f"density @{max(lengths)}"] + [f"text bits/byte @{n}" for n in text_lengths]
+          + ["KV density @" + "/".join(map(str, lengths))]
+          + [f"text bits/byte @{n}" for n in text_lengths]
           + [f"KV bytes @{n_cache}"] + (["prefill s", "decode tok/s"] if speed else []))
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     scores = [r["retrieval"][n] for n in lengths]
     cells = [r["name"]] + [f"{x['accuracy']:.2f} ({x['answer_nll']:.2f})" for x in scores]
-    cells += [f"{r['density'][max(lengths)]:.3f}"] + [f"{r['text_bpb'][n]:.3f}"
-                                                       for n in text_lengths]
+    cells += ["/".join(f"{r['density'][n]:.2f}" for n in lengths)]
+    cells += [f"{r['text_bpb'][n]:.3f}" for n in text_lengths]
     cells += [f"{r['cache_bytes']:,}"]
     if speed:
       cells += [f"{r['prefill_s']:.2f}", f"{r['decode_tok_s']:.1f}"]
@@ -160,13 +161,13 @@ def plot(rows, lengths, path):
     marker = "o" if r["name"].startswith("MoA") else ("s" if r["name"] == "dense" else "x")
     a.plot(lengths, [r["retrieval"][n]["accuracy"] for n in lengths], style, marker=marker,
            label=r["name"])
-    by_decile = r["retrieval"][max(lengths)]["by_decile"]
+    by_decile = r["retrieval"][min(lengths)]["by_decile"]
     b.plot(sorted(by_decile), [by_decile[d] for d in sorted(by_decile)], style, marker=marker,
            label=r["name"])
   a.set(xlabel="prompt length (bytes)", ylabel="retrieval accuracy", ylim=(-0.02, 1.02),
         title="exact match by length")
   b.set(xlabel="position of the asked line (decile)", ylim=(-0.02, 1.02),
-        title=f"by key position at length {max(lengths)}")
+        title=f"by key position at length {min(lengths)}")
   a.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
