@@ -159,3 +159,22 @@ def test_sparsed_generation_on_a_2x2x2_mesh_matches_single_device():
   assert len(sparsed.sparsed_cores(sharded)) == 2
   for a, b in zip(sparsed.sparsed_cores(sharded), sparsed.sparsed_cores(single)):
     np.testing.assert_array_equal(a.pattern.get_value(), b.pattern.get_value())
+
+
+def test_sparsed_on_an_imported_llada_checkpoint():
+  """SparseD as the attention of an imported Hugging Face LLaDA model: select=1.0 reproduces
+  its dense generation, and a sparse pattern is captured once per layer."""
+  import os
+  from sparsity_jax.checkpoints import hf
+  from support import ROOT
+  path = os.path.join(ROOT, "tests", "fixtures", "hf", "llada")
+  dense = hf.load_model(path)
+  sparse = hf.load_model(path, attention={"kind": "sparsed", "block_size": 16, "select": 1.0})
+  prompt = np.random.randint(0, 200, (1, 32))
+  cfg = SamplerConfig(gen_length=32, steps=8, block_length=16, mask_id=hf.mask_token_id(
+      hf.read_config(path)))
+  want = generate(dense, prompt, cfg)
+  got = generate(sparse, prompt, cfg, step_hook=sparsed.sparsed_step_hook(sparse, 32, 0.25))
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  assert [int(c.captures.get_value()) for c in sparsed.sparsed_cores(sparse)] == [1] * len(
+      sparsed.sparsed_cores(sparse))
