@@ -9,6 +9,10 @@
 3. torch flex_attention on the same block tables (if torch is importable).
 
 Writes gpu_check.md / gpu_check.json to $OUT (or --out) when set.
+
+`--smoke` runs the same code paths on CPU at toy sizes (Triton kernels in
+interpret mode, the xla dense attention as the baseline, no torch), so CI
+catches a broken script before a GPU session spends its minutes on it.
 """
 
 from __future__ import annotations
@@ -53,23 +57,70 @@ def random_block_mask(l, density, block=128, seed=0):
                                         block_k=block, top_k=max(1, round(density * n)))
 
 
-def check_correctness(rows):
-  l, d = 1024, 128
+def flex_block_mask(mask, length, device):
+  """Our tables as a torch flex_attention BlockMask (same tiles, same order).
+
+  flex sizes its dense scratch from the index tables' last dim, so the tables
+  are padded to all key blocks first (ours are only as wide as the busiest row).
+  The timed block masks hold full tiles only. The mask_mod states the same
+  pattern element-wise: the compiled kernel never calls it on full tiles, but
+  flex's eager path masks by mask_mod alone, so without it the two would differ.
+  """
+  import torch
+  from torch.nn.attention.flex_attention import BlockMask
+  if np.shape(mask.full_kv_indices)[:2] != (1, 1):
+    raise ValueError('flex_block_mask: pass a mask shared over batch and heads.')
+  if int(np.asarray(mask.kv_num_blocks).sum()):
+    raise ValueError('flex_block_mask: partial tiles need a mask_mod; pass full-tile masks.')
+  nk = length // mask.block_k
+
+  def table(num, idx):
+    num, idx = np.asarray(num, np.int32), np.asarray(idx, np.int32)
+    padded = np.zeros(idx.shape[:-1] + (nk,), np.int32)
+    width = min(idx.shape[-1], nk)
+    padded[..., :width] = idx[..., :width]
+    return torch.from_numpy(num).to(device), torch.from_numpy(padded).to(device)
+
+  nq = length // mask.block_q
+  num, idx = (np.broadcast_to(np.asarray(x), (1, 1) + np.shape(x)[2:])
+              for x in (mask.full_kv_num_blocks, mask.full_kv_indices))
+  bits = np.zeros((nq, nk), bool)  # the (shared) pattern of batch 0, head 0
+  for i in range(nq):
+    bits[i, idx[0, 0, i, :num[0, 0, i]]] = True
+  bits_t = torch.from_numpy(bits).to(device)
+  bq, bk = mask.block_q, mask.block_k
+
+  def mask_mod(b, h, q_idx, kv_idx):
+    return bits_t[q_idx // bq, kv_idx // bk]
+
+  return BlockMask.from_kv_blocks(*table(mask.kv_num_blocks, mask.kv_indices),
+                                  *table(mask.full_kv_num_blocks, mask.full_kv_indices),
+                                  BLOCK_SIZE=(bq, bk), mask_mod=mask_mod,
+                                  seq_lengths=(length, length))
+
+
+def check_correctness(rows, smoke=False):
+  l, d, heads = (128, 32, 2) if smoke else (1024, 128, 4)
   masks = {
       'causal': block_sparse.causal(l),
       'window+sink per head': block_sparse.sliding_window(
-          l, window=np.array([100, 300, 700, 1024]), sinks=np.array([0, 4, 16, 0])),
-      'top-k 25%': random_block_mask(l, 0.25),
+          l, window=np.array([100, 300, 700, 1024][:heads]),
+          sinks=np.array([0, 4, 16, 0][:heads])),
+      'top-k 25%': random_block_mask(l, 0.25, block=64 if smoke else 128),
   }
+  if smoke:
+    masks.pop('causal')
   ok = True
-  for dtype in ('float32', 'bfloat16'):
-    q, k, v, do = _qkv(jax.random.key(0), 2, l, 4, d, getattr(jnp, dtype))
-    k, v = k[:, :, :2], v[:, :, :2]  # GQA 4:2
-    for name, mask in masks.items():
+  for i, dtype in enumerate(('float32', 'bfloat16')):
+    q, k, v, do = _qkv(jax.random.key(0), 2, l, heads, d, getattr(jnp, dtype))
+    k, v = k[:, :, :heads // 2], v[:, :, :heads // 2]  # GQA 2:1
+    for j, (name, mask) in enumerate(masks.items()):
+      if smoke and i != j:  # the smoke run checks each mask in one dtype
+        continue
       @jax.jit
       def both(q, k, v, do, mask):
-        o, f = jax.vjp(lambda *a: block_sparse.attention(*a, mask, implementation='triton'),
-                       q, k, v)
+        o, f = jax.vjp(lambda *a: block_sparse.attention(
+            *a, mask, implementation='triton', interpret=smoke), q, k, v)
         o_r, f_r = jax.vjp(lambda *a: block_sparse.attention_ref(*a, mask), q, k, v)
         return (o,) + f(do), (o_r,) + f_r(do)
       got, ref = both(q, k, v, do, mask)
@@ -87,7 +138,7 @@ def check_correctness(rows):
 
 def _flex_time(kind, mask, q, k, v, do, repeats=5):
   import torch
-  from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+  from torch.nn.attention.flex_attention import create_block_mask, flex_attention
   flex = torch.compile(flex_attention)
   b, l, h, d = q.shape
   tq = [torch.from_dlpack(x).to(torch.bfloat16).transpose(1, 2).contiguous().requires_grad_()
@@ -96,10 +147,7 @@ def _flex_time(kind, mask, q, k, v, do, repeats=5):
   if kind == 'causal':
     bm = create_block_mask(lambda b_, h_, qi, ki: qi >= ki, None, None, l, l, device='cuda')
   else:
-    t = lambda x: torch.from_dlpack(jnp.asarray(x)).cuda()
-    bm = BlockMask.from_kv_blocks(t(mask.kv_num_blocks), t(mask.kv_indices),
-                                  t(mask.full_kv_num_blocks), t(mask.full_kv_indices),
-                                  BLOCK_SIZE=mask.block_q, seq_lengths=(l, l))
+    bm = flex_block_mask(mask, l, 'cuda')
 
   def run(bwd):
     out = flex(*tq, block_mask=bm)
@@ -123,12 +171,17 @@ def _flex_time(kind, mask, q, k, v, do, repeats=5):
   return res
 
 
-def run_timings(rows, lengths, heads=16, d=128):
-  try:
-    import torch  # noqa: F401
-    have_torch = torch.cuda.is_available()
-  except Exception:  # pylint: disable=broad-except
-    have_torch = False
+def run_timings(rows, lengths, heads=16, d=128, smoke=False):
+  have_torch = False
+  if not smoke:
+    try:
+      import torch  # noqa: F401
+      have_torch = torch.cuda.is_available()
+    except Exception:  # pylint: disable=broad-except
+      pass
+  base_impl = 'xla' if smoke else 'cudnn'
+  repeats = 1 if smoke else 5
+  block = 64 if smoke else 128
   for l in lengths:
     q, k, v, do = _qkv(jax.random.key(1), 1, l, heads, d, jnp.bfloat16)
 
@@ -139,20 +192,22 @@ def run_timings(rows, lengths, heads=16, d=128):
         return out, vjp(do)
       return g
 
-    cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                         implementation='cudnn')
-    base = dict(fwd=_time_jax(jax.jit(cudnn), q, k, v),
-                fwd_bwd=_time_jax(fb(cudnn), q, k, v, do))
-    rows.append(dict(check='timing', L=l, impl='cudnn dense causal', density=0.5, **base))
-    print(f'[time] L={l} cudnn causal fwd {base["fwd"]:.2f} ms fwd+bwd {base["fwd_bwd"]:.2f} ms',
-          flush=True)
-    sparse = lambda q, k, v, m: block_sparse.attention(q, k, v, m, implementation='triton')
-    for kind, mask in (('causal', block_sparse.causal(l)),
-                       ('random 10%', random_block_mask(l, 0.10)),
-                       ('random 50%', random_block_mask(l, 0.50))):
+    dense = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                         implementation=base_impl)
+    base = dict(fwd=_time_jax(jax.jit(dense), q, k, v, repeats=repeats),
+                fwd_bwd=_time_jax(fb(dense), q, k, v, do, repeats=repeats))
+    rows.append(dict(check='timing', L=l, impl=f'{base_impl} dense causal', density=0.5, **base))
+    print(f'[time] L={l} {base_impl} causal fwd {base["fwd"]:.2f} ms '
+          f'fwd+bwd {base["fwd_bwd"]:.2f} ms', flush=True)
+    sparse = lambda q, k, v, m: block_sparse.attention(q, k, v, m, implementation='triton',
+                                                       interpret=smoke)
+    masks = (('causal', block_sparse.causal(l, block_q=block, block_k=block)),
+             ('random 10%', random_block_mask(l, 0.10, block)),
+             ('random 50%', random_block_mask(l, 0.50, block)))
+    for kind, mask in masks[:2] if smoke else masks:
       dens = float(mask.density())
-      t = dict(fwd=_time_jax(jax.jit(sparse), q, k, v, mask),
-               fwd_bwd=_time_jax(fb(sparse), q, k, v, do, mask))
+      t = dict(fwd=_time_jax(jax.jit(sparse), q, k, v, mask, repeats=repeats),
+               fwd_bwd=_time_jax(fb(sparse), q, k, v, do, mask, repeats=repeats))
       row = dict(check='timing', L=l, impl=f'triton {kind}', density=dens, **t,
                  speedup_fwd_vs_cudnn=base['fwd'] / t['fwd'],
                  speedup_fwd_bwd_vs_cudnn=base['fwd_bwd'] / t['fwd_bwd'])
@@ -162,10 +217,34 @@ def run_timings(rows, lengths, heads=16, d=128):
           row.update(flex_fwd=fl['fwd'], flex_fwd_bwd=fl['fwd_bwd'])
         except Exception:  # pylint: disable=broad-except
           row['flex_error'] = traceback.format_exc(limit=2)
+          print(f'[flex] {kind}: {row["flex_error"]}', flush=True)
       rows.append(row)
       print(f'[time] L={l} triton {kind:10s} density {dens:.3f} fwd {t["fwd"]:.2f} ms '
             f'fwd+bwd {t["fwd_bwd"]:.2f} ms  flex fwd {row.get("flex_fwd", float("nan")):.2f} '
             f'fwd+bwd {row.get("flex_fwd_bwd", float("nan")):.2f}', flush=True)
+
+
+def bar_verdicts(rows):
+  """The issue's GPU bars, as (statement, measured, passed) triples."""
+  timing = {(r['L'], r['impl']): r for r in rows if r['check'] == 'timing'}
+  out = []
+  for l in sorted({key[0] for key in timing}):
+    base = next(r for (ll, impl), r in timing.items() if ll == l and 'dense' in impl)
+    causal, sparse10 = timing.get((l, 'triton causal')), timing.get((l, 'triton random 10%'))
+    if causal:
+      ratio = causal['fwd_bwd'] / base['fwd_bwd']
+      out.append((f'L={l}: dense causal fwd+bwd within 1.5x of {base["impl"]}',
+                  f'{ratio:.2f}x (fwd {causal["fwd"] / base["fwd"]:.2f}x)', ratio <= 1.5))
+    if sparse10:
+      speedup = base['fwd_bwd'] / sparse10['fwd_bwd']
+      out.append((f'L={l}: 10% density >= 4x faster than dense causal fwd+bwd',
+                  f'{speedup:.2f}x (fwd {base["fwd"] / sparse10["fwd"]:.2f}x)', speedup >= 4))
+    for (ll, impl), r in sorted(timing.items()):
+      if ll == l and 'flex_fwd_bwd' in r:
+        ratio = r['fwd_bwd'] / r['flex_fwd_bwd']
+        out.append((f'L={l}: {impl} no slower than flex_attention (fwd+bwd)',
+                    f'{ratio:.2f}x flex time (fwd {r["fwd"] / r["flex_fwd"]:.2f}x)', ratio <= 1.0))
+  return out
 
 
 def to_markdown(rows):
@@ -186,30 +265,39 @@ def to_markdown(rows):
   return '\n'.join(lines)
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument('--lengths', type=int, nargs='+', default=[8192, 32768])
   parser.add_argument('--out', default=os.environ.get('OUT'))
   parser.add_argument('--skip-timing', action='store_true')
-  args = parser.parse_args()
+  parser.add_argument('--smoke', action='store_true',
+                      help='CPU dry run at toy sizes (interpret mode, xla baseline, no torch)')
+  args = parser.parse_args(argv)
   print(f'jax {jax.__version__} devices {jax.devices()}', flush=True)
-  if jax.default_backend() != 'gpu':
-    print('no GPU: nothing to check', file=sys.stderr)
+  if jax.default_backend() != 'gpu' and not args.smoke:
+    print('no GPU: nothing to check (use --smoke for a CPU dry run)', file=sys.stderr)
     return 2
   rows = []
-  ok = check_correctness(rows)
+  ok = check_correctness(rows, smoke=args.smoke)
   if not args.skip_timing:
     try:
-      run_timings(rows, args.lengths)
+      if args.smoke:
+        run_timings(rows, [256], heads=2, d=32, smoke=True)
+      else:
+        run_timings(rows, args.lengths)
     except Exception:  # pylint: disable=broad-except
       traceback.print_exc()
       ok = False
   table = to_markdown(rows)
+  bars = '\n'.join(f'- {"PASS" if ok_ else "MISS"}: {what}: {got}'
+                   for what, got, ok_ in bar_verdicts(rows))
+  table += '\n\nBars:\n' + (bars or '- (no timing rows)')
   print('\n' + table)
   if args.out:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, 'gpu_check.md'), 'w') as f:
-      f.write(f'jax {jax.__version__}, {jax.devices()[0].device_kind}\n\n{table}\n')
+      f.write(f'jax {jax.__version__}, {jax.devices()[0].device_kind}'
+              f'{" (--smoke)" if args.smoke else ""}\n\n{table}\n')
     with open(os.path.join(args.out, 'gpu_check.json'), 'w') as f:
       json.dump(rows, f, indent=1, default=str)
   return 0 if ok else 1

@@ -572,10 +572,14 @@ def from_block_scores(scores, *, q_len: int, kv_len: int, block_q: int = 128,
   k_last = np.minimum((cols + 1) * block_k, kv_len) - 1
   q_first = rows * block_q
   all_causal = k_last <= q_first
-  # Static bounds from the causal structure alone: row i keeps at most
-  # min(width, #candidates) tiles of each class.
-  n_full = np.minimum(width, (eligible & all_causal).sum(-1))
-  n_part = np.minimum(width, (eligible & ~all_causal).sum(-1))
+  # Static bounds from the causal structure alone. Row i keeps at most `width`
+  # tiles and always its forced (diagonal) one, so each class gets at most
+  # width minus the forced tiles of the other class, and never more than its
+  # candidates. The bounds size the kernels' work lists: a loose bound is work.
+  forced_full = (forced & all_causal).sum(-1)
+  forced_part = (forced & ~all_causal).sum(-1)
+  n_full = np.minimum(width - forced_part, (eligible & all_causal).sum(-1))
+  n_part = np.minimum(width - forced_full, (eligible & ~all_causal).sum(-1))
   all_causal = jnp.asarray(all_causal)
   rule = PositionRule(jnp.arange(q_len, dtype=jnp.int32)[None, None],
                       jnp.arange(kv_len, dtype=jnp.int32)[None, None],

@@ -8,13 +8,15 @@ Work list. For every program (batch b, query head n) the tiles of a table
 key block) pairs: entry e belongs to query block `row` and key block `kb`.
 The list has the mask's static capacity (`kv_capacity` / `full_kv_capacity`);
 entries past the true count go to a trash row (index nq) and are discarded.
-So the work is proportional to the number of tiles computed, however uneven
-the rows are (a causal mask costs half a dense one), and memory is
-O(L x blocks per row x block size), never O(L^2).
 
-Forward. The list is cut into C contiguous lanes of S entries; a lax.scan
-over S steps processes one entry per lane per step (all programs and lanes at
-once: one batched gather of Q/K/V tiles and two batched einsums). Each lane
+Forward. The list is cut into C contiguous lanes of S entries each, where S
+is not the static capacity / C but the tables' actual count / C (the busiest
+program's), so the loop is a while loop with a data-dependent trip count: the
+work is proportional to the tiles the mask really holds (a causal mask costs
+half a dense one; a top-p mask far below its static bound costs what it
+keeps), and memory is O(L x blocks per row x block size), never O(L^2).
+Each step processes one entry per lane (all programs and lanes at once: one
+batched gather of Q/K/V tiles and two batched einsums). Each lane
 keeps an online-softmax state (m, l, acc) for its current row and flushes it
 to a partials buffer when the row ends, at slot id = row + lane (unique, since
 lanes are contiguous pieces of a row-sorted list). Partials of the partial and
@@ -74,6 +76,32 @@ def _lanes(capacity: int, programs: int, tiles_per_step: int) -> tuple[int, int]
   return -(-capacity // steps), steps
 
 
+class _WorkList:
+  """One table's flat per-program work list, walked in C lanes of `steps` entries.
+
+  row, kb: int32 [g, C * S_max] (S_max: static bound from the capacity);
+  steps: int32 scalar, the trip count the actual entries need (<= S_max).
+  Lane c owns entries [c * steps, (c + 1) * steps).
+  """
+
+  def __init__(self, row, kb, count, lanes: int):
+    self.row, self.kb, self.lanes = row, kb, lanes
+    self.steps = jnp.max(-(-count // lanes)).astype(jnp.int32)
+    self.lane = jnp.arange(lanes, dtype=jnp.int32)[None, :]
+
+  def at(self, t):
+    """(row, kb, lane_end) [g, C] of step t; entries past a list's end are trash."""
+    e = self.lane * self.steps + t
+    row = jnp.take_along_axis(self.row, e, axis=1, mode='clip')
+    kb = jnp.take_along_axis(self.kb, e, axis=1, mode='clip')
+    return row, kb
+
+  def next_row(self, t):
+    """Row of each lane's next entry, -1 after the lane's last step (forces a flush)."""
+    nxt, _ = self.at(t + 1)
+    return jnp.where(t + 1 < self.steps, nxt, -1)
+
+
 class _Layout:
   """Index bookkeeping shared by forward and backward."""
 
@@ -106,15 +134,14 @@ class _Layout:
     x = jnp.swapaxes(x, 1, 2)
     return x.reshape(self.b * self.nkv * self.nk, self.bk, x.shape[-1])
 
-  def work(self, num_blocks, indices, capacity, tiles_per_step):
-    """Per-program work list as scan inputs: row, kb, lane-major [S, g, C]."""
+  def work(self, num_blocks, indices, capacity, tiles_per_step) -> _WorkList:
+    """Per-program work list of one table (see _WorkList)."""
     lanes, steps = _lanes(capacity, self.programs, tiles_per_step)
     row, kb = _flat_entries(num_blocks, indices, lanes * steps)
     bm, hm = num_blocks.shape[:2]
     idx = jnp.asarray(self.leaf_prog(bm, hm))
-    row = row.reshape(bm * hm, lanes, steps)[idx]
-    kb = kb.reshape(bm * hm, lanes, steps)[idx]
-    return row, kb, lanes, steps
+    count = num_blocks.sum(-1).reshape(bm * hm)[idx]
+    return _WorkList(row.reshape(bm * hm, -1)[idx], kb.reshape(bm * hm, -1)[idx], count, lanes)
 
 
 class _TileContext:
@@ -161,23 +188,18 @@ def _scores(qt, kt, scale):
   return jnp.einsum('gcqd,gckd->gcqk', qt, kt, preferred_element_type=jnp.float32) * scale
 
 
-def _forward_scan(lay, qf, kf, vf, row, kb, lanes, steps, rule, scale):
+def _forward_pass(lay, qf, kf, vf, work: _WorkList, rule, scale):
   """One online-softmax pass over a work list; returns per-(lane,row) partials."""
-  g, bq, d = lay.programs, lay.bq, lay.d
+  g, bq, d, lanes = lay.programs, lay.bq, lay.d, work.lanes
   n_part = lay.nq + lanes + 1
   trash = n_part - 1
-  nxt = jnp.concatenate([row[..., 1:], jnp.full(row.shape[:-1] + (1,), -1, row.dtype)], -1)
-  lane = jnp.arange(lanes, dtype=jnp.int32)[None, :, None]
-  fid = jnp.where(row != nxt, row + lane, trash)  # flush slot, or trash
   gidx = jnp.arange(g, dtype=jnp.int32)[:, None]
-  part_row = jnp.full((g * n_part,), lay.nq, jnp.int32)
-  part_row = part_row.at[(gidx[..., None] * n_part + fid).reshape(-1)].set(row.reshape(-1))
-  part_row = part_row.reshape(g, n_part).at[:, trash].set(lay.nq)
   kvg = jnp.asarray(lay.kv_prog)[:, None]
 
-  def step(carry, xs):
-    m, l, acc, pm, pl, pacc = carry
-    r, kbl, f = xs
+  def step(t, carry):
+    m, l, acc, pm, pl, pacc, prow = carry
+    r, kbl = work.at(t)
+    f = jnp.where(r != work.next_row(t), r + work.lane, trash)  # flush slot, or trash
     rq = jnp.minimum(r, lay.nq - 1)
     qt = _take(qf, gidx * lay.nq + rq)
     kt, vt = _take(kf, kvg * lay.nk + kbl), _take(vf, kvg * lay.nk + kbl)
@@ -194,20 +216,23 @@ def _forward_scan(lay, qf, kf, vf, row, kb, lanes, steps, rule, scale):
     pm = pm.at[slot].set(m_new.reshape(-1, bq))
     pl = pl.at[slot].set(l_new.reshape(-1, bq))
     pacc = pacc.at[slot].set(acc_new.reshape(-1, bq, d))
+    prow = prow.at[slot].set(r.reshape(-1))
     done = (f != trash)[..., None]
     m = jnp.where(done, M_INIT, m_new)
     l = jnp.where(done, 0.0, l_new)
     acc = jnp.where(done[..., None], 0.0, acc_new)
-    return (m, l, acc, pm, pl, pacc), None
+    return m, l, acc, pm, pl, pacc, prow
 
   init = (jnp.full((g, lanes, bq), M_INIT, jnp.float32), jnp.zeros((g, lanes, bq), jnp.float32),
           jnp.zeros((g, lanes, bq, d), jnp.float32),
           jnp.full((g * n_part, bq), M_INIT, jnp.float32),
-          jnp.zeros((g * n_part, bq), jnp.float32), jnp.zeros((g * n_part, bq, d), jnp.float32))
-  xs = tuple(jnp.moveaxis(a, -1, 0) for a in (row, kb, fid))
-  (_, _, _, pm, pl, pacc), _ = jax.lax.scan(step, init, xs)
+          jnp.zeros((g * n_part, bq), jnp.float32), jnp.zeros((g * n_part, bq, d), jnp.float32),
+          jnp.full((g * n_part,), lay.nq, jnp.int32))
+  # Custom VJP: the loop is never differentiated, so its trip count may be traced.
+  _, _, _, pm, pl, pacc, prow = jax.lax.fori_loop(0, work.steps, step, init)
+  prow = prow.reshape(g, n_part).at[:, trash].set(lay.nq)
   return (pm.reshape(g, n_part, bq), pl.reshape(g, n_part, bq),
-          pacc.reshape(g, n_part, bq, d), part_row)
+          pacc.reshape(g, n_part, bq, d), prow)
 
 
 def forward(q, k, v, mask: BlockMask, scale: float, tiles: Tiles, interpret: bool = False):
@@ -223,8 +248,8 @@ def forward(q, k, v, mask: BlockMask, scale: float, tiles: Tiles, interpret: boo
   for num, idx, cap, rule in (
       (mask.kv_num_blocks, mask.kv_indices, mask.kv_capacity, mask.rule),
       (mask.full_kv_num_blocks, mask.full_kv_indices, mask.full_kv_capacity, None)):
-    row, kb, lanes, steps = lay.work(num, idx, cap, tiles.xla_tiles_per_step)
-    parts.append(_forward_scan(lay, qf, kf, vf, row, kb, lanes, steps, rule, scale))
+    work = lay.work(num, idx, cap, tiles.xla_tiles_per_step)
+    parts.append(_forward_pass(lay, qf, kf, vf, work, rule, scale))
   pm, pl, pacc, prow = (jnp.concatenate(x, axis=1) for x in zip(*parts))
   g, nq = lay.programs, lay.nq
   flat_row = (jnp.arange(g)[:, None] * (nq + 1) + prow).reshape(-1)
@@ -262,10 +287,10 @@ def backward(q, k, v, out, lse, dout, mask: BlockMask, scale: float, tiles: Tile
   gidx = jnp.arange(g, dtype=jnp.int32)[:, None]
   kvg = jnp.asarray(lay.kv_prog)[:, None]
 
-  def run(carry, row, kb, rule):
-    def step(carry, xs):
+  def run(carry, work: _WorkList, rule):
+    def step(t, carry):
       dq, dk, dv = carry
-      r, kbl = xs
+      r, kbl = work.at(t)
       qi = gidx * (nq + 1) + r
       ki = gidx * nk + kbl
       qt, dot, lse_t, delta_t = (_take(a, qi) for a in (qf, dof, lsef, deltaf))
@@ -283,17 +308,15 @@ def backward(q, k, v, out, lse, dout, mask: BlockMask, scale: float, tiles: Tile
           'gcqk,gckd->gcqd', ds, kt, preferred_element_type=jnp.float32).reshape(-1, bq, d))
       dk = dk.at[ki.reshape(-1)].add(jnp.einsum(
           'gcqk,gcqd->gckd', ds, qt, preferred_element_type=jnp.float32).reshape(-1, bk, d))
-      return (dq, dk, dv), None
-    xs = tuple(jnp.moveaxis(a, -1, 0) for a in (row, kb))
-    return jax.lax.scan(step, carry, xs)[0]
+      return dq, dk, dv
+    return jax.lax.fori_loop(0, work.steps, step, carry)
 
   carry = (jnp.zeros((g * (nq + 1), bq, d), jnp.float32),
            jnp.zeros((g * nk, bk, d), jnp.float32), jnp.zeros((g * nk, bk, d), jnp.float32))
   for num, idx, cap, rule in (
       (mask.kv_num_blocks, mask.kv_indices, mask.kv_capacity, mask.rule),
       (mask.full_kv_num_blocks, mask.full_kv_indices, mask.full_kv_capacity, None)):
-    row, kb, _, _ = lay.work(num, idx, cap, tiles.xla_tiles_per_step)
-    carry = run(carry, row, kb, rule)
+    carry = run(carry, lay.work(num, idx, cap, tiles.xla_tiles_per_step), rule)
   dq, dk, dv = carry
   dq = dq.reshape(g, nq + 1, bq, d)[:, :nq].reshape(lay.b, lay.nh, lay.lq, d).swapaxes(1, 2)
 

@@ -158,3 +158,24 @@ def test_dispatch_on_cpu():
   assert block_sparse.resolve_implementation('triton', interpret=True) == 'triton'
 
 
+
+
+def test_xla_loop_runs_the_tiles_held_not_the_static_capacity(check):
+  """A top-p mask keeps far fewer tiles than its static bound (nq x max_blocks):
+  the xla backend's loop trip count follows the tables, and the result is exact."""
+  from pallas_kernels.block_sparse import xla
+  n, b = 8, 16
+  weights = np.zeros((1, 2, n, n), np.float32)
+  weights[..., 0] = 1.0  # all mass on the first block: top-p keeps it (+ the diagonal)
+  mask = block_sparse.from_block_scores(weights, q_len=n * b, kv_len=n * b, block_q=b,
+                                        block_k=b, top_p=0.5, causal=True)
+  q = jnp.zeros((1, n * b, 2, 16))
+  lay = xla._Layout(q, q, mask)
+  work = lay.work(mask.full_kv_num_blocks, mask.full_kv_indices, mask.full_kv_capacity,
+                  tiles_per_step=4)
+  held = int(np.asarray(mask.full_kv_num_blocks).sum(-1).max())
+  assert held == n - 1 and mask.full_kv_capacity == n * (n - 1) // 2  # bound: row i, i blocks
+  assert int(work.steps) == -(-held // work.lanes)
+  assert work.row.shape[1] // work.lanes > int(work.steps)
+  check(mask, b=1, lq=n * b, lk=n * b, hq=2, hkv=2, d=16, implementation='xla',
+        tiles=block_sparse.Tiles(xla_tiles_per_step=4))

@@ -135,6 +135,23 @@ def test_top_k_keeps_best_blocks_and_diagonal():
   np.testing.assert_array_equal(dense_of(m), up & (j <= i))
 
 
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), bq=st.sampled_from([16, 32]),
+       bk=st.sampled_from([16, 32]), top_k=st.integers(1, 5), top_p=st.booleans())
+def test_causal_score_masks_have_tight_static_capacities(seed, bq, bk, top_k, top_p):
+  """Capacities size the kernels' work lists: never below the tiles kept, and for
+  square blocks exactly the tiles a full causal top-k keeps (no padded work)."""
+  scores = jax.random.uniform(jax.random.key(seed), (1, 2, 128 // bq, 128 // bk))
+  kw = dict(top_p=0.99, max_blocks=top_k) if top_p else dict(top_k=top_k)
+  m = block_sparse.from_block_scores(scores, q_len=128, kv_len=128, block_q=bq, block_k=bk,
+                                     causal=True, **kw)
+  check_invariants(m)
+  if bq == bk and not top_p:
+    partial, full = (np.asarray(x) for x in m.block_bits())
+    assert m.kv_capacity == max(1, partial.sum((-2, -1)).max())  # tables are never empty
+    assert m.full_kv_capacity == max(1, full.sum((-2, -1)).max())
+
+
 def test_top_p_selects_fewest_blocks_reaching_mass():
   w = np.array([[[[0.5, 0.3, 0.15, 0.05]]]], np.float32)
   for p, expect in ((0.5, 1), (0.7, 2), (0.8, 2), (0.9, 3), (0.99, 4)):
