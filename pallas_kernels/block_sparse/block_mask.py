@@ -33,7 +33,9 @@ Table invariants (every constructor establishes them; kernels rely on them):
     the exact transpose of the kv tables (same blocks, same classes).
   * kv_capacity >= max over (b, h) of sum_i kv_num_blocks[b, h, i] (the same
     sum over the q tables); full_kv_capacity likewise for the full tables.
-    The xla backend sizes its work list by these static bounds.
+    The xla backend sizes its work list (memory) by these static bounds; its
+    loop runs only over the tiles the tables hold. Constructors keep the
+    bounds as tight as the structure allows (causal top-k: exact).
   * A full block never contains padded keys: when Lk % bk != 0 the last key
     block is always partial (a BlockRule keeps it whole in the element rule).
 

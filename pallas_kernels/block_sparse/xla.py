@@ -21,9 +21,11 @@ keeps an online-softmax state (m, l, acc) for its current row and flushes it
 to a partials buffer when the row ends, at slot id = row + lane (unique, since
 lanes are contiguous pieces of a row-sorted list). Partials of the partial and
 full lists are merged per row at the end (max / rescale / sum). The element
-rule is evaluated only in the partial-list scan.
+rule is evaluated only in the partial-list loop.
 
-Backward. dq, dk, dv are computed in ONE pass over the same work lists by
+Backward. dq, dk, dv are computed in ONE pass over the same work lists (same
+data-dependent trip count; both loops sit under the custom VJP, so nothing
+differentiates through them) by
 scatter-add (no transposed tables needed on this path): per entry, recompute
 p = exp(s - lse), ds = p * (do v^T - delta), then dq[row] += ds k, dk[kb] +=
 ds^T q, dv[kb] += p^T do. Five einsums per tile, the minimum. GQA: dk/dv are
