@@ -139,6 +139,11 @@ def check_correctness(rows, smoke=False):
 def _flex_time(kind, mask, q, k, v, do, repeats=5):
   import torch
   from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+  # Each mask (new mask_mod closure) and length recompiles; past dynamo's default
+  # limit flex would fall back to eager, which does not fit at L=32k.
+  for name in ('recompile_limit', 'cache_size_limit'):
+    if hasattr(torch._dynamo.config, name):
+      setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
   flex = torch.compile(flex_attention)
   b, l, h, d = q.shape
   tq = [torch.from_dlpack(x).to(torch.bfloat16).transpose(1, 2).contiguous().requires_grad_()

@@ -3,7 +3,9 @@
 Loads block_mask.py and xla.py of a git revision (A) next to the working tree's
 (B) in one process, builds each side's masks with its own constructors, and
 times forward and forward+backward alternately (A, B, A, B, ...), so machine
-noise hits both sides alike. Outputs are checked equal first.
+noise hits both sides alike. Outputs are checked equal first. Only those two
+files come from the revision: side A's xla.py still imports the working tree's
+reference, rules and tiles modules, so the revision must share their interfaces.
 
 Usage:
   python benchmarks/xla_ab.py --rev d804197 --length 8192

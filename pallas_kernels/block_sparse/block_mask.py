@@ -35,7 +35,8 @@ Table invariants (every constructor establishes them; kernels rely on them):
     sum over the q tables); full_kv_capacity likewise for the full tables.
     The xla backend sizes its work list (memory) by these static bounds; its
     loop runs only over the tiles the tables hold. Constructors keep the
-    bounds as tight as the structure allows (causal top-k: exact).
+    bounds as tight as the structure allows (causal top-k with square blocks
+    and Lk a block multiple: exact).
   * A full block never contains padded keys: when Lk % bk != 0 the last key
     block is always partial (a BlockRule keeps it whole in the element rule).
 
@@ -546,11 +547,18 @@ def from_block_scores(scores, *, q_len: int, kv_len: int, block_q: int = 128,
   if causal:
     eligible = cols * block_k <= q_last
     forced = cols == np.minimum(q_last, kv_len - 1) // block_k
+  if max_blocks is not None and max_blocks < 1:
+    raise ValueError(f'max_blocks must be >= 1, got {max_blocks}.')
+  # NaN scores never select a block; +inf ones are capped below the forced
+  # block's +inf, so the forced block always wins a tie (the static capacity
+  # bounds below count on it).
+  scores = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
   if top_k is not None:
     k = int(min(top_k, nk))
     if k <= 0:
       raise ValueError(f'top_k must be positive, got {top_k}.')
-    s = jnp.where(jnp.asarray(forced), jnp.inf, jnp.where(jnp.asarray(eligible), scores, -jnp.inf))
+    capped = jnp.minimum(scores, jnp.finfo(jnp.float32).max)
+    s = jnp.where(jnp.asarray(forced), jnp.inf, jnp.where(jnp.asarray(eligible), capped, -jnp.inf))
     vals, idx = jax.lax.top_k(s, k)
     sel = (idx[..., None] == jnp.arange(nk)) & (vals > -jnp.inf)[..., None]
     bits = jnp.any(sel, axis=-2)

@@ -88,11 +88,12 @@ class _WorkList:
 
   def __init__(self, row, kb, count, lanes: int):
     self.row, self.kb, self.lanes = row, kb, lanes
-    self.steps = jnp.max(-(-count // lanes)).astype(jnp.int32)
+    # Clamped to the list: a mask breaking count <= capacity drops tiles, never repeats them.
+    self.steps = jnp.minimum(jnp.max(-(-count // lanes)), row.shape[1] // lanes).astype(jnp.int32)
     self.lane = jnp.arange(lanes, dtype=jnp.int32)[None, :]
 
   def at(self, t):
-    """(row, kb, lane_end) [g, C] of step t; entries past a list's end are trash."""
+    """(row, kb) [g, C] of step t; entries past a list's end are trash (row = nq)."""
     e = self.lane * self.steps + t
     row = jnp.take_along_axis(self.row, e, axis=1, mode='clip')
     kb = jnp.take_along_axis(self.kb, e, axis=1, mode='clip')

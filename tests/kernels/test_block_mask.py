@@ -135,21 +135,64 @@ def test_top_k_keeps_best_blocks_and_diagonal():
   np.testing.assert_array_equal(dense_of(m), up & (j <= i))
 
 
+def numpy_causal_top_k(scores, top_k, bq, bk, length):
+  """Independent selection: the diagonal block plus the best k-1 other causal blocks
+  (ties to the lower block id, NaN never chosen, +inf ranks like the largest float)."""
+  nq, nk = scores.shape[-2:]
+  bits = np.zeros(scores.shape, bool)
+  for idx in np.ndindex(scores.shape[:2]):
+    for i in range(nq):
+      q_last = min((i + 1) * bq, length) - 1
+      forced = min(q_last, length - 1) // bk
+      row = np.minimum(scores[idx][i], np.finfo(np.float32).max)
+      others = [j for j in range(nk) if j * bk <= q_last and j != forced and not np.isnan(row[j])]
+      others.sort(key=lambda j: (-row[j], j))
+      bits[idx][i, [forced] + others[:top_k - 1]] = True
+  return bits
+
+
 @settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), bq=st.sampled_from([16, 32]),
-       bk=st.sampled_from([16, 32]), top_k=st.integers(1, 5), top_p=st.booleans())
-def test_causal_score_masks_have_tight_static_capacities(seed, bq, bk, top_k, top_p):
-  """Capacities size the kernels' work lists: never below the tiles kept, and for
-  square blocks exactly the tiles a full causal top-k keeps (no padded work)."""
-  scores = jax.random.uniform(jax.random.key(seed), (1, 2, 128 // bq, 128 // bk))
-  kw = dict(top_p=0.99, max_blocks=top_k) if top_p else dict(top_k=top_k)
+       bk=st.sampled_from([16, 32]), top_k=st.integers(1, 5), specials=st.booleans())
+def test_causal_top_k_selection_and_tight_capacities(seed, bq, bk, top_k, specials):
+  """The kept blocks equal an independent numpy top-k (also with +inf / NaN scores, where
+  the forced diagonal block must still win), and the static capacities, which size the
+  kernels' work lists, are never below the tiles kept and for square blocks exactly them."""
+  rng = np.random.default_rng(seed)
+  scores = rng.random((1, 2, 128 // bq, 128 // bk)).astype(np.float32)
+  if specials:
+    scores[rng.random(scores.shape) < 0.5] = np.inf
+    scores[rng.random(scores.shape) < 0.15] = np.nan
   m = block_sparse.from_block_scores(scores, q_len=128, kv_len=128, block_q=bq, block_k=bk,
-                                     causal=True, **kw)
+                                     top_k=top_k, causal=True)
   check_invariants(m)
-  if bq == bk and not top_p:
-    partial, full = (np.asarray(x) for x in m.block_bits())
+  partial, full = (np.asarray(x) for x in m.block_bits())
+  np.testing.assert_array_equal(partial | full, numpy_causal_top_k(scores, top_k, bq, bk, 128))
+  if bq == bk and not specials:  # (NaN scores keep fewer tiles than the bound)
     assert m.kv_capacity == max(1, partial.sum((-2, -1)).max())  # tables are never empty
     assert m.full_kv_capacity == max(1, full.sum((-2, -1)).max())
+
+
+def test_causal_top_k_keeps_the_diagonal_against_infinite_scores():
+  scores = np.random.default_rng(0).random((1, 1, 8, 8)).astype(np.float32)
+  scores[..., :3] = np.inf  # ties with the forced block's own +inf
+  m = block_sparse.from_block_scores(scores, q_len=128, kv_len=128, block_q=16, block_k=16,
+                                     top_k=3, causal=True)
+  bits = np.asarray(m.block_bits()[0] | m.block_bits()[1])[0, 0]
+  np.testing.assert_array_equal(bits, numpy_causal_top_k(scores, 3, 16, 16, 128)[0, 0])
+  assert bits[np.arange(8), np.arange(8)].all()
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), bq=st.sampled_from([16, 32]),
+       bk=st.sampled_from([16, 32]), max_blocks=st.integers(1, 5), top_p=st.floats(0.1, 1.0))
+def test_causal_top_p_capacities_hold_the_tiles(seed, bq, bk, max_blocks, top_p):
+  scores = jax.random.uniform(jax.random.key(seed), (1, 2, 128 // bq, 128 // bk))
+  m = block_sparse.from_block_scores(scores, q_len=128, kv_len=128, block_q=bq, block_k=bk,
+                                     causal=True, top_p=top_p, max_blocks=max_blocks)
+  check_invariants(m)
+  bits = np.asarray(m.block_bits()[0] | m.block_bits()[1])
+  assert bits.sum(-1).max() <= max_blocks and bits.sum(-1).min() >= 1
 
 
 def test_top_p_selects_fewest_blocks_reaching_mass():
