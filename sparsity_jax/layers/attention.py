@@ -97,6 +97,18 @@ class AuxLoss(nnx.Intermediate):
   """Auxiliary losses a layer adds to the training objective (summed by the model)."""
 
 
+def add_aux_loss(module: nnx.Module, name: str, value) -> None:
+  """Appends `value` to the module's AuxLoss `name`; the train step pops them all.
+
+  What `Module.sow` did outside `nnx.capture` (deprecated since flax 0.12.12),
+  written out so it behaves the same on every flax >= 0.12.
+  """
+  if hasattr(module, name):
+    getattr(module, name).set_value(getattr(module, name).get_value() + (value,))
+  else:
+    setattr(module, name, AuxLoss((value,)))
+
+
 @register_attention("dense")
 class DenseAttention(AttentionCore):
   """Full softmax attention through jax.nn.dot_product_attention (GQA native)."""

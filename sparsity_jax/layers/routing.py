@@ -47,7 +47,7 @@ from flax import nnx
 
 from pallas_kernels import block_sparse
 from pallas_kernels.block_sparse.rules import UNBOUNDED
-from sparsity_jax.layers.attention import AttentionCore, AuxLoss, register_attention
+from sparsity_jax.layers.attention import AttentionCore, add_aux_loss, register_attention
 from sparsity_jax.patterns import routing as routing_lib
 
 
@@ -160,7 +160,7 @@ class RoutingAttention(AttentionCore):
     centroid_btnh = jnp.take_along_axis(means_nch[None, None], assign[..., None, None],
                                         axis=3)[..., 0, :]
     commitment = jnp.mean(jnp.square(x_btnh - jax.lax.stop_gradient(centroid_btnh)))
-    self.sow(AuxLoss, "commitment", self.beta * commitment)
+    add_aux_loss(self, "commitment", self.beta * commitment)
 
   def _cluster_attention(self, x_btnh, v_btnh, positions_bt, idx_bncw):
     b, n, c, w = idx_bncw.shape
