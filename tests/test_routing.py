@@ -75,7 +75,7 @@ def test_one_cluster_full_window_equals_dense_causal():
 def _position_jacobian(model, x):
   graphdef, state = nnx.split(model)
   fn = lambda x: nnx.merge(graphdef, state).forward_embeddings(x)[0].sum(-1)
-  return np.abs(np.asarray(jax.jacrev(fn)(x)[:, 0])).max(-1)
+  return np.abs(np.asarray(jax.jit(jax.jacrev(fn))(x)[:, 0])).max(-1)
 
 
 def test_routing_lm_is_causal_by_gradient():
