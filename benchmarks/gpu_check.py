@@ -176,7 +176,9 @@ def _flex_time(kind, mask, q, k, v, do, repeats=5):
   return res
 
 
-def run_timings(rows, lengths, heads=16, d=128, smoke=False):
+def run_timings(rows, lengths, heads=16, d=128, smoke=False, on_row=lambda: None):
+  """jax timings for every length first, flex_attention after (its torch.compile
+  runs are the slow, optional part); `on_row` after each row, to save progress."""
   have_torch = False
   if not smoke:
     try:
@@ -187,6 +189,7 @@ def run_timings(rows, lengths, heads=16, d=128, smoke=False):
   base_impl = 'xla' if smoke else 'cudnn'
   repeats = 1 if smoke else 5
   block = 64 if smoke else 128
+  flex_todo = []
   for l in lengths:
     q, k, v, do = _qkv(jax.random.key(1), 1, l, heads, d, jnp.bfloat16)
 
@@ -202,6 +205,7 @@ def run_timings(rows, lengths, heads=16, d=128, smoke=False):
     base = dict(fwd=_time_jax(jax.jit(dense), q, k, v, repeats=repeats),
                 fwd_bwd=_time_jax(fb(dense), q, k, v, do, repeats=repeats))
     rows.append(dict(check='timing', L=l, impl=f'{base_impl} dense causal', density=0.5, **base))
+    on_row()
     print(f'[time] L={l} {base_impl} causal fwd {base["fwd"]:.2f} ms '
           f'fwd+bwd {base["fwd_bwd"]:.2f} ms', flush=True)
     sparse = lambda q, k, v, m: block_sparse.attention(q, k, v, m, implementation='triton',
@@ -216,17 +220,21 @@ def run_timings(rows, lengths, heads=16, d=128, smoke=False):
       row = dict(check='timing', L=l, impl=f'triton {kind}', density=dens, **t,
                  speedup_fwd_vs_cudnn=base['fwd'] / t['fwd'],
                  speedup_fwd_bwd_vs_cudnn=base['fwd_bwd'] / t['fwd_bwd'])
-      if have_torch:
-        try:
-          fl = _flex_time('causal' if kind == 'causal' else 'blocks', mask, q, k, v, do)
-          row.update(flex_fwd=fl['fwd'], flex_fwd_bwd=fl['fwd_bwd'])
-        except Exception:  # pylint: disable=broad-except
-          row['flex_error'] = traceback.format_exc(limit=2)
-          print(f'[flex] {kind}: {row["flex_error"]}', flush=True)
       rows.append(row)
+      on_row()
+      flex_todo.append((row, kind, mask, (q, k, v, do)))
       print(f'[time] L={l} triton {kind:10s} density {dens:.3f} fwd {t["fwd"]:.2f} ms '
-            f'fwd+bwd {t["fwd_bwd"]:.2f} ms  flex fwd {row.get("flex_fwd", float("nan")):.2f} '
-            f'fwd+bwd {row.get("flex_fwd_bwd", float("nan")):.2f}', flush=True)
+            f'fwd+bwd {t["fwd_bwd"]:.2f} ms', flush=True)
+  for row, kind, mask, arrays in flex_todo if have_torch else ():
+    try:
+      fl = _flex_time('causal' if kind == 'causal' else 'blocks', mask, *arrays)
+      row.update(flex_fwd=fl['fwd'], flex_fwd_bwd=fl['fwd_bwd'])
+      print(f'[flex] L={row["L"]} {kind:10s} fwd {fl["fwd"]:.2f} ms '
+            f'fwd+bwd {fl["fwd_bwd"]:.2f} ms', flush=True)
+    except Exception:  # pylint: disable=broad-except
+      row['flex_error'] = traceback.format_exc(limit=2)
+      print(f'[flex] {kind}: {row["flex_error"]}', flush=True)
+    on_row()
 
 
 def bar_verdicts(rows):
@@ -283,28 +291,35 @@ def main(argv=None):
     print('no GPU: nothing to check (use --smoke for a CPU dry run)', file=sys.stderr)
     return 2
   rows = []
+
+  def report():
+    table = to_markdown(rows)
+    bars = '\n'.join(f'- {"PASS" if ok_ else "MISS"}: {what}: {got}'
+                     for what, got, ok_ in bar_verdicts(rows))
+    return table + '\n\nBars:\n' + (bars or '- (no timing rows)')
+
+  def save():  # after every row: a run cut short by the timeout keeps what it measured
+    if args.out:
+      os.makedirs(args.out, exist_ok=True)
+      with open(os.path.join(args.out, 'gpu_check.md'), 'w') as f:
+        f.write(f'jax {jax.__version__}, {jax.devices()[0].device_kind}'
+                f'{" (--smoke)" if args.smoke else ""}\n\n{report()}\n')
+      with open(os.path.join(args.out, 'gpu_check.json'), 'w') as f:
+        json.dump(rows, f, indent=1, default=str)
+
   ok = check_correctness(rows, smoke=args.smoke)
+  save()
   if not args.skip_timing:
     try:
       if args.smoke:
-        run_timings(rows, [256], heads=2, d=32, smoke=True)
+        run_timings(rows, [256], heads=2, d=32, smoke=True, on_row=save)
       else:
-        run_timings(rows, args.lengths)
+        run_timings(rows, args.lengths, on_row=save)
     except Exception:  # pylint: disable=broad-except
       traceback.print_exc()
       ok = False
-  table = to_markdown(rows)
-  bars = '\n'.join(f'- {"PASS" if ok_ else "MISS"}: {what}: {got}'
-                   for what, got, ok_ in bar_verdicts(rows))
-  table += '\n\nBars:\n' + (bars or '- (no timing rows)')
-  print('\n' + table)
-  if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, 'gpu_check.md'), 'w') as f:
-      f.write(f'jax {jax.__version__}, {jax.devices()[0].device_kind}'
-              f'{" (--smoke)" if args.smoke else ""}\n\n{table}\n')
-    with open(os.path.join(args.out, 'gpu_check.json'), 'w') as f:
-      json.dump(rows, f, indent=1, default=str)
+  save()
+  print('\n' + report())
   return 0 if ok else 1
 
 
