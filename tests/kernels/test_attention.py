@@ -73,6 +73,12 @@ def test_fully_masked_rows_give_zeros_and_zero_grads(qkv, implementation):
   assert (np.asarray(dq)[:, [5] + list(range(32, 48))] == 0).all()
   out_r = block_sparse.attention_ref(q, k, v, mask)
   np.testing.assert_allclose(out, out_r, atol=1e-5)
+  # A mask with no tile at all (both work lists empty: zero loop trips).
+  empty = block_sparse.from_dense(np.zeros((1, 1, l, l), bool), block_q=16, block_k=16)
+  out, vjp = jax.vjp(lambda q, k, v: block_sparse.attention(
+      q, k, v, empty, implementation=implementation), q, k, v)
+  for x in (out,) + vjp(do):
+    assert (np.asarray(x) == 0).all()
 
 
 def test_no_retrace_when_pattern_changes(qkv):
