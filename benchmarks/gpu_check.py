@@ -184,8 +184,10 @@ def run_timings(rows, lengths, heads=16, d=128, smoke=False, on_row=lambda: None
     try:
       import torch  # noqa: F401
       have_torch = torch.cuda.is_available()
-    except Exception:  # pylint: disable=broad-except
-      pass
+      if not have_torch:
+        print('[flex] skipped: torch sees no CUDA device', flush=True)
+    except Exception as e:  # pylint: disable=broad-except  (any import failure: no flex row)
+      print(f'[flex] skipped: torch does not import ({type(e).__name__}: {e})', flush=True)
   base_impl = 'xla' if smoke else 'cudnn'
   repeats = 1 if smoke else 5
   block = 64 if smoke else 128

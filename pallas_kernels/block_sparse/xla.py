@@ -95,13 +95,12 @@ class _WorkList:
   def at(self, t):
     """(row, kb) [g, C] of step t; entries past a list's end are trash (row = nq)."""
     e = self.lane * self.steps + t
-    row = jnp.take_along_axis(self.row, e, axis=1, mode='clip')
-    kb = jnp.take_along_axis(self.kb, e, axis=1, mode='clip')
-    return row, kb
+    return (jnp.take_along_axis(self.row, e, axis=1, mode='clip'),
+            jnp.take_along_axis(self.kb, e, axis=1, mode='clip'))
 
   def next_row(self, t):
     """Row of each lane's next entry, -1 after the lane's last step (forces a flush)."""
-    nxt, _ = self.at(t + 1)
+    nxt = jnp.take_along_axis(self.row, self.lane * self.steps + t + 1, axis=1, mode='clip')
     return jnp.where(t + 1 < self.steps, nxt, -1)
 
 
