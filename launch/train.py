@@ -3,13 +3,16 @@ r"""Trains a model: a thin absl app around sparsity_jax.train.train_and_evaluate
   python launch/train.py --config=configs/lm_tiny.py --workdir=runs/lm_tiny \
       [--config.train.steps=100] [--config=configs/lm_tiny.py:runlocal]
 
+  python launch/train.py --config=configs/smollm2.py --workdir=runs/ft_smollm2
   python launch/train.py --config=configs/lm_tiny.py --workdir=runs/ft \
-      --init_from_hf=/ckpt/Llama-3.2-1B [--config.model.param_dtype=bfloat16]
+      --model=/ckpt/Llama-3.2-1B [--config.model.param_dtype=bfloat16]
 
-With --init_from_hf the parameters start from a local Hugging Face checkpoint (Llama,
-Mistral, Qwen2, LLaDA; see sparsity_jax/checkpoints/hf.py): its config.json fixes the
-architecture fields of config.model, and --config supplies everything else (data, train,
-eval, mesh, dtypes, attention core).
+With --model (= --config.pretrained) the parameters start from a pretrained model:
+``smollm2`` (the embedded SmolLM2-135M-Instruct), a .gguf file or a local Hugging Face
+directory (Llama, Mistral, Qwen2, LLaDA; see sparsity_jax/checkpoints/). Its architecture
+fixes the architecture fields of config.model, and --config supplies everything else
+(data, train, eval, mesh, dtypes, attention core). --init_from_hf=DIR is the older name
+of --model=DIR.
 
 Rerunning the same command resumes from the workdir's latest checkpoint. For several
 processes on one machine (or hosts without auto-detection) pass --coordinator_address,
@@ -30,9 +33,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-_INIT_FROM_HF = flags.DEFINE_string(
-    "init_from_hf", None, "Local Hugging Face checkpoint directory to start from (its "
-    "config.json sets the model architecture; --config the rest).")
+_MODEL = flags.DEFINE_string(
+    "model", None, "Pretrained model to start from: smollm2, a .gguf file or a Hugging Face "
+    "directory (its architecture replaces config.model's; --config sets the rest).")
+_INIT_FROM_HF = flags.DEFINE_string("init_from_hf", None, "Older name of --model for a Hugging "
+                                    "Face directory.")
 flags.mark_flags_as_required(["config", "workdir"])
 PREEMPTED_EXIT_CODE = 3  # Non-zero so schedulers restart the job; rerunning resumes it.
 
@@ -46,7 +51,10 @@ def main(argv):
   from sparsity_jax.train import loop
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
-    loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value, init_from_hf=_INIT_FROM_HF.value)
+    if _MODEL.value and _INIT_FROM_HF.value:
+      raise app.UsageError("give --model or --init_from_hf, not both")
+    loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                            pretrained=_MODEL.value or _INIT_FROM_HF.value)
   except loop.Preempted as e:
     print(e, file=sys.stderr, flush=True)
     sys.exit(PREEMPTED_EXIT_CODE)

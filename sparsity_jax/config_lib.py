@@ -29,6 +29,10 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # Seeds parameter init, the data order and per-step noise.
   c.objective = "causal_lm"  # 'causal_lm' or 'masked_diffusion' (needs model.causal=False).
+  # Pretrained weights to start from (train) or to evaluate (eval without a workdir):
+  # '' (random init), 'smollm2' (the embedded SmolLM2-135M-Instruct), a .gguf file or a
+  # Hugging Face directory. Its architecture replaces model's architecture fields.
+  c.pretrained = ""
 
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = 260  # Byte tokenizer: 256 bytes + PAD, BOS, EOS, MASK.
@@ -54,7 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = "stdlib"  # 'stdlib' (embedded Python sources) or 'text_files'.
   c.data.glob = ""  # Files for source='text_files', e.g. '/data/**/*.txt'.
-  c.data.seq_len = 256  # Tokens (bytes) per training sequence.
+  # 'bytes' (byte-level ids < 260) or 'pretrained' (the tokenizer of config.pretrained).
+  c.data.tokenizer = "bytes"
+  c.data.seq_len = 256  # Tokens per training sequence (bytes with the byte tokenizer).
   c.data.batch_size = 16  # Global batch size (sequences per step).
   c.data.val_fraction = 0.05  # Fraction of files held out for validation.
   # Fraction of seq_len blocks that are generated LongEval-style retrieval documents
@@ -136,4 +142,30 @@ def long_lm_tiny(attention: dict, arg: str | None = None) -> ml_collections.Conf
     for key in ("window", "local_block"):
       if key in c.model.attention:
         c.model.attention[key] = 64
+  return c
+
+
+def pretrained_config(source: str = "smollm2", arg: str | None = None) -> ml_collections.ConfigDict:
+  """Evaluating (or fine-tuning) a pretrained model on the embedded corpus, tokenised with
+  the model's own tokenizer; ``arg`` 'runlocal' shrinks the evaluation to seconds."""
+  args = parse_arg(arg, runlocal=False, seq_len=1024)
+  c = base_config()
+  c.pretrained = source
+  c.data.tokenizer = "pretrained"
+  c.data.seq_len = args.seq_len
+  c.data.batch_size = 4
+  c.eval.batch_size = 2
+  c.eval.num_batches = 16
+  c.eval.every = 0
+  c.train.steps = 200
+  c.train.lr = 3e-5  # Fine-tuning, not pretraining.
+  c.train.warmup_steps = 20
+  c.train.weight_decay = 0.0
+  c.train.checkpoint_every = 100
+  if args.runlocal:
+    c.data.seq_len = min(args.seq_len, 128)
+    c.data.batch_size = 2
+    c.eval.num_batches = 2
+    c.train.steps = 2
+    c.train.warmup_steps = 1
   return c

@@ -285,10 +285,10 @@ def test_tokenizer_and_chat_template_match_transformers():
 
 
 def test_train_loop_starts_from_hf_weights(tmp_path):
-  from sparsity_jax.train import loop
+  from sparsity_jax.train import from_pretrained, loop
 
   config = make_tiny_config(**{"train.steps": 1, "train.lr": 0.0, "eval.num_batches": 1})
-  out = loop.train_and_evaluate(config, str(tmp_path / "run"), init_from_hf=fixture("llama"))
+  out = loop.train_and_evaluate(config, str(tmp_path / "run"), pretrained=fixture("llama"))
   loaded = params_of(hf.load_model(fixture("llama")))
   trained = {jax.tree_util.keystr(p): np.asarray(x) for p, x in
              jax.tree_util.tree_flatten_with_path(out["state"].params)[0]}
@@ -298,13 +298,13 @@ def test_train_loop_starts_from_hf_weights(tmp_path):
   with open(tmp_path / "run" / "config.json") as f:
     saved = json.load(f)["model"]
   assert saved["vocab_size"] == 288 and saved["rope_scaling"]["rope_type"] == "llama3"
-  metrics = hf.evaluate_hf(fixture("llama"), config)
+  metrics = from_pretrained.evaluate_pretrained(fixture("llama"), config)
   assert metrics["loss"] == pytest.approx(out["eval_metrics"]["loss"], rel=1e-5)
   # The workdir's own config describes the imported model: no checkpoint dir needed.
   metrics = loop.evaluate_workdir(str(tmp_path / "run"))
   assert metrics["loss"] == pytest.approx(out["eval_metrics"]["loss"], rel=1e-5)
   with pytest.raises(hf.CheckpointError, match="masked_diffusion"):
-    hf.config_with_hf_model(config, fixture("llada"))
+    from_pretrained.config_with_pretrained(config, fixture("llada"))
 
 
 @pytest.mark.slow

@@ -62,33 +62,75 @@ def split_files(files: Sequence[str], val_fraction: float) -> tuple[list[str], l
   return train, val
 
 
-def load_tokens(root: str, files: Sequence[str]) -> np.ndarray:
-  """Concatenated byte tokens of ``files``, each document followed by EOS (uint16)."""
-  parts = []
-  eos = np.array([tok.EOS_ID], np.uint16)
+def load_tokens(root: str, files: Sequence[str], tokenizer=None) -> np.ndarray:
+  """Concatenated tokens of ``files``, each document followed by EOS.
+
+  Byte tokens (uint16) by default; with ``tokenizer`` (an HFTokenizer) each file's UTF-8
+  text (invalid bytes replaced) is encoded without special tokens and followed by the
+  tokenizer's EOS id (uint16, or uint32 for vocabularies past 65535).
+  """
+  if tokenizer is None:
+    parts = []
+    eos = np.array([tok.EOS_ID], np.uint16)
+    for rel in files:
+      with open(os.path.join(root, rel), "rb") as f:
+        parts.append(np.frombuffer(f.read(), np.uint8).astype(np.uint16))
+      parts.append(eos)
+    return np.concatenate(parts) if parts else np.zeros((0,), np.uint16)
+  if tokenizer.eos_id is None:
+    raise ValueError("config.data.tokenizer='pretrained' needs a tokenizer with an EOS token to "
+                     "separate documents")
+  dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+  texts = []
   for rel in files:
     with open(os.path.join(root, rel), "rb") as f:
-      parts.append(np.frombuffer(f.read(), np.uint8).astype(np.uint16))
-    parts.append(eos)
-  return np.concatenate(parts) if parts else np.zeros((0,), np.uint16)
+      texts.append(f.read().decode("utf-8", errors="replace"))
+  encoded = tokenizer.tokenizer.encode_batch(texts, add_special_tokens=False)
+  eos = np.array([tokenizer.eos_id], dtype)
+  parts = [p for e in encoded for p in (np.asarray(e.ids, dtype), eos)]
+  return np.concatenate(parts) if parts else np.zeros((0,), dtype)
 
 
-def load_split(data_config) -> dict[str, np.ndarray]:
-  """{'train': tokens, 'validation': tokens} for ``config.data``."""
-  source = data_config.source
-  if source == "stdlib":
-    root, files = stdlib_files()
-  elif source == "text_files":
-    root, files = text_files(data_config.glob)
-  else:
-    raise ValueError(f"config.data.source={source!r}; use 'stdlib' or 'text_files'")
+def text_bytes(root: str, files: Sequence[str]) -> int:
+  """UTF-8 bytes of ``files`` plus one per document (its EOS), the byte tokenizer's count."""
+  return sum(os.path.getsize(os.path.join(root, rel)) + 1 for rel in files)
+
+
+def load_split(data_config, tokenizer=None, splits=("train", "validation")) -> dict[str, np.ndarray]:
+  """{split: tokens} for ``config.data`` (both splits by default).
+
+  ``tokenizer`` (an HFTokenizer) replaces the byte tokenizer; see :func:`load_tokens`.
+  """
+  root, files = _source_files(data_config)
   train, val = split_files(files, data_config.val_fraction)
-  splits = {"train": load_tokens(root, train), "validation": load_tokens(root, val)}
+  by_name = {"train": train, "validation": val}
+  out = {name: load_tokens(root, by_name[name], tokenizer) for name in splits}
   fraction = float(data_config.get("retrieval_fraction", 0.0))
   if fraction:
-    for i, name in enumerate(("train", "validation")):
-      splits[name] = mix_retrieval(splits[name], fraction, data_config.seq_len, seed=i)
-  return splits
+    if tokenizer is not None:
+      raise ValueError("config.data.retrieval_fraction > 0 generates byte-level documents; it "
+                       "cannot be mixed with config.data.tokenizer='pretrained'")
+    for name in splits:
+      out[name] = mix_retrieval(out[name], fraction, data_config.seq_len,
+                                seed=("train", "validation").index(name))
+  return out
+
+
+def bytes_per_token(data_config, split: str, tokens: np.ndarray) -> float:
+  """UTF-8 bytes per token of a split (1.0 for byte tokens): converts nats per token to
+  bits per byte for any tokenizer (each document's EOS counts as one byte)."""
+  root, files = _source_files(data_config)
+  train, val = split_files(files, data_config.val_fraction)
+  return text_bytes(root, train if split == "train" else val) / max(len(tokens), 1)
+
+
+def _source_files(data_config) -> tuple[str, list[str]]:
+  source = data_config.source
+  if source == "stdlib":
+    return stdlib_files()
+  if source == "text_files":
+    return text_files(data_config.glob)
+  raise ValueError(f"config.data.source={source!r}; use 'stdlib' or 'text_files'")
 
 
 MAX_RETRIEVAL_BLOCKS = 32_768

@@ -42,7 +42,7 @@ class Experiment:
   """Everything derived from a config before any state exists: validated, cheap."""
 
   def __init__(self, config: ml_collections.ConfigDict, *, load_data: bool = True,
-               devices=None):
+               devices=None, splits: tuple[str, ...] = ("train", "validation")):
     self.config = config
     self.model_config = ModelConfig.from_config(config.model)
     objectives.get(config.objective)  # Fails early on an unknown objective.
@@ -62,7 +62,27 @@ class Experiment:
       if batch % batch_shards:
         raise ValueError(f"config.{name}={batch} must be divisible by data x fsdp = {batch_shards}")
     self.batch_sharding = parallel.batch_sharding(self.mesh, 2, self.rules)
-    self.splits = corpus.load_split(config.data) if load_data else None
+    self.splits, self.bytes_per_token = None, {}
+    if load_data:
+      self.splits = corpus.load_split(config.data, self.tokenizer(), splits)
+      for name, tokens in self.splits.items():
+        self.bytes_per_token[name] = (
+            1.0 if self.tokenizer() is None else corpus.bytes_per_token(config.data, name, tokens))
+
+  def tokenizer(self):
+    """The data's tokenizer: None for bytes, else config.pretrained's (an HFTokenizer)."""
+    kind = self.config.data.get("tokenizer", "bytes")
+    if kind == "bytes":
+      return None
+    if kind != "pretrained":
+      raise ValueError(f"config.data.tokenizer={kind!r}; use 'bytes' or 'pretrained'")
+    if not self.config.get("pretrained"):
+      raise ValueError("config.data.tokenizer='pretrained' needs config.pretrained (e.g. "
+                       "--config.pretrained=smollm2)")
+    if not hasattr(self, "_tokenizer"):
+      from sparsity_jax.checkpoints import open_pretrained
+      self._tokenizer = open_pretrained(self.config.pretrained).tokenizer()
+    return self._tokenizer
 
   def make_model(self) -> TransformerLM:
     return TransformerLM(self.model_config, rngs=nnx.Rngs(params=int(self.config.seed)))
@@ -107,7 +127,9 @@ class _Preemption:
 
 
 def evaluate(exp: Experiment, eval_step, params, model_state) -> dict[str, float]:
-  """Validation loss, bits per byte and perplexity over ``config.eval.num_batches``."""
+  """Validation loss (nats/token), bits per byte and perplexity over
+  ``config.eval.num_batches``; bits per byte divide by the split's bytes per token (1 for
+  byte tokens, the split's average for a subword tokenizer)."""
   cfg = exp.config
   data = pipeline.PackedSequences(exp.splits["validation"], cfg.data.seq_len, name="validation")
   rows = pipeline.local_rows(exp.batch_sharding, cfg.eval.batch_size)
@@ -118,11 +140,12 @@ def evaluate(exp: Experiment, eval_step, params, model_state) -> dict[str, float
     loss_sum += float(out["loss_sum"])
     tokens += float(out["tokens"])
   loss = loss_sum / max(tokens, 1.0)
-  return {"loss": loss, "bits_per_byte": loss / math.log(2.0),
+  bits_per_byte = loss / math.log(2.0) / exp.bytes_per_token.get("validation", 1.0)
+  return {"loss": loss, "bits_per_byte": bits_per_byte,
           "perplexity": math.exp(min(loss, 80.0)), "tokens": tokens}
 
 
-def _jit_eval_step(exp: Experiment, graphdef, shardings):
+def jit_eval_step(exp: Experiment, graphdef, shardings):
   eval_step = step_lib.make_eval_step(graphdef, objective=exp.config.objective,
                                       seed=int(exp.config.seed))
   return jax.jit(eval_step, in_shardings=(shardings.params, shardings.model_state,
@@ -140,19 +163,26 @@ def _check_finite(step: int, metrics: dict[str, float], last_saved: int | None, 
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       devices=None, init_from_hf: str | None = None) -> dict[str, Any]:
+                       devices=None, pretrained: str | None = None) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint), then evaluates.
 
   ``devices`` restricts the mesh to a subset of jax.devices() (default: all of them).
-  ``init_from_hf`` starts from the weights of a local Hugging Face checkpoint directory;
-  its config.json then fixes the architecture fields of ``config.model`` (see
-  sparsity_jax.checkpoints.hf.config_with_hf_model), and a resumed run ignores it.
+  ``pretrained`` (or ``config.pretrained``) starts from the weights of a pretrained
+  model: ``smollm2``, a .gguf file or a Hugging Face directory; its architecture then
+  fixes that of ``config.model`` (see train.from_pretrained.config_with_pretrained), and
+  a resumed run ignores it.
 
   Returns {'state', 'graphdef', 'train_metrics' (last step), 'eval_metrics' (final)}.
   """
-  if init_from_hf:
-    from sparsity_jax.checkpoints import hf
-    config = hf.config_with_hf_model(config, init_from_hf)
+  if pretrained:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.pretrained = pretrained
+  ckpt = None
+  if config.get("pretrained"):
+    from sparsity_jax.checkpoints import open_pretrained
+    from sparsity_jax.train import from_pretrained
+    ckpt = open_pretrained(config.pretrained)
+    config = from_pretrained.config_with_pretrained(config, ckpt)
   config_dict = json.loads(config.to_json_best_effort())
   exp = Experiment(config, devices=devices)  # Validates config and data; writes nothing.
   ckpt_lib.check_workdir_compatible(workdir, config_dict)
@@ -166,9 +196,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     schedule = optim.learning_rate_schedule(tcfg)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=tcfg.keep_checkpoints)
     last_saved = checkpointer.latest_step()
-    if init_from_hf and last_saved is None:
-      graphdef, state, shardings = hf.create_train_state(init_from_hf, exp.make_model, tx,
-                                                         exp.mesh, exp.rules)
+    if ckpt is not None and last_saved is None:
+      graphdef, state, shardings = from_pretrained.create_train_state(ckpt, exp.make_model, tx,
+                                                                      exp.mesh, exp.rules)
     else:
       graphdef, state, shardings = state_lib.create_train_state(exp.make_model, tx, exp.mesh,
                                                                 exp.rules)
@@ -188,7 +218,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                                   seed=int(config.seed)),
                          in_shardings=(shardings, exp.batch_sharding),
                          out_shardings=(shardings, None), donate_argnums=(0,))
-    eval_step = _jit_eval_step(exp, graphdef, shardings)
+    eval_step = jit_eval_step(exp, graphdef, shardings)
     writer = metrics_lib.MetricWriter(workdir)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     if is_main:
@@ -301,7 +331,7 @@ def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = No
   """Standalone evaluation of a run's latest (or given) checkpoint on the validation split."""
   exp, graphdef, state, shardings, step = restore_workdir(workdir, config, step)
   with parallel.use_mesh(exp.mesh, exp.rules):
-    metrics = evaluate(exp, _jit_eval_step(exp, graphdef, shardings), state.params,
+    metrics = evaluate(exp, jit_eval_step(exp, graphdef, shardings), state.params,
                        state.model_state)
   writer = metrics_lib.MetricWriter(workdir, filename="eval.jsonl")
   writer.write(step, metrics, prefix="eval/")
