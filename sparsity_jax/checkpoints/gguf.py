@@ -213,6 +213,10 @@ class GGUFTensors(TensorReader):
     return np.asarray(values, np.float32)[:, start - first * block:stop - first * block]
 
 
+def _float32(value) -> float:
+  return float(str(np.float32(value)))
+
+
 def hf_config_from_gguf(reader, path: str) -> dict[str, Any]:
   """The Hugging Face ``config.json`` equivalent to a GGUF file's metadata.
 
@@ -268,8 +272,9 @@ def hf_config_from_gguf(reader, path: str) -> dict[str, Any]:
       "num_key_value_heads": int(get("attention.head_count_kv") or heads),
       "head_dim": int(head_dim),
       "max_position_embeddings": int(get("context_length", required=True)),
-      "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-      "rope_theta": float(get("rope.freq_base", 10_000.0)),
+      # GGUF stores these as float32: the shortest decimal that rounds to it (1e-05).
+      "rms_norm_eps": _float32(get("attention.layer_norm_rms_epsilon", 1e-5)),
+      "rope_theta": _float32(get("rope.freq_base", 10_000.0)),
       "rope_scaling": scaling,
       "tie_word_embeddings": "output.weight" not in names,
   }

@@ -58,6 +58,22 @@ class HFTokenizer:
         config = json.load(f)
     return cls(tokenizer, config, _find_chat_template(directory, config))
 
+  def save_pretrained(self, directory: str) -> list[str]:
+    """Writes ``tokenizer.json`` and ``tokenizer_config.json`` (special tokens, chat
+    template) so that :meth:`from_dir` and transformers' ``AutoTokenizer`` load them."""
+    os.makedirs(directory, exist_ok=True)
+    self.tokenizer.save(os.path.join(directory, "tokenizer.json"))
+    config = {k: v for k, v in self.config.items() if v is not None}
+    config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    for key, token in self.special_tokens.items():
+      if token is not None:
+        config[key] = token
+    if self.chat_template:
+      config["chat_template"] = self.chat_template
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+      json.dump(config, f, indent=2, ensure_ascii=False)
+    return ["tokenizer.json", "tokenizer_config.json"]
+
   @property
   def vocab_size(self) -> int:
     return self.tokenizer.get_vocab_size(with_added_tokens=True)

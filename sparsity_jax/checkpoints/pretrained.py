@@ -91,3 +91,62 @@ def load_pretrained(source: str, *, mesh=None, rules=None, **overrides):
   """
   ckpt = open_pretrained(source)
   return ckpt.load_model(mesh=mesh, rules=rules, **overrides), ckpt.tokenizer()
+
+
+def convert_to_hf(source: str, out: str, *, dtype: str = "float32",
+                  overwrite: bool = False) -> list[str]:
+  """Writes a pretrained model (``smollm2``, a GGUF file, an HF directory) as a Hugging Face
+  directory: config.json, model.safetensors, generation_config.json, tokenizer.json and
+  tokenizer_config.json (with the chat template). GGUF weights are dequantized.
+
+  Everything is written to a temporary directory next to ``out`` and moved into place at
+  the end, so an interrupted or failed conversion leaves nothing half-written.
+
+  Args:
+    source: see :func:`open_pretrained`.
+    out: the directory to create; it must not exist unless ``overwrite``.
+    dtype: ``float32`` or ``bfloat16`` tensors on disk.
+
+  Returns:
+    The files written.
+
+  Raises:
+    FileExistsError: ``out`` exists and ``overwrite`` is False.
+    CheckpointError: the model or its tokenizer cannot be expressed (the message says which).
+  """
+  import json
+  import shutil
+
+  import jax.numpy as jnp
+
+  from sparsity_jax.checkpoints.hf import save_model
+
+  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+  if dtype not in dtypes:
+    raise ValueError(f"dtype={dtype!r}; use float32 or bfloat16")
+  if os.path.exists(out) and not overwrite:
+    raise FileExistsError(f"{out} exists; choose a new directory or pass overwrite=True "
+                          "(--overwrite)")
+  ckpt = open_pretrained(source)
+  tokenizer = ckpt.tokenizer()  # Fails before anything is written.
+  model = ckpt.load_model(param_dtype=dtypes[dtype])
+  hf_config = dict(getattr(ckpt, "hf_config", {}) or {})
+  hf_config["torch_dtype"] = dtype
+  parent = os.path.dirname(os.path.abspath(out))
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out))}.tmp-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    files = save_model(model, tmp, arch=ckpt.arch, hf_config=hf_config)
+    files += tokenizer.save_pretrained(tmp)
+    generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                  if k in hf_config}
+    with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+      json.dump(generation, f, indent=2)
+    files.append("generation_config.json")
+    if os.path.exists(out):
+      shutil.rmtree(out)
+    os.replace(tmp, out)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return files
