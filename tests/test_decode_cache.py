@@ -28,6 +28,35 @@ def test_prefill_then_token_by_token_equals_full_forward(scan_layers):
   np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_flash_kernel_equals_xla_forward_gradients_and_chunked_cache(dtype):
+  """The dense core's block-sparse path (causal mask, used on CPU from flash_min_len
+  tokens) computes the same attention as jax.nn.dot_product_attention: full forward,
+  gradients, and a cache filled by two long chunks (a non-empty cache too) then decoded."""
+  seed = np.random.randint(1 << 30)
+  cfg = dict(BASE, max_len=200, dtype=dtype)
+  xla = TransformerLM(ModelConfig(**cfg, attention={"kind": "dense", "dense_kernel": "xla"}),
+                      rngs=nnx.Rngs(seed))
+  flash = TransformerLM(ModelConfig(**cfg, attention={"kind": "dense", "flash_min_len": 64,
+                                                      "dense_kernel": "block_sparse"}),
+                        rngs=nnx.Rngs(seed))
+  tokens = jax.random.randint(jax.random.key(seed), (2, 200), 0, 256)
+  tol = dict(rtol=2e-5, atol=2e-5) if dtype == jnp.float32 else dict(rtol=0.05, atol=0.1)
+  full = np.asarray(xla(tokens), np.float32)
+  np.testing.assert_allclose(np.asarray(flash(tokens), np.float32), full, **tol)
+  loss = lambda m: jnp.mean(m(tokens[:, :130]) ** 2)
+  g_xla, g_flash = nnx.grad(loss)(xla), nnx.grad(loss)(flash)
+  for a, b in zip(jax.tree.leaves(g_xla), jax.tree.leaves(g_flash)):
+    np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a, np.float32),
+                               rtol=tol["rtol"] * 10, atol=tol["atol"] * 10)
+  cache = flash.init_cache(2, 210)
+  first, cache = flash.decode(tokens[:, :70], cache)     # Flash, empty cache.
+  second, cache = flash.decode(tokens[:, 70:199], cache)  # Flash over a filled cache.
+  last, cache = flash.decode(tokens[:, 199:200], cache)   # One token: grouped softmax.
+  np.testing.assert_allclose(np.asarray(jnp.concatenate([first, second, last], 1), np.float32),
+                             full, **tol)
+
+
 def test_greedy_generation_matches_argmax_of_full_forward():
   model = TransformerLM(ModelConfig(**BASE), rngs=nnx.Rngs(1))
   prompt = np.random.randint(0, 256, (1, 6))
@@ -40,7 +69,7 @@ def test_greedy_generation_matches_argmax_of_full_forward():
 
 def test_generation_bad_input():
   model = TransformerLM(ModelConfig(**BASE), rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="exceed max_len"):
+  with pytest.raises(ValueError, match="exceed the model.s context of 64 tokens"):
     generation.generate(model, np.zeros((1, 60), np.int32), 10)
   bidirectional = TransformerLM(ModelConfig(**BASE, causal=False), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="causal LMs"):

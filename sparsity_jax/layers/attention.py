@@ -41,29 +41,83 @@ class AttentionCore(nnx.Module):
 
   def init_cache(self, batch: int, max_len: int, *, num_kv_heads: int, head_dim: int,
                  dtype) -> dict[str, jax.Array]:
-    """Full KV cache: k/v [b, max_len, k, h] and the number of cached tokens."""
-    shape = (batch, max_len, num_kv_heads, head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+    """Full KV cache, laid out for the decode step's two matrix products: keys
+    transposed, k [b, k, h, max_len], values v [b, k, max_len, h], and the number of
+    cached tokens ("end"). (XLA's CPU dot would otherwise transpose the whole cache of
+    every layer on every token.)"""
+    return {"k": jnp.zeros((batch, num_kv_heads, head_dim, max_len), dtype),
+            "v": jnp.zeros((batch, num_kv_heads, max_len, head_dim), dtype),
             "end": jnp.zeros((), jnp.int32)}
 
   def cached_call(self, q_btnh, k_btkh, v_btkh, *, positions_bt, cache):
     """Appends t new tokens (at cache['end']) and attends over everything cached.
 
-    Returns (o_btnh, new cache). Keys are cached after RoPE, at absolute positions.
+    Returns (o_btnh, new cache). Keys are cached after RoPE; slot j holds position j and
+    a query sees the keys up to its own position. Long chunks (t >= ``flash_min_len``)
+    run the block-sparse flash kernel with a causal rule on positions (memory linear in
+    t); shorter ones (decode: t = 1) a masked softmax over the cache.
     """
     end = cache["end"]
-    k_cache = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_btkh.astype(cache["k"].dtype),
-                                                  end, axis=1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_btkh.astype(cache["v"].dtype),
-                                                  end, axis=1)
-    t, s = q_btnh.shape[1], k_cache.shape[1]
-    key_pos_s = jnp.arange(s)
-    # Slot j holds position j; a query sees keys up to its own position.
-    allowed_bts = (key_pos_s[None, None, :] <= positions_bt[:, :, None]) & (key_pos_s < end + t)
-    o_btnh = jax.nn.dot_product_attention(q_btnh, k_cache.astype(q_btnh.dtype),
-                                          v_cache.astype(q_btnh.dtype),
-                                          mask=allowed_bts[:, None, :, :])
-    return o_btnh, {"k": k_cache, "v": v_cache, "end": end + t}
+    k_cache = jax.lax.dynamic_update_slice_in_dim(
+        cache["k"], k_btkh.astype(cache["k"].dtype).transpose(0, 2, 3, 1), end, axis=3)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(
+        cache["v"], v_btkh.astype(cache["v"].dtype).swapaxes(1, 2), end, axis=2)
+    # Without the barrier XLA duplicates each in-place update into its two consumers (the
+    # returned cache and the attention), which copies the whole cache of every layer.
+    k_cache, v_cache = jax.lax.optimization_barrier((k_cache, v_cache))
+    new_cache = {"k": k_cache, "v": v_cache, "end": end + q_btnh.shape[1]}
+    t, s = q_btnh.shape[1], v_cache.shape[2]
+    slot_pos_s = jnp.arange(s, dtype=jnp.int32)
+    if self._flash_for_cache(t):
+      from pallas_kernels import block_sparse
+      # Empty slots get a position past every query, so the causal rule drops them.
+      kv_pos_b1s = jnp.broadcast_to(jnp.where(slot_pos_s < end + t, slot_pos_s, 2**30 - 1),
+                                    (q_btnh.shape[0], 1, s))
+      mask = block_sparse.from_positions(positions_bt[:, None, :], kv_pos_b1s,
+                                         block_q=_FLASH_BLOCK, block_k=_FLASH_BLOCK,
+                                         causal=True)
+      o_btnh = block_sparse.attention(q_btnh, k_cache.transpose(0, 3, 1, 2).astype(q_btnh.dtype),
+                                      v_cache.swapaxes(1, 2).astype(q_btnh.dtype), mask)
+      return o_btnh, new_cache
+    allowed_bts = ((slot_pos_s[None, None, :] <= positions_bt[:, :, None])
+                   & (slot_pos_s < end + t))
+    return _grouped_attention(q_btnh, k_cache, v_cache, allowed_bts), new_cache
+
+  def _flash_for_cache(self, t: int) -> bool:
+    """Whether a chunk of t tokens goes through the flash kernel (see cached_call)."""
+    return jax.default_backend() == "cpu" and t >= _FLASH_MIN_LEN
+
+
+# Dense causal attention on CPU switches to the block-sparse flash kernel (exact, with a
+# causal mask) from this many queries: jax.nn.dot_product_attention materialises every
+# score there, and at SmolLM2's shapes the kernel took 0.2-0.3x its time from 1024 tokens
+# (0.66x at 512; docs/benchmarks.md, "Real model").
+_FLASH_MIN_LEN = 1024
+_FLASH_BLOCK = 128
+
+
+def _grouped_attention(q_btnh, k_bkhs, v_bksh, allowed_bts) -> jax.Array:
+  """Softmax attention of q [b, t, n, h] over a cache of keys k [b, k, h, s] (transposed)
+  and values v [b, k, s, h], GQA groups of n // k query heads per kv head, where
+  ``allowed_bts``; rows with no allowed key are 0.
+
+  Both products take the cache in the layout it is stored in, and the softmax is
+  normalised after the second product (on [.., h], not [.., s]): no per-token copy of
+  the cache or of the probabilities.
+  """
+  b, t, n, h = q_btnh.shape
+  k = k_bkhs.shape[1]
+  q_bkgth = q_btnh.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4) * (h ** -0.5)
+  scores = jnp.einsum("bkgth,bkhs->bkgts", q_bkgth.astype(q_btnh.dtype),
+                      k_bkhs.astype(q_btnh.dtype), preferred_element_type=jnp.float32)
+  allowed = allowed_bts[:, None, None]
+  scores = jnp.where(allowed, scores, -jnp.inf)
+  top = jnp.max(scores, axis=-1, keepdims=True)
+  p = jnp.where(allowed, jnp.exp(scores - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
+  o_bkgth = jnp.einsum("bkgts,bksh->bkgth", p.astype(v_bksh.dtype), v_bksh,
+                       preferred_element_type=jnp.float32)
+  o_bkgth = o_bkgth / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
+  return o_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q_btnh.dtype)
 
 
 _REGISTRY: dict[str, Callable[..., AttentionCore]] = {}
@@ -111,14 +165,44 @@ def add_aux_loss(module: nnx.Module, name: str, value) -> None:
 
 @register_attention("dense")
 class DenseAttention(AttentionCore):
-  """Full softmax attention through jax.nn.dot_product_attention (GQA native)."""
+  """Full softmax attention.
+
+  ``attention.dense_kernel`` picks the kernel: ``auto`` (default) runs causal
+  self-attention of at least ``attention.flash_min_len`` tokens (default 1024) through
+  the block-sparse flash kernel with a full causal mask on CPU (exact; memory linear in
+  length), and everything else through ``jax.nn.dot_product_attention`` (cuDNN or XLA on
+  accelerators); ``xla`` always uses the latter, ``block_sparse`` always the former for
+  causal attention.
+  """
 
   def __init__(self, model_config: Any, *, layer_index: int, rngs: nnx.Rngs):
-    del model_config, layer_index, rngs
+    del layer_index, rngs
+    opts = model_config.attention
+    self.dense_kernel = opts.get("dense_kernel", "auto")
+    if self.dense_kernel not in ("auto", "xla", "block_sparse"):
+      raise ValueError(f"config.model.attention.dense_kernel={self.dense_kernel!r}; use auto, "
+                       "xla or block_sparse")
+    default = _FLASH_MIN_LEN if self.dense_kernel == "auto" else 1
+    self.flash_min_len = int(opts.get("flash_min_len", default))
+    if self.dense_kernel == "xla":
+      self.flash_min_len = 2**31 - 1
+
+  def _use_flash(self, t: int) -> bool:
+    if self.dense_kernel == "auto" and jax.default_backend() != "cpu":
+      return False
+    return t >= self.flash_min_len
 
   def __call__(self, q_btnh, k_bskh, v_bskh, *, positions_bt, causal: bool) -> jax.Array:
     del positions_bt  # Positions are implicit: query i and key i are the same token.
+    t, s = q_btnh.shape[1], k_bskh.shape[1]
+    if causal and t == s and self._use_flash(t):
+      from pallas_kernels import block_sparse
+      mask = block_sparse.causal(t, block_q=_FLASH_BLOCK, block_k=_FLASH_BLOCK)
+      return block_sparse.attention(q_btnh, k_bskh, v_bskh, mask)
     return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, is_causal=causal)
+
+  def _flash_for_cache(self, t: int) -> bool:
+    return self._use_flash(t)
 
 
 class Attention(nnx.Module):
@@ -183,5 +267,6 @@ class Attention(nnx.Module):
 
   def _output(self, o_btnh: jax.Array) -> jax.Array:
     o_btnh = parallel.constrain(o_btnh, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.HEAD_DIM))
-    return jnp.einsum("btnh,nhe->bte", o_btnh.astype(self.dtype),
-                      self.o_proj.get_value().astype(self.dtype))
+    b, t, n, h = o_btnh.shape  # One [n*h, e] matrix: no per-call relayout of o_proj.
+    return jnp.einsum("btf,fe->bte", o_btnh.reshape(b, t, n * h).astype(self.dtype),
+                      self.o_proj.get_value().reshape(n * h, -1).astype(self.dtype))

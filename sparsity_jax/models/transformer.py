@@ -218,12 +218,13 @@ class TransformerLM(nnx.Module):
         new_caches.append(layer_cache)
       cache = None if cache is None else new_caches
     x_bte = self.final_norm(x_bte)
-    if self.cfg.tie_embeddings:
-      head_ev = self.embed.get_value().T
+    if self.cfg.tie_embeddings:  # Contract with the embedding as it is stored, [v, e]: a
+      # transposed copy would move the whole matrix on every call (113 MB for SmolLM2).
+      logits_btv = jnp.einsum("bte,ve->btv", x_bte, self.embed.get_value().astype(self.cfg.dtype),
+                              preferred_element_type=jnp.float32)
     else:
-      head_ev = self.lm_head.get_value()
-    logits_btv = jnp.einsum("bte,ev->btv", x_bte, head_ev.astype(self.cfg.dtype),
-                            preferred_element_type=jnp.float32)
+      logits_btv = jnp.einsum("bte,ev->btv", x_bte, self.lm_head.get_value().astype(self.cfg.dtype),
+                              preferred_element_type=jnp.float32)
     logits_btv = parallel.constrain(logits_btv, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
     return logits_btv if cache is None else (logits_btv, cache)
 
