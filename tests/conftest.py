@@ -11,3 +11,13 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 for path in (TESTS, os.path.dirname(TESTS)):  # tests/support.py, and configs/ + launch/.
   if path not in sys.path:
     sys.path.insert(0, path)
+
+
+import pytest  # noqa: E402  (after the environment set-up above)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+  """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, loaded once per session."""
+  from sparsity_jax.checkpoints import load_pretrained
+  return load_pretrained("smollm2")

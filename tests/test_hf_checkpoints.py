@@ -6,6 +6,7 @@ with transformers' logits on a fixed input.
 """
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -321,3 +322,45 @@ def test_launcher_init_from_hf(tmp_path):
   with open(os.path.join(workdir, "config.json")) as f:
     model = json.load(f)["model"]
   assert model["causal"] is False and model["d_model"] == 32 and model["num_kv_heads"] == 2
+
+
+def test_evaluate_pretrained_with_its_own_tokenizer():
+  """config.data.tokenizer='pretrained': the corpus is tokenised with the checkpoint's
+  tokenizer, the loss is the model's mean next-token NLL on those windows, and bits per
+  byte divide by the split's bytes per token."""
+  import math
+  from sparsity_jax import config_lib
+  from sparsity_jax.data import corpus
+  from sparsity_jax.train import from_pretrained
+
+  config = config_lib.pretrained_config(fixture("llama"), "runlocal,seq_len=32")
+  config.eval.num_batches = 1
+  config.eval.batch_size = config.data.batch_size = 8  # Multiples of the 8 fake devices.
+  metrics = from_pretrained.evaluate_pretrained(fixture("llama"), config)
+  tok = HFTokenizer.from_dir(fixture("llama"))
+  tokens = corpus.load_split(config.data, tok, splits=("validation",))["validation"]
+  windows = np.stack([tokens[i * 32:i * 32 + 33] for i in range(config.eval.batch_size)])
+  logits = np.asarray(hf.load_model(fixture("llama"))(jnp.asarray(windows[:, :-1], jnp.int32)))
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -np.take_along_axis(np.asarray(logp), windows[:, 1:, None].astype(np.int64), -1).mean()
+  assert metrics["loss"] == pytest.approx(float(nll), rel=1e-4)
+  per_token = corpus.bytes_per_token(config.data, "validation", tokens)
+  assert 1.0 < per_token < 1.2  # Byte-level BPE with only 27 merges: ~1 byte per token.
+  assert metrics["bits_per_byte"] == pytest.approx(metrics["loss"] / math.log(2) / per_token)
+
+
+def test_generate_launcher_streams_a_causal_chat_and_reports_speed():
+  cmd = [sys.executable, os.path.join(ROOT, "launch", "generate.py"),
+         f"--model={fixture('llama')}", "--chat", "--prompt=Hello", "--max_new_tokens=6"]
+  run = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+  assert run.returncode == 0, run.stdout + run.stderr
+  last = run.stdout.strip().splitlines()[-1]
+  assert re.fullmatch(r"\[\d+ prompt tokens, \d+ new tokens; prefill [\d.]+ tokens/s "
+                      r"\([\d.]+ s\), decode [\d.]+ tokens/s; compile [\d.]+ s\]", last), last
+  too_long = subprocess.run(cmd[:-1] + ["--max_new_tokens=600"], env=subprocess_env(), cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+  assert too_long.returncode == 1
+  assert too_long.stderr.strip().splitlines() == [
+      "generate: prompt (27 tokens) + max_new_tokens (600) = 627 exceed the model's context "
+      "of 512 tokens; shorten the prompt or generate fewer tokens"]
