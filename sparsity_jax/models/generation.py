@@ -46,7 +46,7 @@ def sample(logits_bv: jax.Array, key: jax.Array, temperature, top_p) -> jax.Arra
 def _step(graphdef, params, rest, cache, tokens_bt, key, temperature, top_p):
   model = nnx.merge(graphdef, params, rest)
   model.eval()  # Generation never updates stateful layers (e.g. routing centroids).
-  logits_btv, cache = model.decode(tokens_bt, cache)
+  logits_btv, cache = model.decode(tokens_bt, cache, last_only=True)
   next_b = sample(logits_btv[:, -1], key, temperature, top_p)
   return next_b, cache, nnx.state(model, nnx.Not(nnx.Param))
 
