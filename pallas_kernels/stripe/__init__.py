@@ -16,8 +16,8 @@ semantics are specified in lists.py; the backend contract in api.py.
 Backends (implementation=...): 'reference' (dense jnp oracle), 'xla'
 (batched gathers, CPU default), 'triton' (Pallas GPU), 'mosaic_tpu' (Pallas
 TPU: counts by scalar prefetch, list chunks and K/V rows by manual DMA). One
-jax.custom_vjp; its backward is the xla gather / scatter-add pass for every
-implementation.
+jax.custom_vjp; backward kernels: xla (gather + scatter-add) and triton
+(atomic adds into the gathered rows); mosaic_tpu uses the xla backward.
 """
 
 from pallas_kernels.stripe.api import IMPLEMENTATIONS, attention, merge_partials, resolve_implementation

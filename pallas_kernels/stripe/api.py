@@ -27,9 +27,9 @@ mosaic_tpu):
     backward(q, k, v, idx, tcount, qpos, out, lse, dout, dlse, cfg, interpret)
         -> (dq [b, h, i, r, d], dk [b, k, s, d], dv [b, k, s, d])
 
-  Only xla implements it; it is the backward of every implementation (the
-  Pallas kernels are forward-only for now). lse comes with -inf replaced by
-  0; dlse (the cotangent of lse, or None) enters as delta - dlse.
+  xla and triton implement it; mosaic_tpu uses the xla one (BACKWARD). lse
+  comes with -inf replaced by 0; dlse (the cotangent of lse, or None) enters
+  as delta - dlse; dk / dv sum every list head reading a kv head.
 
 The 'reference' implementation is the dense oracle on the public layout,
 differentiated by autodiff.
@@ -57,6 +57,9 @@ NO_POS = -(2 ** 30)  # position of pad rows: before every key
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _ROW_MULTIPLE = {'xla': 1, 'triton': None, 'mosaic_tpu': 8}  # None: power of two >= 16
+# The backward pass of each implementation. TPUs have no atomics for the scatter of dk / dv
+# into gathered rows, so mosaic_tpu uses the xla pass (gather + scatter-add) for now.
+BACKWARD = {'xla': 'xla', 'triton': 'triton', 'mosaic_tpu': 'xla'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +97,8 @@ def _fwd(q, k, v, idx, tcount, qpos, cfg: KernelConfig):
 def _bwd(cfg: KernelConfig, res, cotangents):
   q, k, v, idx, tcount, qpos, out, lse = res
   dout, dlse = cotangents
-  dq, dk, dv = _backend('xla').backward(q, k, v, idx, tcount, qpos, out, lse, dout, dlse, cfg)
+  dq, dk, dv = _backend(BACKWARD[cfg.implementation]).backward(
+      q, k, v, idx, tcount, qpos, out, lse, dout, dlse, cfg, cfg.interpret)
   return dq, dk, dv, None, None, None
 
 
@@ -236,7 +240,7 @@ def attention(q, k, v, indices, counts, *, block_q: int, causal: bool = False,
     implementation: None (platform default: xla on CPU, triton on GPU,
       mosaic_tpu on TPU), 'reference', 'xla', 'triton' or 'mosaic_tpu'. An
       explicit choice that cannot run raises; there is no silent fallback.
-      The backward of every implementation is the xla one (gather + scatter-add).
+      Backward: xla and triton have their own; mosaic_tpu uses the xla pass.
     interpret: run the Pallas kernels in interpret mode (True, or
       pltpu.InterpretParams() for mosaic_tpu).
     tiles: kernel tile sizes (stripe.Tiles).

@@ -1,4 +1,4 @@
-"""Gathered-key attention in plain XLA: the CPU default and the backward of every backend.
+"""Gathered-key attention in plain XLA: the CPU default, and the backward of mosaic_tpu.
 
 Einsum legend: b batch, h list head, i query tile, r row of a tile (query
 heads sharing the list x queries), c gathered key of a step, d head dim.

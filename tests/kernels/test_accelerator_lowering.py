@@ -122,10 +122,10 @@ def _stripe_fwd_bwd(implementation, list_heads):
 @pytest.mark.parametrize('list_heads', [2, 4])
 def test_stripe_kernel_lowers_for_gpu(as_if_on_h200, list_heads):
   fn, args = _stripe_fwd_bwd('triton', list_heads)
-  assert triton_kernels(fn, *args) == ['stripe_fwd']  # the backward is XLA
+  assert sorted(triton_kernels(fn, *args)) == ['stripe_bwd', 'stripe_fwd']
 
 
 @pytest.mark.parametrize('list_heads', [2, 4])
 def test_stripe_kernel_lowers_for_tpu(lower_only, list_heads):
   fn, args = _stripe_fwd_bwd('mosaic_tpu', list_heads)
-  assert len(tpu_custom_calls(fn, *args)) == 1
+  assert len(tpu_custom_calls(fn, *args)) == 1  # the backward is the xla pass
