@@ -142,7 +142,9 @@ def _check(q, k, v, indices, counts, block_q):
                      f'{getattr(counts, "shape", None)}.')
   if not jnp.issubdtype(counts.dtype, jnp.integer):
     raise ValueError(f'counts must be an integer array, got {counts.dtype}.')
-  bl, hl, nq, _ = indices.shape
+  bl, hl, nq, cap = indices.shape
+  if cap < 1:
+    raise ValueError('indices must have a capacity (last dim) >= 1; use counts 0 for empty lists.')
   if bl not in (1, b):
     raise ValueError(f'indices has batch {bl}; expected 1 or {b}.')
   if hl not in (1, kh, n):

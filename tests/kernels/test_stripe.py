@@ -311,6 +311,7 @@ def test_bad_arguments_raise_one_line_errors():
       (lambda: attn(q, k, v, np.zeros((3, 2, 4, 8), np.int32), np.zeros((3, 2, 4), np.int32)),
        'indices has batch 3'),
       (lambda: stripe.attention(q, k, v, idx, counts, block_q=16), 'query blocks'),
+      (lambda: attn(q, k, v, idx[..., :0], counts), 'capacity'),
       (lambda: stripe.attention(q, k, v, idx, counts, block_q=0), 'block_q must be'),
       (lambda: attn(q, k, v, idx, counts, implementation='cuda'), 'implementation must be'),
       (lambda: attn(q, k, v, idx, counts, implementation='triton'), 'interpret=True'),
