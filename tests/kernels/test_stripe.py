@@ -270,6 +270,7 @@ def test_from_key_mask():
 
 
 def test_sharded_over_batch_and_heads():
+  """stripe (and block_sparse's return_lse, which merging needs) under shard_map."""
   if jax.device_count() < 4:
     pytest.skip('needs 4 devices (tests/conftest.py forces 8 CPU devices)')
   mesh = jax.make_mesh((2, 2), ('data', 'tensor'))
@@ -283,8 +284,13 @@ def test_sharded_over_batch_and_heads():
       out, vjp = jax.vjp(lambda *a: stripe.attention(*a, idx, counts, block_q=8, causal=True,
                                                      return_lse=True, **kw), q, k, v)
       res.append((out, vjp((do, jnp.zeros_like(out[1])))))
-    return res
-  ((out, lse), grads), ((out_r, lse_r), grads_r) = f(q, k, v)
+    mask = block_sparse.causal(24, block_q=8, block_k=8)
+    bs = [block_sparse.attention(q, k, v, mask, return_lse=True, **kw)
+          for kw in (dict(mesh=mesh), dict(implementation='reference'))]
+    return res, bs
+  (((out, lse), grads), ((out_r, lse_r), grads_r)), (bs, bs_r) = f(q, k, v)
+  for x, x_r in zip(bs, bs_r):
+    np.testing.assert_allclose(x, x_r, atol=1e-5)
   np.testing.assert_allclose(out, out_r, atol=1e-5)
   np.testing.assert_allclose(lse, lse_r, atol=1e-5)
   for g, g_r in zip(grads, grads_r):
