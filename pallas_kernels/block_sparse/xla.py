@@ -241,7 +241,7 @@ def forward(q, k, v, mask: BlockMask, scale: float, tiles: Tiles, interpret: boo
   """Backend contract. q [b, t, n, d], k/v [b, s, k, d] with t, s block multiples.
 
   Returns:
-    out [b, t, n, d] (q.dtype) and lse [b, n, t] float32 (0 for empty rows).
+    out [b, t, n, d] (q.dtype) and lse [b, n, t] float32 (-inf for empty rows).
   """
   del interpret
   lay = _Layout(q, k, mask)
