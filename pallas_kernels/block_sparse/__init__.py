@@ -6,6 +6,7 @@ Public API:
     mask = block_sparse.BlockMask.from_dense(dense, block_q=128, block_k=128)
     mask = block_sparse.causal(L) | block_sparse.sliding_window(L, window=w, sinks=4)
     out = block_sparse.attention(q, k, v, mask, scale=None, implementation=None)
+    out, lse = block_sparse.attention(q, k, v, mask, return_lse=True)  # lse [b, n, t]
 
 The BlockMask format (fields, shapes, invariants, element rule) is specified
 in block_mask.py; element rules in rules.py.
@@ -19,12 +20,14 @@ Backend contract. A backend is a module pallas_kernels.block_sparse.<name>
 exposing:
 
     forward(q, k, v, mask, scale, tiles, interpret) -> (out, lse)
-    backward(q, k, v, out, lse, dout, mask, scale, tiles, interpret) -> (dq, dk, dv)
+    backward(q, k, v, out, lse, dout, mask, scale, tiles, interpret, dlse=None) -> (dq, dk, dv)
 
 with q [b, t, n, d] and k, v [b, s, k, d] (t, s already padded to block
 multiples, n % k == 0); `mask` the result of `BlockMask.for_kernel()` (padded
 lengths, padding keys masked by its rule); out [b, t, n, d] in q.dtype; lse
-[b, n, t] float32 natural-log log-sum-exp (0 for rows with no allowed key);
+[b, n, t] float32 natural-log log-sum-exp (-inf for rows with no allowed key;
+the backward receives the residual with -inf replaced by 0, and `dlse`, the
+cotangent of lse or None, which it folds into delta: delta - dlse);
 masked scores use MASK_VALUE (finite) so exp(MASK_VALUE - lse) == 0; dq, dk,
 dv in input dtypes, dk/dv summed over each GQA group; `tiles` a resolved
 Tiles; `interpret` passed through (True or backend interpret params). The

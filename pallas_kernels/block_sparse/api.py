@@ -6,7 +6,7 @@ k kv heads, g query heads per kv head, d head dim.
 Backend contract (what a backend module must expose; see also __init__.py):
 
     forward(q, k, v, mask, scale, tiles, interpret) -> (out, lse)
-    backward(q, k, v, out, lse, dout, mask, scale, tiles, interpret) -> (dq, dk, dv)
+    backward(q, k, v, out, lse, dout, mask, scale, tiles, interpret, dlse=None) -> (dq, dk, dv)
 
   * q [b, t, n, d], k, v [b, s, k, d] with t, s multiples of mask.block_q /
     mask.block_k (the API pads), n % k == 0. Same dtype for q, k, v.
@@ -14,10 +14,14 @@ Backend contract (what a backend module must expose; see also __init__.py):
     q_len / kv_len are the padded lengths and its rule masks padded keys.
     Its batch dim is 1 or b and its head dim 1 or n (broadcast, never tiled).
   * out [b, t, n, d] in q.dtype; lse [b, n, t] float32, natural log; rows
-    with no allowed key: out = 0 and lse = 0 (any finite value works as long
-    as masked scores are MASK_VALUE, so exp(MASK_VALUE - lse) == 0).
-  * backward returns dq, dk, dv in the dtypes of q, k, v (dk/dv summed over
-    the query heads of each GQA group); empty rows give zero gradients.
+    with no allowed key: out = 0 and lse = -inf (what `return_lse` returns:
+    merging such a partial with another one gives it zero weight).
+  * backward receives the residual lse with -inf replaced by 0 (any finite
+    value works as long as masked scores are MASK_VALUE, so exp(MASK_VALUE -
+    lse) == 0) and `dlse`, the cotangent of lse ([b, n, t] float32, or None):
+    since d lse / d s = p, it enters as delta - dlse. It returns dq, dk, dv in
+    the dtypes of q, k, v (dk/dv summed over the query heads of each GQA
+    group); empty rows give zero gradients.
   * scale is a Python float; tiles a resolved `Tiles`; interpret is passed
     through unchanged (True, or backend-specific interpret params).
   * The residuals are exactly (q, k, v, out, lse, mask): backends must not
@@ -66,13 +70,14 @@ def _backend(name: str):
 def _fwd(q, k, v, mask, cfg: _Config):
   out, lse = _backend(cfg.implementation).forward(q, k, v, mask, cfg.scale, cfg.tiles,
                                                   cfg.interpret)
-  return out, (q, k, v, out, lse, mask)
+  return (out, lse), (q, k, v, out, jnp.where(jnp.isneginf(lse), 0.0, lse), mask)
 
 
-def _bwd(cfg: _Config, res, dout):
+def _bwd(cfg: _Config, res, cotangents):
   q, k, v, out, lse, mask = res
+  dout, dlse = cotangents
   dq, dk, dv = _backend(cfg.implementation).backward(q, k, v, out, lse, dout, mask, cfg.scale,
-                                                     cfg.tiles, cfg.interpret)
+                                                     cfg.tiles, cfg.interpret, dlse=dlse)
   return dq, dk, dv, None
 
 
@@ -80,7 +85,7 @@ def _primal(q, k, v, mask, cfg):
   return _fwd(q, k, v, mask, cfg)[0]
 
 
-# One custom_vjp for every backend; residuals (q, k, v, out, lse, mask).
+# One custom_vjp for every backend: primal (out, lse); residuals (q, k, v, out, lse, mask).
 _core = jax.custom_vjp(_primal, nondiff_argnums=(4,))
 _core.defvjp(_fwd, _bwd)
 
@@ -142,7 +147,7 @@ def attention(q, k, v, mask: BlockMask, *, scale: float | None = None,
               implementation: str | None = None, interpret: Any = False,
               tiles: Tiles | None = None, mesh=None,
               batch_axes: Sequence[str] | None = DEFAULT_BATCH_AXES,
-              head_axis: str | None = DEFAULT_HEAD_AXIS):
+              head_axis: str | None = DEFAULT_HEAD_AXIS, return_lse: bool = False):
   """Block-sparse attention, layout of jax.nn.dot_product_attention.
 
   Args:
@@ -164,12 +169,17 @@ def attention(q, k, v, mask: BlockMask, *, scale: float | None = None,
     batch_axes: mesh axes of the batch dimension.
     head_axis: mesh axis of the head dimension. An explicitly chosen axis must divide
       both n and k; the default ('tensor') is skipped when it does not.
+    return_lse: also return the rows' log-sum-exp, to merge this attention with
+      another one over disjoint keys (pallas_kernels.stripe.merge_partials).
 
   Lengths need not be multiples of the mask's block sizes: inputs are padded
   internally and the output is sliced back.
 
   Returns:
-    [b, t, n, d] in q.dtype. Query rows with no allowed key are zero.
+    out [b, t, n, d] in q.dtype (query rows with no allowed key are zero); with
+    return_lse, (out, lse) with lse [b, n, t] float32, the natural-log
+    log-sum-exp of each row's scaled scores (-inf for rows with no allowed
+    key). Gradients flow through both.
   """
   _check_inputs(q, k, v, mask)
   impl = resolve_implementation(implementation, interpret)
@@ -181,14 +191,16 @@ def attention(q, k, v, mask: BlockMask, *, scale: float | None = None,
 
   def run(q, k, v, mask):
     if impl == 'reference':
-      return _core(q, k, v, mask, cfg)
+      out, lse = _core(q, k, v, mask, cfg)
+      return (out, lse) if return_lse else out
     kmask = mask.for_kernel()
     tp, sp = kmask.q_len - t, kmask.kv_len - s
     if tp or sp:
       q = jnp.pad(q, ((0, 0), (0, tp), (0, 0), (0, 0)))
       k = jnp.pad(k, ((0, 0), (0, sp), (0, 0), (0, 0)))
       v = jnp.pad(v, ((0, 0), (0, sp), (0, 0), (0, 0)))
-    return _core(q, k, v, kmask, cfg)[:, :t]
+    out, lse = _core(q, k, v, kmask, cfg)
+    return (out[:, :t], lse[:, :, :t]) if return_lse else out[:, :t]
 
   sharding = _resolve_mesh(mesh, batch_axes, head_axis)
   if sharding is None:
@@ -216,5 +228,6 @@ def attention(q, k, v, mask: BlockMask, *, scale: float | None = None,
       dst = jax.sharding.NamedSharding(mesh, spec) if isinstance(mesh, jax.sharding.Mesh) else spec
       return jax.sharding.reshard(x, dst)
     args = jax.tree.map(to_spec, args, in_specs)
-  fn = jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=x_spec, check_vma=False)
+  out_specs = (x_spec, P(batch_spec, head, None)) if return_lse else x_spec
+  fn = jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
   return fn(*args)

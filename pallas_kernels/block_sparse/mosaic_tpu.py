@@ -6,7 +6,7 @@ k kv heads, g query heads per kv head (n = k * g), d head dim.
 Implements the backend contract of api.py / __init__.py:
 
     forward(q, k, v, mask, scale, tiles, interpret) -> (out, lse)
-    backward(q, k, v, out, lse, dout, mask, scale, tiles, interpret) -> (dq, dk, dv)
+    backward(q, k, v, out, lse, dout, mask, scale, tiles, interpret, dlse) -> (dq, dk, dv)
 
 Layout. q, k, v are transposed to head-major [b, n, t, d] / [b, k, s, d] so
 every block is (rows, d): rows on sublanes (a multiple of 8), the full head
@@ -51,7 +51,7 @@ is written as [b, n, t, 128] (then sliced), the layout Mosaic handles best;
 the backward reads lse / di as [b, n, t/tq, 8, tq] rows. Masked scores are
 MASK_VALUE and the running max starts at MASK_VALUE / 2, so masked entries
 contribute exp(MASK_VALUE / 2) == 0 and rows with no allowed key give
-out = 0, lse = 0 and zero gradients, never NaN.
+out = 0, lse = -inf (the backward gets 0 there) and zero gradients, never NaN.
 """
 
 from __future__ import annotations
@@ -390,7 +390,7 @@ def _fwd_kernel(*refs, walk: _Walk, ops: _RuleLayout, scale: float, rq: int, tq:
     empty = l == 0.0
     safe_l = jnp.where(empty, 1.0, l)
     o_ref[...] = (acc_scr[...] * _lanes(1.0 / safe_l, d)).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(empty, 0.0, m + jnp.log(safe_l))
+    lse_ref[...] = jnp.where(empty, -jnp.inf, m + jnp.log(safe_l))
 
 
 def forward(q, k, v, mask: BlockMask, scale: float, tiles: Tiles, interpret: Any = False):
@@ -528,7 +528,7 @@ def _dkv_kernel(*refs, walk: _Walk, ops: _RuleLayout, scale: float, rk: int, tq:
 
 
 def backward(q, k, v, out, lse, dout, mask: BlockMask, scale: float, tiles: Tiles,
-             interpret: Any = False):
+             interpret: Any = False, dlse=None):
   """Backend contract: (dq, dk, dv) in the dtypes of q, k, v; dk/dv summed per GQA group.
 
   Two kernels: dq over the kv tables, dk/dv over the transposed q tables.
@@ -541,6 +541,8 @@ def backward(q, k, v, out, lse, dout, mask: BlockMask, scale: float, tiles: Tile
   _check_tile('block_k_bwd', tk, mask.block_k, s)
   rq, rk = mask.block_q // tq, mask.block_k // tk
   di = jnp.einsum('btnd,btnd->bnt', out.astype(jnp.float32), dout.astype(jnp.float32))
+  if dlse is not None:  # d lse / d s = p: folds into delta
+    di = di - dlse.astype(jnp.float32)
   lse_rows, di_rows = _rows(lse, tq), _rows(di, tq)
   qh, doh, kh_, vh = _to_heads(q), _to_heads(dout), _to_heads(k), _to_heads(v)
   row_block = (None, None, None, SUBLANES, tq)

@@ -38,7 +38,7 @@ def attention_with_lse_ref(q, k, v, mask: BlockMask, scale: float):
 
   Returns:
     out [b, t, n, d] in q.dtype (zeros where a row has no allowed key) and
-    lse [b, n, t] float32 (0 for rows with no allowed key).
+    lse [b, n, t] float32 (-inf for rows with no allowed key).
   """
   b, t, n, d = q.shape
   kh = k.shape[2]
@@ -53,7 +53,7 @@ def attention_with_lse_ref(q, k, v, mask: BlockMask, scale: float):
   l = jnp.sum(p, axis=-1, keepdims=True)
   safe_l = jnp.where(l == 0.0, 1.0, l)
   out = jnp.einsum('bkgts,bskd->btkgd', p / safe_l, v.astype(jnp.float32))
-  lse = jnp.where(l == 0.0, 0.0, m + jnp.log(safe_l))[..., 0]
+  lse = jnp.where(l == 0.0, -jnp.inf, m + jnp.log(safe_l))[..., 0]
   return out.reshape(b, t, n, d).astype(q.dtype), lse.reshape(b, n, t)
 
 
@@ -69,9 +69,9 @@ def forward(q, k, v, mask, scale, tiles=None, interpret=False):
   return attention_with_lse_ref(q, k, v, mask, scale)
 
 
-def backward(q, k, v, out, lse, dout, mask, scale, tiles=None, interpret=False):
+def backward(q, k, v, out, lse, dout, mask, scale, tiles=None, interpret=False, dlse=None):
   """Backend contract: (dq, dk, dv) by autodiff of the dense oracle."""
-  del out, lse, tiles, interpret
-  _, vjp = jax.vjp(lambda q_, k_, v_: attention_with_lse_ref(q_, k_, v_, mask, scale)[0],
-                   q, k, v)
-  return vjp(dout)
+  del out, tiles, interpret
+  fn = lambda q_, k_, v_: attention_with_lse_ref(q_, k_, v_, mask, scale)
+  _, vjp = jax.vjp(fn, q, k, v)
+  return vjp((dout, jnp.zeros(lse.shape, jnp.float32) if dlse is None else dlse))

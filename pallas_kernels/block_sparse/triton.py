@@ -161,7 +161,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, knum, kidx, fnum, fidx, *refs, treedef, n_r
   empty = l == 0.0
   safe_l = jnp.where(empty, 1.0, l)
   o_ref[...] = (acc / safe_l[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(empty, 0.0, m + jnp.log(safe_l))
+  lse_ref[...] = jnp.where(empty, -jnp.inf, m + jnp.log(safe_l))
 
 
 def forward(q, k, v, mask: BlockMask, scale: float, tiles: Tiles, interpret=False):
@@ -282,13 +282,15 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qnum, qidx, fnu
 
 
 def backward(q, k, v, out, lse, dout, mask: BlockMask, scale: float, tiles: Tiles,
-             interpret=False):
+             interpret=False, dlse=None):
   """Backend contract; see api.py."""
   b, t, n, d = q.shape
   kh, s = k.shape[2], k.shape[1]
   group = n // kh
   dp = max(16, pl.next_power_of_2(d))
   delta = jnp.einsum('btnd,btnd->bnt', out.astype(jnp.float32), dout.astype(jnp.float32))
+  if dlse is not None:  # d lse / d s = p: folds into delta
+    delta = delta - dlse.astype(jnp.float32)
   qt, kt, vt, dot = (_pad_d(jnp.swapaxes(x, 1, 2), dp) for x in (q, k, v, dout))
   tq, tk = tiles.block_q_bwd, tiles.block_k_bwd
   rule_leaves, treedef, kinds = _prep_rule(mask.rule)

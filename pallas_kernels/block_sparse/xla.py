@@ -241,7 +241,7 @@ def forward(q, k, v, mask: BlockMask, scale: float, tiles: Tiles, interpret: boo
   """Backend contract. q [b, t, n, d], k/v [b, s, k, d] with t, s block multiples.
 
   Returns:
-    out [b, t, n, d] (q.dtype) and lse [b, n, t] float32 (0 for empty rows).
+    out [b, t, n, d] (q.dtype) and lse [b, n, t] float32 (-inf for empty rows).
   """
   del interpret
   lay = _Layout(q, k, mask)
@@ -264,18 +264,20 @@ def forward(q, k, v, mask: BlockMask, scale: float, tiles: Tiles, interpret: boo
   m, l, acc = (x.reshape((g, nq + 1) + x.shape[1:])[:, :nq] for x in (m, l, acc))
   empty = l == 0.0
   out = acc / jnp.where(empty, 1.0, l)[..., None]
-  lse = jnp.where(empty, 0.0, m + jnp.log(jnp.where(empty, 1.0, l)))
+  lse = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
   out = out.reshape(lay.b, lay.nh, lay.lq, lay.d).swapaxes(1, 2).astype(q.dtype)
   return out, lse.reshape(lay.b, lay.nh, lay.lq)
 
 
 def backward(q, k, v, out, lse, dout, mask: BlockMask, scale: float, tiles: Tiles,
-             interpret: bool = False):
+             interpret: bool = False, dlse=None):
   """Backend contract: (dq, dk, dv) in the dtypes of q, k, v."""
   del interpret
   lay = _Layout(q, k, mask)
   g, nq, nk, bq, bk, d = lay.programs, lay.nq, lay.nk, lay.bq, lay.bk, lay.d
   delta = jnp.einsum('btnd,btnd->bnt', out.astype(jnp.float32), dout.astype(jnp.float32))
+  if dlse is not None:  # d lse / d s = p: folds into delta
+    delta = delta - dlse.astype(jnp.float32)
 
   def with_trash_row(x_tiles):  # [g*nq, bq, ...] -> [g*(nq+1), bq, ...], trash row = 0
     x = x_tiles.reshape((g, nq) + x_tiles.shape[1:])

@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import block_sparse, decode
+from pallas_kernels import block_sparse, decode, stripe
 from pallas_kernels.block_sparse import api as block_sparse_api
 from pallas_kernels.decode import api as decode_api
+from pallas_kernels.stripe import api as stripe_api
 
 try:  # jax internals: the GPU tests skip (not fail) where a jax version moves them.
   from jax._src.pallas.triton import gpu_info, pallas_call_registration
@@ -32,7 +33,7 @@ except (ImportError, AttributeError) as e:  # pragma: no cover
 def lower_only(monkeypatch):
   # Our dispatch refuses 'triton' / 'mosaic_tpu' on a CPU backend (correctly, for running);
   # here we only lower.
-  for api in (block_sparse_api, decode_api):
+  for api in (block_sparse_api, decode_api, stripe_api):
     monkeypatch.setattr(api, 'resolve_implementation', lambda impl, interpret=False: impl)
 
 
@@ -101,3 +102,30 @@ def test_decode_kernel_lowers_for_tpu(lower_only):
   fn = lambda q, kc, vc, lengths: decode.decode_attention(q, kc, vc, lengths,
                                                           implementation='mosaic_tpu')
   assert tpu_custom_calls(fn, *_decode_args())
+
+
+def _stripe_fwd_bwd(implementation, list_heads):
+  """Causal stripe attention over lists per kv head / per query head, forward and backward."""
+  def fwd_bwd(q, k, v, do, idx, counts):
+    out, vjp = jax.vjp(lambda *a: stripe.attention(*a, idx, counts, block_q=128, causal=True,
+                                                   implementation=implementation), q, k, v)
+    return (out,) + vjp(do)
+  l, d = 2048, 128  # benchmark shapes: bf16, 4 query heads over 2 kv heads, 256 keys per list
+  return fwd_bwd, (jax.ShapeDtypeStruct((1, l, 4, d), jnp.bfloat16),
+                   jax.ShapeDtypeStruct((1, l, 2, d), jnp.bfloat16),
+                   jax.ShapeDtypeStruct((1, l, 2, d), jnp.bfloat16),
+                   jax.ShapeDtypeStruct((1, l, 4, d), jnp.bfloat16),
+                   jax.ShapeDtypeStruct((1, list_heads, l // 128, 256), jnp.int32),
+                   jax.ShapeDtypeStruct((1, list_heads, l // 128), jnp.int32))
+
+
+@pytest.mark.parametrize('list_heads', [2, 4])
+def test_stripe_kernel_lowers_for_gpu(as_if_on_h200, list_heads):
+  fn, args = _stripe_fwd_bwd('triton', list_heads)
+  assert sorted(triton_kernels(fn, *args)) == ['stripe_bwd', 'stripe_fwd']
+
+
+@pytest.mark.parametrize('list_heads', [2, 4])
+def test_stripe_kernel_lowers_for_tpu(lower_only, list_heads):
+  fn, args = _stripe_fwd_bwd('mosaic_tpu', list_heads)
+  assert len(tpu_custom_calls(fn, *args)) == 1  # the backward is the xla pass

@@ -212,3 +212,36 @@ def test_xla_under_vmap_over_per_example_masks():
   assert len(set(np.asarray(dens).round(4))) > 1  # the examples' patterns differ
   np.testing.assert_allclose(out, ref, atol=1e-5)
   np.testing.assert_allclose(dq, dq_ref, atol=1e-4)
+
+
+@pytest.mark.parametrize('implementation', ['xla', 'triton', 'mosaic_tpu'])
+def test_return_lse_matches_reference_with_gradients_through_lse(qkv, implementation):
+  """return_lse: lse [b, n, t] (-inf for empty rows) and gradients that flow through it
+  (the cotangent of lse enters the backward as delta - dlse) on every backend."""
+  from jax.experimental.pallas import tpu as pltpu
+  interpret = {'xla': False, 'triton': True, 'mosaic_tpu': pltpu.InterpretParams()}
+  l = 48
+  dense = np.tril(np.ones((l, l), bool))
+  dense[5] = False
+  dense[32:48] = False
+  mask = block_sparse.from_dense(dense[None, None], block_q=16, block_k=16)
+  q, k, v, do = qkv(int(np.random.randint(1 << 30)), 1, l, l, 2, 1, 16, jnp.float32)
+  dlse = jax.random.normal(jax.random.key(1), (1, 2, l))
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def grads(impl, q, k, v):
+    def loss(q, k, v):
+      out, lse = block_sparse.attention(q, k, v, mask, implementation=impl,
+                                        interpret=interpret.get(impl, False), return_lse=True)
+      finite = jnp.where(jnp.isfinite(lse), lse, 0.0)
+      return jnp.sum(out * do) + jnp.sum(finite * dlse), lse
+    return jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+
+  g, lse = grads(implementation, q, k, v)
+  g_r, lse_r = grads('reference', q, k, v)
+  assert lse.shape == (1, 2, l) and lse.dtype == jnp.float32
+  empty = [5] + list(range(32, 48))
+  assert np.isneginf(np.asarray(lse)[..., empty]).all()
+  np.testing.assert_allclose(lse, lse_r, atol=1e-4)
+  for name, a, b in zip(('dq', 'dk', 'dv'), g, g_r):
+    np.testing.assert_allclose(a, b, atol=2e-4, err_msg=name)
