@@ -48,6 +48,7 @@ tensors stay F32 as llama.cpp keeps them), plus the tokenizer's metadata.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -124,38 +125,79 @@ def _rope_rows(rows: int, head_dim: int) -> np.ndarray:
   return head * head_dim + 2 * i + j
 
 
-def open_reader(path: str):
-  """``gguf.GGUFReader`` over ``path``, with one-line errors for unreadable files."""
-  gguf = _gguf()
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"GGUF file {path!r} does not exist")
-  try:
-    return gguf.GGUFReader(path, "r")
-  except Exception as e:  # The reader raises ValueError/IndexError/... on bad bytes.
-    raise CheckpointError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
-                          "is it truncated or another format?") from None
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+  """Where one tensor lies in a GGUF file (from ``gguf.GGUFReader``)."""
+
+  name: str
+  tensor_type: Any  # gguf.GGMLQuantizationType
+  shape: tuple[int, ...]  # numpy order (GGUF lists the reverse): [out, in] for matrices
+  data_shape: tuple[int, ...]  # of the raw data: [out, row bytes] when quantized
+  offset: int  # byte offset of the data in the file
+  nbytes: int
 
 
-def _field(reader, key: str, default: Any = None) -> Any:
-  field = reader.fields.get(key)
-  if field is None:
-    return default
-  value = field.contents()
-  return value
+_TYPED = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8,
+          "I16": np.int16, "I32": np.int32, "I64": np.int64}
+
+
+class GGUFFile:
+  """A GGUF file's metadata (plain Python values) and tensor table.
+
+  ``gguf.GGUFReader`` parses the file; its hundreds of thousands of small field objects
+  (one per vocabulary entry and merge) are dropped as soon as the values are copied out,
+  and tensor data is read through one read-only memory map of the file (:meth:`data`).
+
+  Raises:
+    FileNotFoundError: no such file.
+    CheckpointError: the file is not a readable GGUF file (truncated, another format).
+  """
+
+  def __init__(self, path: str):
+    gguf = _gguf()
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"GGUF file {path!r} does not exist")
+    try:
+      reader = gguf.GGUFReader(path, "r")
+      self.metadata = {key: field.contents() for key, field in reader.fields.items()}
+      self.tensors = {t.name: TensorInfo(t.name, t.tensor_type,
+                                         tuple(int(n) for n in reversed(t.shape)),
+                                         tuple(int(n) for n in t.data.shape),
+                                         int(t.data_offset), int(t.n_bytes))
+                      for t in reader.tensors}
+    except Exception as e:  # The reader raises ValueError/IndexError/... on bad bytes.
+      raise CheckpointError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
+                            "is it truncated or another format?") from None
+    self.path = path
+    self._map = None
+
+  def get(self, key: str, default: Any = None) -> Any:
+    value = self.metadata.get(key)
+    return default if value is None else value
+
+  def data(self, info: TensorInfo) -> np.ndarray:
+    """The raw data of a tensor, a view into the file: typed [.., cols] for float and
+    integer types, bytes [.., row bytes] for quantized ones (as ``GGUFReader`` gives it)."""
+    if self._map is None:
+      self._map = np.memmap(self.path, np.uint8, mode="r")
+    raw = self._map[info.offset:info.offset + info.nbytes]
+    dtype = _TYPED.get(info.tensor_type.name)
+    return (raw.view(dtype) if dtype is not None else raw).reshape(info.data_shape)
 
 
 class GGUFTensors(TensorReader):
   """The tensors of a GGUF file under Hugging Face names and layouts, dequantized."""
 
-  def __init__(self, reader, path: str, arch: str, num_heads: int, num_kv_heads: int,
+  def __init__(self, file: GGUFFile, arch: str, num_heads: int, num_kv_heads: int,
                head_dim: int):
-    self.path = path
+    self.path = file.path
+    self._file = file
     self._tensors = {}
-    for t in reader.tensors:
+    for t in file.tensors.values():
       name = hf_name(t.name)
       if name is not None:
         self._tensors[name] = t
-    self._extra = [t.name for t in reader.tensors if hf_name(t.name) is None]
+    self._extra = [t.name for t in file.tensors.values() if hf_name(t.name) is None]
     self._row_maps: dict[str, np.ndarray] = {}
     if arch in _PERMUTED_QK:
       for name in self._tensors:
@@ -175,21 +217,21 @@ class GGUFTensors(TensorReader):
   def shape(self, name: str) -> tuple[int, ...]:
     if name not in self._tensors:  # e.g. rope_freqs.weight: no HF counterpart.
       raise CheckpointError(f"tensor {name!r} is not one of {self.path}'s model tensors")
-    return tuple(int(n) for n in reversed(self._tensors[name].shape))
+    return self._tensors[name].shape
 
   def read(self, name: str, index: Sequence[slice] | None = None) -> np.ndarray:
     t = self._tensors[name]
     shape = self.shape(name)
     index = list(index or ()) + [slice(None)] * (len(shape) - len(index or ()))
     if len(shape) == 1:  # Norm scales and biases: small, read whole.
-      values = self._dequantize(t, t.data.reshape(1, -1), 0, shape[0])[0]
+      values = self._dequantize(t, self._file.data(t).reshape(1, -1), 0, shape[0])[0]
       if name in self._row_maps:
         values = values[self._row_maps[name]]
       return values[index[0]]
     rows = np.arange(shape[0])[index[0]]
     if name in self._row_maps:
       rows = self._row_maps[name][rows]
-    data = t.data  # memmap: [rows, row bytes] when quantized, else [rows, cols] typed.
+    data = self._file.data(t)  # [rows, row bytes] when quantized, else [rows, cols] typed.
     if len(rows) and rows[-1] - rows[0] + 1 == len(rows) and np.all(np.diff(rows) == 1):
       data = data[rows[0]:rows[-1] + 1]  # Contiguous rows: a view, nothing copied.
     else:
@@ -217,26 +259,27 @@ def _float32(value) -> float:
   return float(str(np.float32(value)))
 
 
-def hf_config_from_gguf(reader, path: str) -> dict[str, Any]:
+def hf_config_from_gguf(file: GGUFFile) -> dict[str, Any]:
   """The Hugging Face ``config.json`` equivalent to a GGUF file's metadata.
 
   Raises:
     CheckpointError: unsupported architecture, RoPE variant or missing metadata.
   """
-  arch = _field(reader, "general.architecture")
+  path = file.path
+  arch = file.get("general.architecture")
   if arch not in ARCHITECTURES:
     raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
                           f"{', '.join(ARCHITECTURES)}")
 
   def get(key, default=None, required=False):
-    value = _field(reader, f"{arch}.{key}", default)
+    value = file.get(f"{arch}.{key}", default)
     if required and value is None:
       raise CheckpointError(f"{path}: GGUF metadata lacks {arch}.{key}")
     return value
 
   if get("expert_count", 0):
     raise CheckpointError(f"{path}: mixture-of-experts GGUF files are not supported")
-  names = {t.name for t in reader.tensors}
+  names = set(file.tensors)
   if "rope_freqs.weight" in names:
     raise CheckpointError(f"{path}: per-frequency RoPE factors (rope_freqs.weight, Llama 3.1 "
                           "style) are not supported; convert the Hugging Face checkpoint instead")
@@ -256,13 +299,13 @@ def hf_config_from_gguf(reader, path: str) -> dict[str, Any]:
   else:
     raise CheckpointError(f"{path}: rope.scaling.type={scaling_type!r} is not supported "
                           "(only none and linear)")
-  tokens = _field(reader, "tokenizer.ggml.tokens")
+  tokens = file.get("tokenizer.ggml.tokens")
   vocab = get("vocab_size") or (len(tokens) if tokens is not None else None)
   if vocab is None:
-    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    embed = file.tensors.get("token_embd.weight")
     if embed is None:
       raise CheckpointError(f"{path}: no vocab_size, token list or token_embd.weight")
-    vocab = int(embed.shape[-1])
+    vocab = int(embed.shape[0])
   config = {
       "architectures": [_HF_CLASS[arch]], "model_type": arch, "hidden_act": "silu",
       "vocab_size": int(vocab), "hidden_size": int(hidden),
@@ -279,7 +322,7 @@ def hf_config_from_gguf(reader, path: str) -> dict[str, Any]:
       "tie_word_embeddings": "output.weight" not in names,
   }
   for key in ("bos", "eos", "pad"):
-    token_id = _field(reader, f"tokenizer.ggml.{key}_token_id")
+    token_id = file.get(f"tokenizer.ggml.{key}_token_id")
     if token_id is not None:
       config[f"{key}_token_id"] = int(token_id)
   if arch == "qwen2":
@@ -298,8 +341,8 @@ class GGUFCheckpoint(Checkpoint):
   def __init__(self, path: str):
     self.path = path
     self.description = path
-    self._reader = open_reader(path)
-    self.hf_config = hf_config_from_gguf(self._reader, path)
+    self.file = GGUFFile(path)
+    self.hf_config = hf_config_from_gguf(self.file)
     self.arch = self.hf_config["model_type"]
 
   def model_config(self, **overrides) -> ModelConfig:
@@ -307,23 +350,23 @@ class GGUFCheckpoint(Checkpoint):
 
   def reader(self) -> GGUFTensors:
     c = self.hf_config
-    return GGUFTensors(self._reader, self.path, self.arch, c["num_attention_heads"],
+    return GGUFTensors(self.file, self.arch, c["num_attention_heads"],
                        c["num_key_value_heads"], c["head_dim"])
 
   def metadata(self, key: str, default: Any = None) -> Any:
     """One GGUF metadata value (e.g. ``general.name``)."""
-    return _field(self._reader, key, default)
+    return self.file.get(key, default)
 
   def tensor_types(self) -> dict[str, int]:
     """How many tensors of each type the file holds, e.g. {'Q4_1': 210, 'F32': 61}."""
     counts: dict[str, int] = {}
-    for t in self._reader.tensors:
+    for t in self.file.tensors.values():
       counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
     return counts
 
   def tokenizer(self):
     from sparsity_jax.checkpoints import gguf_tokenizer
-    return gguf_tokenizer.tokenizer_from_gguf(self._reader, self.path)
+    return gguf_tokenizer.tokenizer_from_gguf(self.file.metadata, self.path)
 
 
 def load_model(path: str, **kwargs):

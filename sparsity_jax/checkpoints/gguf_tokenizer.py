@@ -52,9 +52,9 @@ PRE_TOKENIZERS = {
 }
 
 
-def _value(reader, key: str, default: Any = None) -> Any:
-  field = reader.fields.get(key)
-  return default if field is None else field.contents()
+def _value(metadata, key: str, default: Any = None) -> Any:
+  value = metadata.get(key)
+  return default if value is None else value
 
 
 def build_tokenizer(tokens: list[str], merges: list[str], token_types: list[int] | None, *,
@@ -126,36 +126,36 @@ def build_tokenizer(tokens: list[str], merges: list[str], token_types: list[int]
   return HFTokenizer(tokenizer, config, chat_template)
 
 
-def tokenizer_from_gguf(reader, path: str = "the GGUF file") -> HFTokenizer:
-  """The tokenizer a ``gguf.GGUFReader``'s metadata describes.
+def tokenizer_from_gguf(metadata: dict[str, Any], path: str = "the GGUF file") -> HFTokenizer:
+  """The tokenizer a GGUF file's metadata (key -> value, see ``gguf.GGUFFile``) describes.
 
   Raises:
     CheckpointError: no tokenizer metadata, or a tokenizer model / pre-tokenizer that is
       not supported (the message names the supported ones).
   """
-  model = _value(reader, "tokenizer.ggml.model")
+  model = _value(metadata, "tokenizer.ggml.model")
   if model is None:
     raise CheckpointError(f"{path} carries no tokenizer (no tokenizer.ggml.model)")
   if model != "gpt2":
     raise CheckpointError(f"{path}: GGUF tokenizer model {model!r} is not supported (only "
                           "'gpt2', byte-level BPE); load the model's tokenizer.json instead with "
                           "HFTokenizer.from_dir")
-  tokens = _value(reader, "tokenizer.ggml.tokens")
-  merges = _value(reader, "tokenizer.ggml.merges")
+  tokens = _value(metadata, "tokenizer.ggml.tokens")
+  merges = _value(metadata, "tokenizer.ggml.merges")
   if tokens is None or merges is None:
     raise CheckpointError(f"{path}: byte-level BPE tokenizer without tokens or merges")
-  as_int = lambda key: None if _value(reader, key) is None else int(_value(reader, key))
+  as_int = lambda key: None if _value(metadata, key) is None else int(_value(metadata, key))
   try:
     return build_tokenizer(
-        list(tokens), list(merges), _value(reader, "tokenizer.ggml.token_type"),
-        pre=_value(reader, "tokenizer.ggml.pre", "default"),
+        list(tokens), list(merges), _value(metadata, "tokenizer.ggml.token_type"),
+        pre=_value(metadata, "tokenizer.ggml.pre", "default"),
         bos_id=as_int("tokenizer.ggml.bos_token_id"),
         eos_id=as_int("tokenizer.ggml.eos_token_id"),
         pad_id=as_int("tokenizer.ggml.padding_token_id"),
         unk_id=as_int("tokenizer.ggml.unknown_token_id"),
-        add_bos=bool(_value(reader, "tokenizer.ggml.add_bos_token", False)),
-        add_eos=bool(_value(reader, "tokenizer.ggml.add_eos_token", False)),
-        chat_template=_value(reader, "tokenizer.chat_template"))
+        add_bos=bool(_value(metadata, "tokenizer.ggml.add_bos_token", False)),
+        add_eos=bool(_value(metadata, "tokenizer.ggml.add_eos_token", False)),
+        chat_template=_value(metadata, "tokenizer.chat_template"))
   except CheckpointError as e:
     raise CheckpointError(f"{path}: {e}") from None
 
