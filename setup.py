@@ -24,6 +24,7 @@ setup(
         "scipy>=1.13",
         "matplotlib>=3.8",
         "safetensors>=0.4.3",  # Hugging Face checkpoints (sparsity_jax/checkpoints).
+        "gguf>=0.19",  # GGUF files: parsing and (de)quantization (sparsity_jax/checkpoints/gguf.py).
         "tokenizers>=0.19",
         "jinja2>=3.1",  # Chat templates.
     ],

@@ -46,7 +46,8 @@ def test_ci_runs_the_readme_test_command():
 
 def test_readme_python_example(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  code = re.findall(r"```python\n(.*?)\n```", _readme(), re.S)[0]
+  code = [c for c in re.findall(r"```python\n(.*?)\n```", _readme(), re.S)
+          if "train_and_evaluate" in c][0]
   code = code.replace("config.train.steps = 20", "config.train.steps = 2\nconfig.eval.num_batches = 1")
   namespace = {}
   exec(compile(code, "README.md", "exec"), namespace)
