@@ -3,11 +3,12 @@ r"""MoA pipeline: calibrate / profile / search / validate / apply into one --out
   python launch/moa.py all --workdir=runs/lm_retrieval --out=runs/moa_50 \
       --lengths=256,512 --extend_length=1024 --validate_length=768 --budget=0.5
 
-  python launch/moa.py all --hf_dir=/ckpt/Llama-3.2-1B --out=runs/moa_llama ...
+  python launch/moa.py all --model=smollm2 --out=runs/moa_smollm2 ...
 
 Subcommands: calibrate, profile, search, validate, apply, or all. The model is a training
-run (--workdir) or a local Hugging Face checkpoint (--hf_dir; its tokenizer.json encodes
-the calibration prompts). Finished stages
+run (--workdir) or a pretrained model (--model: smollm2, a .gguf file or a Hugging Face
+directory; --hf_dir=DIR is the older name; its tokenizer encodes the calibration
+prompts). Finished stages
 leave stages/<stage>.done markers; rerunning resumes after the last finished stage
 (--force reruns the named stage). The work is done by sparsity_jax.moa.pipeline.
 """
@@ -18,7 +19,9 @@ from sparsity_jax.moa import pipeline
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training run directory of the dense model.")
-flags.DEFINE_string("hf_dir", None, "Or: a local Hugging Face checkpoint directory.")
+flags.DEFINE_string("model", None, "Or: a pretrained model (smollm2, a .gguf file or a Hugging "
+                    "Face directory).")
+flags.DEFINE_string("hf_dir", None, "Older name of --model for a Hugging Face directory.")
 flags.DEFINE_string("out", None, "MoA output directory.")
 flags.DEFINE_list("lengths", ["256", "512", "1024"], "Profiled lengths.")
 flags.DEFINE_integer("extend_length", 2048, "Budget-only extension length.")
@@ -39,10 +42,11 @@ flags.DEFINE_bool("force", False, "Rerun the named stage even if it is done.")
 def main(argv):
   if len(argv) != 2 or argv[1] not in pipeline.STAGES + ("all",):
     raise app.UsageError(f"usage: moa.py <{'|'.join(pipeline.STAGES + ('all',))}> "
-                         "(--workdir= | --hf_dir=) --out=")
-  if bool(FLAGS.workdir) == bool(FLAGS.hf_dir) or not FLAGS.out:
-    raise app.UsageError("give --out and exactly one of --workdir / --hf_dir")
-  model, tokenizer, corpus_text = _load(FLAGS.workdir, FLAGS.hf_dir)
+                         "(--workdir= | --model=) --out=")
+  sources = [x for x in (FLAGS.workdir, FLAGS.model, FLAGS.hf_dir) if x]
+  if len(sources) != 1 or not FLAGS.out:
+    raise app.UsageError("give --out and exactly one of --workdir / --model")
+  model, tokenizer, corpus_text = _load(FLAGS.workdir, FLAGS.model or FLAGS.hf_dir)
   opts = pipeline.Options(
       out=FLAGS.out, lengths=[int(x) for x in FLAGS.lengths], extend_length=FLAGS.extend_length,
       validate_length=FLAGS.validate_length, budget=FLAGS.budget, sink=FLAGS.sink,
@@ -56,7 +60,7 @@ def main(argv):
                tokenizer=tokenizer)
 
 
-def _load(workdir, hf_dir):
+def _load(workdir, source):
   """(model, tokenizer or None for bytes, thunk giving calibration corpus tokens)."""
   from sparsity_jax.data import corpus
   if workdir:
@@ -64,25 +68,21 @@ def _load(workdir, hf_dir):
     data = loop.load_workdir_config(workdir).data
     data.retrieval_fraction = 0.0  # Text prompts are text; retrieval ones are made apart.
     return loop.load_model(workdir), None, lambda: corpus.load_split(data)["validation"]
-  import os
-  import numpy as np
   from sparsity_jax import config_lib
-  from sparsity_jax.checkpoints import hf, hf_tokenizer
-  from sparsity_jax.data.tokenizer import ByteTokenizer
-  if not os.path.exists(os.path.join(hf_dir, "tokenizer.json")):
-    raise app.UsageError(f"--hf_dir={hf_dir} has no tokenizer.json: the calibration prompts "
-                         "need the model's tokenizer")
-  tokenizer = hf_tokenizer.HFTokenizer.from_dir(hf_dir)
+  from sparsity_jax.checkpoints import CheckpointError, open_pretrained
+  try:
+    ckpt = open_pretrained(source)
+    tokenizer = ckpt.tokenizer()  # The calibration prompts need the model's tokenizer.
+  except (FileNotFoundError, CheckpointError) as e:
+    raise app.UsageError(f"--model={source}: {e}") from None
 
-  def corpus_text():  # The stdlib validation files, re-tokenised for this model.
-    text_bytes = corpus.load_split(config_lib.base_config().data)["validation"][:2_000_000]
-    files = np.split(text_bytes, np.flatnonzero(text_bytes == ByteTokenizer.eos_id))
-    text = "\n".join(ByteTokenizer().decode(f) for f in files)
+  def corpus_text():  # The stdlib validation files, tokenised for this model.
     # Windows from the middle of this text start mid-document: no BOS (retrieval prompts,
     # which start a document, get the tokenizer's BOS).
-    return tokenizer.encode(text, add_special_tokens=False)
+    data = config_lib.base_config().data
+    return corpus.load_split(data, tokenizer, splits=("validation",))["validation"]
 
-  return hf.load_model(hf_dir), tokenizer, corpus_text
+  return ckpt.load_model(), tokenizer, corpus_text
 
 
 if __name__ == "__main__":
