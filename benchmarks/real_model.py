@@ -91,6 +91,82 @@ def child_ours(args) -> dict:
   return {"times": times, "peak_rss_gib": _peak_rss_gib(), "tokens": tokens}
 
 
+def profile_ours(length: int, repeats: int) -> str:
+  """Where our float32 prefill of ``length`` tokens spends its time: the whole prefill,
+  then its parts run alone with the same shapes (30 layers each): attention, the q/k/v/o
+  projections + RoPE, the SwiGLU MLPs, and the output head (last position)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from sparsity_jax.checkpoints import load_pretrained
+
+  model, _ = load_pretrained("smollm2")
+  cfg = model.cfg
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  prompt = jnp.asarray([_prompt_ids(length)], jnp.int32)
+  x = jax.random.normal(jax.random.key(0), (1, length, cfg.d_model), jnp.float32)
+  positions = jnp.arange(length, dtype=jnp.int32)[None]
+
+  def timed(fn, *args):
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times.append(time.perf_counter() - start)
+    return min(times)
+
+  @jax.jit
+  def prefill(params, rest):
+    m = nnx.merge(graphdef, params, rest)
+    return m.decode(prompt, m.init_cache(1, length), last_only=True)[0]
+
+  h, n, kv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+  q = jax.random.normal(jax.random.key(1), (1, length, n, h), jnp.float32)
+  k = jax.random.normal(jax.random.key(2), (1, length, kv, h), jnp.float32)
+
+  @jax.jit
+  def attention_only(params, rest, q, k):
+    m = nnx.merge(graphdef, params, rest)
+    return [block.attn.core(q + i, k, k, positions_bt=positions, causal=True)
+            for i, block in enumerate(m.layers)]
+
+  @jax.jit
+  def projections_only(params, rest):
+    m = nnx.merge(graphdef, params, rest)
+    out = []
+    for block in m.layers:
+      q, k, v = block.attn.project_qkv(block.attn_norm(x), positions)
+      out.append((block.attn._output(q), k, v))
+    return out
+
+  @jax.jit
+  def mlp_only(params, rest):
+    m = nnx.merge(graphdef, params, rest)
+    return [block.mlp(block.mlp_norm(x)) for block in m.layers]
+
+  @jax.jit
+  def head_only(params, rest):
+    m = nnx.merge(graphdef, params, rest)
+    return jnp.einsum("be,ve->bv", m.final_norm(x[:, -1]), m.embed.get_value())
+
+  total = timed(prefill, params, rest)
+  parts = {"attention core (flash kernel, causal)": timed(attention_only, params, rest, q, k),
+           "q/k/v/o projections + RoPE + norm": timed(projections_only, params, rest),
+           "SwiGLU MLPs + norm": timed(mlp_only, params, rest),
+           "output head (last position)": timed(head_only, params, rest)}
+  lines = [f"Float32 prefill of {length} tokens: {total:.2f} s (min of {repeats}). Its parts "
+           "run alone with the same shapes (all 30 layers):", "",
+           "| part | s | share of the prefill |", "|---|---|---|"]
+  for name, seconds in parts.items():
+    lines.append(f"| {name} | {seconds:.2f} | {seconds / total:.0%} |")
+  rest_s = total - sum(parts.values())
+  lines.append(f"| the rest (embedding, residuals, cache writes, overheads) | {rest_s:.2f} | "
+               f"{rest_s / total:.0%} |")
+  return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- transformers
 
 
@@ -185,7 +261,12 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--threads", type=int, default=2)
   parser.add_argument("--update_docs", action="store_true")
+  parser.add_argument("--profile", type=int, default=0,
+                      help="Only profile our float32 prefill at this length (parts' times).")
   args = parser.parse_args()
+  if args.profile:
+    print(profile_ours(args.profile, args.repeats))
+    return
   if args.child:
     fn = child_ours if args.child == "ours" else child_transformers
     print(json.dumps(fn(args)))
