@@ -95,7 +95,7 @@ class ModelConfig:
 class Block(nnx.Module):
   """x + attn(norm(x)), then x + mlp(norm(x))."""
 
-  def __init__(self, cfg: ModelConfig, *, layer_index: int, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, layer_index: int | None, rngs: nnx.Rngs):
     self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
     self.attn = attention_lib.Attention(cfg, layer_index=layer_index, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
@@ -132,7 +132,9 @@ class TransformerLM(nnx.Module):
       @nnx.split_rngs(splits=cfg.num_layers)
       @nnx.vmap(in_axes=(0,), out_axes=0)
       def make_stack(rngs):
-        return Block(cfg, layer_index=0, rngs=rngs)
+        # layer_index=None: one core for every stacked layer; a core whose structure
+        # depends on the layer (routing_layers, MoA plans) refuses it.
+        return Block(cfg, layer_index=None, rngs=rngs)
 
       self.layers = make_stack(rngs)
     else:
@@ -164,13 +166,21 @@ class TransformerLM(nnx.Module):
     """Runs ``tokens_bt`` (a prompt, or one new token per row) against ``cache``.
 
     Positions default to the cache's length + arange(t). Returns (logits [b, t, v], cache).
+    Appending past the cache's capacity raises when the cache length is concrete (an
+    eager call) and gives NaN logits under jit (see attention.check_cache_room).
     """
     x_bte = self.embed_tokens(tokens_bt)
+    first = _cache_end(cache)
+    b, t = tokens_bt.shape
+    attention_lib.check_cache_room(first, t, self._cache_capacity(cache))
     if positions_bt is None:
-      first = _cache_end(cache)
-      b, t = tokens_bt.shape
       positions_bt = jnp.broadcast_to(first + jnp.arange(t, dtype=jnp.int32), (b, t))
     return self._run_stack(x_bte, positions_bt, cache)
+
+  def _cache_capacity(self, cache):
+    if self.cfg.scan_layers:  # Stacked caches: every layer's core has the same layout.
+      return self.layers.attn.core.cache_capacity(cache)
+    return self.layers[0].attn.core.cache_capacity(cache[0])
 
   def forward_embeddings(self, x_bte: jax.Array, positions_bt: jax.Array | None = None):
     """Runs the stack on input embeddings (used by the causality-by-gradient test)."""
