@@ -135,7 +135,8 @@ def decode_attention(q, k, v, lengths, *, q_positions=None, kv_positions=None, w
   q_bkrd = jnp.einsum('btkgd->bkgtd', q.reshape(b, t, kh, g, d)).reshape(b, kh, r, d)
   q_bkrd = jnp.pad(q_bkrd, ((0, 0), (0, 0), (0, rows - r), (0, 0)))
   qpos = jnp.zeros((b, t), jnp.int32) if q_positions is None else q_positions
-  qpos_br = jnp.pad(jnp.tile(qpos, (1, g)), ((0, 0), (0, rows - r)))
+  # Padding rows sit at position -1: they read no slot, so they never make a slot "read".
+  qpos_br = jnp.pad(jnp.tile(qpos, (1, g)), ((0, 0), (0, rows - r)), constant_values=-1)
   kpos = jnp.zeros((b, kh, cp), jnp.int32) if kv_positions is None else kv_positions
   if impl == 'triton':
     meta = jnp.stack([lengths, jnp.broadcast_to(window, (b, kh)),
