@@ -44,6 +44,10 @@ def test_generation_bad_input():
   model = TransformerLM(ModelConfig(**BASE), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="exceed max_len"):
     generation.generate(model, np.zeros((1, 60), np.int32), 10)
+  with pytest.raises(ValueError, match="prompt token ids must be in"):
+    generation.generate(model, np.full((1, 4), 300, np.int32), 2)
+  with pytest.raises(ValueError, match="temperature"):
+    generation.generate(model, np.zeros((1, 4), np.int32), 2, temperature=-1.0)
   bidirectional = TransformerLM(ModelConfig(**BASE, causal=False), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="causal LMs"):
     generation.generate(bidirectional, np.zeros((1, 4), np.int32), 2)

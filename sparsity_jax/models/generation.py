@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparsity_jax.models.transformer import check_token_ids
+
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
 def _decode(graphdef, state, tokens_bt, cache):
@@ -47,6 +49,10 @@ def generate(model: nnx.Module, prompt_bt, max_new_tokens: int, *, temperature: 
     raise ValueError("KV-cache generation is for causal LMs; use models.diffusion.generate")
   if total > max_len:
     raise ValueError(f"prompt ({p}) + max_new_tokens ({max_new_tokens}) exceed max_len={max_len}")
+  check_token_ids(prompt_bt, model.cfg.vocab_size, "prompt token ids")
+  if max_new_tokens < 0 or temperature < 0:
+    raise ValueError(f"max_new_tokens ({max_new_tokens}) and temperature ({temperature}) must "
+                     "be >= 0")
   rng = jax.random.key(0) if rng is None else rng
   cache = model.init_cache(b, total)
   graphdef, state = nnx.split(model)

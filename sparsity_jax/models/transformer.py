@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.core import FrozenDict
 
@@ -147,6 +148,7 @@ class TransformerLM(nnx.Module):
           logical_axes=(axes.EMBED, axes.VOCAB))
 
   def embed_tokens(self, tokens_bt: jax.Array) -> jax.Array:
+    check_token_ids(tokens_bt, self.cfg.vocab_size)
     x_bte = jnp.take(self.embed.get_value(), tokens_bt, axis=0).astype(self.cfg.dtype)
     return parallel.constrain(x_bte, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
 
@@ -236,6 +238,17 @@ class TransformerLM(nnx.Module):
                             preferred_element_type=jnp.float32)
     logits_btv = parallel.constrain(logits_btv, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
     return logits_btv if cache is None else (logits_btv, cache)
+
+
+def check_token_ids(tokens, vocab_size: int, name: str = "token ids") -> None:
+  """Raises if concrete token ids fall outside [0, vocab_size) (an out-of-range id would
+  gather a NaN embedding, not fail); ids traced inside jit cannot be checked here."""
+  if isinstance(tokens, jax.core.Tracer):
+    return
+  ids = np.asarray(tokens)
+  if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+    raise ValueError(f"{name} must be in [0, {vocab_size}) (the model's vocab_size), got values "
+                     f"in [{ids.min()}, {ids.max()}]")
 
 
 def _cache_end(cache) -> jax.Array:

@@ -102,6 +102,13 @@ def test_bad_input_raises():
     decode.decode_attention(q[:, :, :3], k, v, lengths)
   with pytest.raises(ValueError, match='need q_positions'):
     decode.decode_attention(q, k, v, lengths, window=4)
+  # Nonsense values used to mask every slot (all-zero output) instead of failing.
+  with pytest.raises(ValueError, match='window=None is unbounded'):
+    decode.decode_attention(q, k, v, lengths, q_positions=qpos, kv_positions=kpos, window=-1)
+  with pytest.raises(ValueError, match='sinks must be >= 0'):
+    decode.decode_attention(q, k, v, lengths, q_positions=qpos, kv_positions=kpos, sinks=-1)
+  with pytest.raises(ValueError, match='lengths must be >= 0'):
+    decode.decode_attention(q, k, v, lengths - 50)
 
 
 def test_triton_many_query_rows_use_several_row_blocks():
