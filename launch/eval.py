@@ -14,10 +14,12 @@ import json
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sparsity_jax import cli  # noqa: E402  (after the path)
+from sparsity_jax.errors import UserError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Optional config file.",
                                           lock_config=True)
@@ -30,21 +32,24 @@ _INIT_FROM_HF = flags.DEFINE_string(
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise UserError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+  config = cli.config(_CONFIG)
   if _INIT_FROM_HF.value:
-    if _CONFIG.value is None or _WORKDIR.value:
-      raise app.UsageError("--init_from_hf needs --config and takes no --workdir")
+    if config is None or _WORKDIR.value:
+      raise UserError("--init_from_hf needs --config and takes no --workdir")
     from sparsity_jax.checkpoints import hf
-    metrics = hf.evaluate_hf(_INIT_FROM_HF.value, _CONFIG.value)
+    if not os.path.isdir(_INIT_FROM_HF.value):
+      raise UserError(f"--init_from_hf={_INIT_FROM_HF.value}: no such directory")
+    metrics = hf.evaluate_hf(_INIT_FROM_HF.value, config)
   else:
     if not _WORKDIR.value:
-      raise app.UsageError("--workdir is required (or --init_from_hf with --config)")
+      raise UserError("--workdir is required (or --init_from_hf with --config)")
     from sparsity_jax.train import evaluate_workdir
-    metrics = evaluate_workdir(_WORKDIR.value, _CONFIG.value, _STEP.value)
+    metrics = evaluate_workdir(_WORKDIR.value, config, _STEP.value)
   print(json.dumps(metrics, indent=2))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -12,8 +12,10 @@ leave stages/<stage>.done markers; rerunning resumes after the last finished sta
 (--force reruns the named stage). The work is done by sparsity_jax.moa.pipeline.
 """
 
-from absl import app, flags
+from absl import flags
 
+from sparsity_jax import cli
+from sparsity_jax.errors import UserError
 from sparsity_jax.moa import pipeline
 
 FLAGS = flags.FLAGS
@@ -38,10 +40,10 @@ flags.DEFINE_bool("force", False, "Rerun the named stage even if it is done.")
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in pipeline.STAGES + ("all",):
-    raise app.UsageError(f"usage: moa.py <{'|'.join(pipeline.STAGES + ('all',))}> "
+    raise UserError(f"usage: moa.py <{'|'.join(pipeline.STAGES + ('all',))}> "
                          "(--workdir= | --hf_dir=) --out=")
   if bool(FLAGS.workdir) == bool(FLAGS.hf_dir) or not FLAGS.out:
-    raise app.UsageError("give --out and exactly one of --workdir / --hf_dir")
+    raise UserError("give --out and exactly one of --workdir / --hf_dir")
   model, tokenizer, corpus_text = _load(FLAGS.workdir, FLAGS.hf_dir)
   opts = pipeline.Options(
       out=FLAGS.out, lengths=[int(x) for x in FLAGS.lengths], extend_length=FLAGS.extend_length,
@@ -70,7 +72,7 @@ def _load(workdir, hf_dir):
   from sparsity_jax.checkpoints import hf, hf_tokenizer
   from sparsity_jax.data.tokenizer import ByteTokenizer
   if not os.path.exists(os.path.join(hf_dir, "tokenizer.json")):
-    raise app.UsageError(f"--hf_dir={hf_dir} has no tokenizer.json: the calibration prompts "
+    raise UserError(f"--hf_dir={hf_dir} has no tokenizer.json: the calibration prompts "
                          "need the model's tokenizer")
   tokenizer = hf_tokenizer.HFTokenizer.from_dir(hf_dir)
 
@@ -86,4 +88,4 @@ def _load(workdir, hf_dir):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -89,6 +89,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from sparsity_jax import parallel
+from sparsity_jax.errors import UserError
 from sparsity_jax.layers import rope
 from sparsity_jax.models import ModelConfig, TransformerLM
 
@@ -108,8 +109,9 @@ ARCH_FIELDS = ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads
 _LLADA_MASK_TOKEN_ID = 126336  # LLaDA-8B's <|mdm_mask|>; configs may say otherwise.
 
 
-class CheckpointError(ValueError):
-  """A checkpoint that does not fit: unsupported architecture, missing or misshapen tensor."""
+class CheckpointError(UserError):
+  """A checkpoint that does not fit: unsupported architecture, missing or misshapen tensor
+  (a UserError: launchers report it in one line)."""
 
 
 # ----------------------------------------------------------------------------- config
