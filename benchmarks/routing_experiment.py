@@ -3,6 +3,9 @@ r"""Routing vs local vs dense attention at equal size, steps and data (docs/resu
   python benchmarks/routing_experiment.py [--steps=150] [--workdir=runs/routing_experiment]
       [--out=docs/results/routing.md]
 
+Writes the markdown table to <workdir>/routing.md, or to --out (the tracked
+docs/results/routing.md only when asked for).
+
 Trains configs/{dense,local,routing}_lm_tiny.py one after another (each resumes if its
 workdir already holds a checkpoint), then reports validation bits/byte, training
 tokens/s (median over the run after the first 5 steps) and attention FLOPs per token of
@@ -56,12 +59,24 @@ def attention_flops_per_token(config) -> float:
   return float(cost.get("flops", float("nan"))) / (b * t)
 
 
-def main():
+def output_path(args) -> str:
+  """Where the table goes: --out, else the experiment's run directory (never the docs)."""
+  return args.out or os.path.join(args.workdir, "routing.md")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  """The command line, with --out resolved (output_path)."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--steps", type=int, default=150)
   parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "routing_experiment"))
-  parser.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "routing.md"))
-  args = parser.parse_args()
+  parser.add_argument("--out", default=None, help="Markdown output (default <workdir>/routing.md)")
+  args = parser.parse_args(argv)
+  args.out = output_path(args)
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
   rows = {}
   for name in NAMES:
     config = load_config(name, args.steps)
@@ -95,7 +110,7 @@ def main():
     r = rows[name]
     lines.append(f"| {name} | {r['bpb']:.4f} | {r['train_bpb']:.4f} | {r['tokens_per_s']:.0f} | "
                  f"{r['attn_flops'] / 1e6:.2f} M | {r['wall_s']:.0f} |")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))

@@ -266,3 +266,20 @@ def test_generate_echoes_the_prompt_takes_any_bytes_and_flags_an_undertrained_mo
   assert run.returncode == 0, out + run.stderr.decode(errors="replace")[-3000:]
   assert "--- prompt (6 bytes) ---\ndef \ufffd(\n--- generated (8 tokens) ---\n" in out
   assert "note: this model is undertrained (validation 8.00 bits/byte after 1 steps" in out
+
+
+@pytest.mark.parametrize("name, argv", [
+    ("sparsed_bench", ["--workdir=runs/diffusion_x"]),
+    ("routing_experiment", ["--workdir=runs/routing_x"]),
+    ("moa_experiment", ["--workdir=runs/moa_x", "--moa_dirs=runs/moa_50"]),
+])
+def test_benchmarks_write_to_their_run_directory_unless_told(name, argv):
+  """A benchmark run never overwrites a tracked docs/results file by default."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f"bench_{name}",
+                                                os.path.join(ROOT, "benchmarks", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  workdir = argv[0].split("=", 1)[1]
+  assert module.parse_args(argv).out.startswith(workdir + os.sep)
+  assert module.parse_args(argv + ["--out=docs/results/x.md"]).out == "docs/results/x.md"
