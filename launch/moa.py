@@ -13,8 +13,10 @@ leave stages/<stage>.done markers; rerunning resumes after the last finished sta
 (--force reruns the named stage). The work is done by sparsity_jax.moa.pipeline.
 """
 
-from absl import app, flags
+from absl import flags
 
+from sparsity_jax import cli
+from sparsity_jax.errors import UserError
 from sparsity_jax.moa import pipeline
 
 FLAGS = flags.FLAGS
@@ -41,11 +43,11 @@ flags.DEFINE_bool("force", False, "Rerun the named stage even if it is done.")
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in pipeline.STAGES + ("all",):
-    raise app.UsageError(f"usage: moa.py <{'|'.join(pipeline.STAGES + ('all',))}> "
-                         "(--workdir= | --model=) --out=")
+    raise UserError(f"usage: moa.py <{'|'.join(pipeline.STAGES + ('all',))}> "
+                    "(--workdir= | --model=) --out=")
   sources = [x for x in (FLAGS.workdir, FLAGS.model, FLAGS.hf_dir) if x]
   if len(sources) != 1 or not FLAGS.out:
-    raise app.UsageError("give --out and exactly one of --workdir / --model")
+    raise UserError("give --out and exactly one of --workdir / --model")
   model, tokenizer, corpus_text = _load(FLAGS.workdir, FLAGS.model or FLAGS.hf_dir)
   opts = pipeline.Options(
       out=FLAGS.out, lengths=[int(x) for x in FLAGS.lengths], extend_length=FLAGS.extend_length,
@@ -69,12 +71,9 @@ def _load(workdir, source):
     data.retrieval_fraction = 0.0  # Text prompts are text; retrieval ones are made apart.
     return loop.load_model(workdir), None, lambda: corpus.load_split(data)["validation"]
   from sparsity_jax import config_lib
-  from sparsity_jax.checkpoints import CheckpointError, open_pretrained
-  try:
-    ckpt = open_pretrained(source)
-    tokenizer = ckpt.tokenizer()  # The calibration prompts need the model's tokenizer.
-  except (FileNotFoundError, CheckpointError) as e:
-    raise app.UsageError(f"--model={source}: {e}") from None
+  from sparsity_jax.checkpoints import open_pretrained
+  ckpt = open_pretrained(source)  # Errors are UserErrors (CheckpointError, missing paths).
+  tokenizer = ckpt.tokenizer()  # The calibration prompts need the model's tokenizer.
 
   def corpus_text():  # The stdlib validation files, tokenised for this model.
     # Windows from the middle of this text start mid-document: no BOS (retrieval prompts,
@@ -86,4 +85,4 @@ def _load(workdir, source):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,7 +1,8 @@
 """Backend choice shared by every kernel family: one rule, no silent fallback.
 
 ``implementation=None`` picks the platform's kernel (xla on CPU, triton on GPUs,
-mosaic_tpu on TPUs); an explicit choice that cannot run here raises.
+mosaic_tpu on TPUs); an explicit choice that cannot run here raises. Also the
+argument checks the families' public entry points share.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import numpy as np
 
 IMPLEMENTATIONS = ('reference', 'xla', 'triton', 'mosaic_tpu')
 PLATFORM_DEFAULT = {'cpu': 'xla', 'gpu': 'triton', 'cuda': 'triton', 'rocm': 'triton',
@@ -31,3 +33,17 @@ def resolve_implementation(implementation: str | None, interpret: Any = False) -
         f"backend is '{platform}'; pass interpret=True to run the kernel in Pallas "
         'interpret mode, or implementation=None for the platform default.')
   return implementation
+
+
+def check_at_least(x, minimum: int, name: str, hint: str = '') -> None:
+  """Raises ValueError if a concrete int (scalar or array) holds a value below ``minimum``.
+
+  Values traced inside jit cannot be checked here and pass; every public entry point
+  checks what it can see, so nonsense never turns into a silently empty mask.
+  """
+  if x is None or isinstance(x, jax.core.Tracer):
+    return
+  values = np.asarray(x)
+  if values.size and values.min() < minimum:
+    raise ValueError(f'{name} must be >= {minimum}, got {x if values.size < 16 else values.min()}'
+                     f'{"; " + hint if hint else ""}.')

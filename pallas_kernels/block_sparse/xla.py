@@ -186,6 +186,12 @@ class _TileContext:
     return (self.kb * self.lay.bk)[..., None, None] + jnp.arange(self.lay.bk)[None, None, None]
 
 
+def _zero_unread(x, read):
+  """Zeroes the rows of a tile [g, c, rows, d] that no entry of the tile reads (read
+  [g, c, rows]): a masked NaN / inf would otherwise reach p @ v as 0 * NaN."""
+  return jnp.where(read[..., None], x, jnp.zeros((), x.dtype))
+
+
 def _scores(qt, kt, scale):
   return jnp.einsum('gcqd,gckd->gcqk', qt, kt, preferred_element_type=jnp.float32) * scale
 
@@ -207,7 +213,9 @@ def _forward_pass(lay, qf, kf, vf, work: _WorkList, rule, scale):
     kt, vt = _take(kf, kvg * lay.nk + kbl), _take(vf, kvg * lay.nk + kbl)
     s = _scores(qt, kt, scale)
     if rule is not None:
-      s = jnp.where(rule.evaluate(_TileContext(lay, r, kbl)), s, MASK_VALUE)
+      ok = jnp.broadcast_to(rule.evaluate(_TileContext(lay, r, kbl)), s.shape)
+      s = jnp.where(ok, s, MASK_VALUE)
+      vt = _zero_unread(vt, ok.any(axis=-2))
     m_new = jnp.maximum(m, s.max(-1))
     alpha = jnp.exp(m - m_new)
     p = jnp.exp(s - m_new[..., None])
@@ -301,7 +309,10 @@ def backward(q, k, v, out, lse, dout, mask: BlockMask, scale: float, tiles: Tile
       kt, vt = _take(kf, kvg * nk + kbl), _take(vf, kvg * nk + kbl)
       s = _scores(qt, kt, scale)
       if rule is not None:
-        s = jnp.where(rule.evaluate(_TileContext(lay, r, kbl)), s, MASK_VALUE)
+        ok = jnp.broadcast_to(rule.evaluate(_TileContext(lay, r, kbl)), s.shape)
+        s = jnp.where(ok, s, MASK_VALUE)
+        kt, vt = _zero_unread(kt, ok.any(axis=-2)), _zero_unread(vt, ok.any(axis=-2))
+        qt = _zero_unread(qt, ok.any(axis=-1))
       p = jnp.exp(s - lse_t[..., None])
       dv = dv.at[ki.reshape(-1)].add(jnp.einsum(
           'gcqk,gcqd->gckd', p.astype(dot.dtype), dot,

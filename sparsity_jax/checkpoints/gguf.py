@@ -57,7 +57,8 @@ from typing import Any
 import numpy as np
 
 from sparsity_jax.checkpoints import tensor_map
-from sparsity_jax.checkpoints.arch import (CheckpointError, hf_config_from_model_config,
+from sparsity_jax.checkpoints.arch import (CheckpointError, CheckpointNotFoundError,
+                                           hf_config_from_model_config,
                                            model_config_from_hf)
 from sparsity_jax.checkpoints.loading import Checkpoint, TensorReader, host_array, variable
 from sparsity_jax.models import ModelConfig
@@ -157,7 +158,7 @@ class GGUFFile:
   def __init__(self, path: str):
     gguf = _gguf()
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"GGUF file {path!r} does not exist")
+      raise CheckpointNotFoundError(f"GGUF file {path!r} does not exist")
     try:
       reader = gguf.GGUFReader(path, "r")
       self.metadata = {key: field.contents() for key, field in reader.fields.items()}

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparsity_jax.models.transformer import check_token_ids
+
 
 def sample(logits_bv: jax.Array, key: jax.Array, temperature, top_p) -> jax.Array:
   """Next tokens [b] from logits [b, v]: argmax when ``temperature == 0``, else a draw
@@ -121,6 +123,7 @@ def generate(model: nnx.Module, prompt_bt, max_new_tokens: int, *, temperature: 
   if temperature < 0 or not 0 < top_p <= 1:
     raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
   total = check_length(model, p, max_new_tokens, max_len)
+  check_token_ids(prompt_bt, model.cfg.vocab_size, "prompt token ids")
   rng = jax.random.key(0) if rng is None else rng
   temperature, top_p = jnp.float32(temperature), jnp.float32(top_p)
   cache = model.init_cache(b, total)
@@ -198,7 +201,7 @@ def generate_text(model: nnx.Module, tokenizer, prompt, *, chat: bool = False,
     model: a causal TransformerLM.
     tokenizer: an :class:`~sparsity_jax.checkpoints.HFTokenizer`, or the byte tokenizer
       (``data.tokenizer.ByteTokenizer``) of the project's own byte-level models.
-    prompt: the text; with ``chat`` the user message, rendered with the tokenizer's chat
+    prompt: the text (bytes too for the byte tokenizer); with ``chat`` the user message, rendered with the tokenizer's chat
       template (an HFTokenizer with a template), after an optional ``system`` message.
     max_new_tokens, temperature, top_p, seed: see :func:`generate`.
     stop_at_eos: stop at the tokenizer's EOS token (not included in the text).
@@ -212,7 +215,8 @@ def generate_text(model: nnx.Module, tokenizer, prompt, *, chat: bool = False,
   if isinstance(tokenizer, ByteTokenizer):
     if chat:
       raise ValueError("byte-level models have no chat template; drop chat")
-    ids = tokenizer.encode(prompt)
+    ids = (np.frombuffer(prompt, np.uint8).astype(np.int32) if isinstance(prompt, bytes)
+           else tokenizer.encode(prompt))
     decode = tokenizer.decode
   else:
     if chat:
