@@ -58,14 +58,27 @@ _COMPILED: dict = {}  # (graphdef, argument signature) -> compiled _step; see _c
 
 def _compiled(graphdef, *args):
   """``_step`` compiled ahead of time for these arguments (cached), so generation can time
-  compilation apart from the prefill and decode calls."""
+  compilation apart from the prefill and decode calls.
+
+  The returned function moves an argument to the sharding the executable was compiled
+  for when it differs (under a mesh, the prefill's outputs come back sharded by the
+  compiler's choice; a no-op on one device), as a jitted call would.
+  """
   leaves, treedef = jax.tree.flatten(args)
   signature = tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves)
   key = (graphdef, treedef, signature)
   if key not in _COMPILED:
     if len(_COMPILED) > 64:  # Many shapes (e.g. a benchmark sweep): start over.
       _COMPILED.clear()
-    _COMPILED[key] = _step.lower(graphdef, *args).compile()
+    compiled = _step.lower(graphdef, *args).compile()
+    shardings = jax.tree.leaves(compiled.input_shardings[0])
+
+    def call(*call_args, compiled=compiled, shardings=shardings):
+      flat, tree = jax.tree.flatten(call_args)
+      flat = [x if x.sharding == s else jax.device_put(x, s) for x, s in zip(flat, shardings)]
+      return compiled(*jax.tree.unflatten(tree, flat))
+
+    _COMPILED[key] = call
   return _COMPILED[key]
 
 
