@@ -1,0 +1,291 @@
+"""Training-free sparse prefill for any imported causal model: FlexPrefill, Vertical-Slash,
+block top-k, PBS-Attn and AnchorAttention as attention cores.
+
+Each method is a pattern builder in :mod:`sparsity_jax.patterns` (activations in, kept
+tiles or key lists out) plus a core here, selected by ``config.model.attention.kind``:
+
+  ``flexprefill``  ``vertical_slash``  ``block_topk``  ``pbs``  ``anchor``
+
+and used by loading a pretrained model with it, e.g.
+``load_pretrained("smollm2", attention={"kind": "flexprefill", "gamma": 0.9})``.
+
+What the cores share (:class:`PrefillAttention`, a :class:`DenseAttention`):
+
+  * ``__call__`` (a whole causal sequence): inputs of at most ``dense_len`` tokens run
+    dense (each method's official fallback for short inputs, overridable); longer ones
+    select a pattern from the post-RoPE q / k of this call and compute it with
+    pallas_kernels (block_sparse for tiles, stripe for key lists).
+  * decoding uses the inherited dense KV cache (keys cached transposed). A prompt into an
+    empty cache runs the sparse prefill (``lax.cond`` on the cache being empty), then
+    writes its keys and values; single tokens and chunks appended to a filled cache
+    (q_len != kv_len) attend densely, as the official code does.
+  * statistics of the last multi-token call (one-token decode steps leave them) in nnx
+    Variables: ``density`` [n], the fraction of causal (query, key) pairs computed per
+    query head (1 on the dense path), and
+    ``sparse_calls``, how many calls took the sparse path. :func:`prefill_stats`
+    collects them from a model. Read them after an eager or ``nnx.jit`` call.
+
+Every core also exposes ``select(q, k)`` -> pattern, ``allowed(pattern, t)`` -> bool
+[b, n, t, t] (the computed causal pairs, O(t^2): tests and measurement) and
+``attend(q, k, v, pattern)``, so that a core's output can be checked against the dense
+masked reference and a pattern's attention recall measured.
+
+Common config keys (``config.model.attention``): ``kind``; ``implementation`` (kernel
+backend, None = platform default); ``dense_len`` (inputs of at most this many tokens run
+dense; default per method); ``dense_kernel`` / ``flash_min_len`` as for the dense core.
+Method keys are listed on each class.
+
+Legend: b batch, t length, n query heads, k kv heads, h head dim.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pallas_kernels import block_sparse, stripe
+from sparsity_jax.layers.attention import DenseAttention, register_attention
+from sparsity_jax.patterns import block_topk as block_topk_lib
+from sparsity_jax.patterns import prefill as prefill_lib
+from sparsity_jax.patterns import vertical_slash as vertical_slash_lib
+
+
+class PrefillStats(nnx.Variable):
+  """Statistics of a prefill core's last call (not parameters; never trained)."""
+
+
+class PrefillAttention(DenseAttention):
+  """Base of the training-free prefill cores (see the module docstring)."""
+
+  method = "prefill"
+
+  def __init__(self, model_config: Any, *, layer_index: int, rngs: nnx.Rngs):
+    super().__init__(model_config, layer_index=layer_index, rngs=rngs)
+    opts = model_config.attention
+    self.num_heads = int(model_config.num_heads)
+    self.implementation = opts.get("implementation", None)
+    dense_len = opts.get("dense_len", None)
+    self.dense_len_override = prefill_lib.check_positive("dense_len", dense_len,
+                                                         allow_none=True)
+    self.density = PrefillStats(jnp.ones((self.num_heads,), jnp.float32))
+    self.sparse_calls = PrefillStats(jnp.zeros((), jnp.int32))
+
+  # ---- what a method defines ---------------------------------------------------------
+
+  def default_dense_len(self) -> int:
+    """Inputs of at most this many tokens run dense (the method's official fallback)."""
+    raise NotImplementedError
+
+  def select(self, q_btnh, k_btkh) -> dict:
+    """The pattern of one prefill (a pytree of arrays)."""
+    raise NotImplementedError
+
+  def attend(self, q_btnh, k_btkh, v_btkh, pattern: dict) -> jax.Array:
+    """Attention of the prefill over the pattern, o [b, t, n, h]."""
+    raise NotImplementedError
+
+  def allowed(self, pattern: dict, length: int) -> jax.Array:
+    """bool [b|1, n, t, t]: the causal pairs the pattern computes. O(t^2)."""
+    raise NotImplementedError
+
+  def pairs(self, pattern: dict, length: int) -> jax.Array:
+    """float32 [b|1, n]: causal pairs the pattern computes (cheap: from tiles / lists)."""
+    raise NotImplementedError
+
+  # ---- shared ------------------------------------------------------------------------
+
+  @property
+  def dense_len(self) -> int:
+    if self.dense_len_override is not None:
+      return self.dense_len_override
+    return int(self.default_dense_len())
+
+  def runs_dense(self, length: int) -> bool:
+    return length <= self.dense_len
+
+  def prefill(self, q_btnh, k_btkh, v_btkh) -> tuple[jax.Array, jax.Array]:
+    """(o [b, t, n, h], density [n]) of one sparse prefill (no dense fallback)."""
+    t = q_btnh.shape[1]
+    pattern = self.select(q_btnh, k_btkh)
+    o_btnh = self.attend(q_btnh, k_btkh, v_btkh, pattern)
+    pairs = jnp.broadcast_to(self.pairs(pattern, t), (q_btnh.shape[0], self.num_heads))
+    density = jnp.mean(pairs, axis=0) / prefill_lib.causal_pair_count(t)
+    return o_btnh.astype(q_btnh.dtype), density.astype(jnp.float32)
+
+  def __call__(self, q_btnh, k_bskh, v_bskh, *, positions_bt, causal: bool) -> jax.Array:
+    if not causal:
+      raise ValueError(f"{self.method} is a causal prefill method; the model is bidirectional")
+    t, s = q_btnh.shape[1], k_bskh.shape[1]
+    if t != s:
+      raise ValueError(f"{self.method}: __call__ attends a whole sequence (got {t} queries, "
+                       f"{s} keys); chunks go through cached_call")
+    if self.runs_dense(t):
+      self.density.set_value(jnp.ones((self.num_heads,), jnp.float32))
+      return super().__call__(q_btnh, k_bskh, v_bskh, positions_bt=positions_bt, causal=causal)
+    o_btnh, density = self.prefill(q_btnh, k_bskh, v_bskh)
+    self.density.set_value(density)
+    self.sparse_calls.set_value(self.sparse_calls.get_value() + 1)
+    return o_btnh
+
+  def cached_call(self, q_btnh, k_btkh, v_btkh, *, positions_bt, cache):
+    """Dense KV cache; a prompt into an empty cache is prefilled through the pattern."""
+    t = q_btnh.shape[1]
+    dense = lambda q, k, v, pos, c: DenseAttention.cached_call(self, q, k, v, positions_bt=pos,
+                                                               cache=c)
+    if t == 1:  # A decode step: dense, and the statistics keep describing the prompt.
+      return dense(q_btnh, k_btkh, v_btkh, positions_bt, cache)
+    if self.runs_dense(t):
+      self.density.set_value(jnp.ones((self.num_heads,), jnp.float32))
+      return dense(q_btnh, k_btkh, v_btkh, positions_bt, cache)
+
+    def empty(q, k, v, pos, c):
+      del pos  # A prompt into an empty cache sits at positions 0..t-1 (model.decode).
+      o_btnh, density = self.prefill(q, k, v)
+      return o_btnh, _append(c, k, v), density, jnp.ones((), jnp.int32)
+
+    def filled(q, k, v, pos, c):
+      o_btnh, new_cache = dense(q, k, v, pos, c)
+      return (o_btnh, new_cache, jnp.ones((self.num_heads,), jnp.float32),
+              jnp.zeros((), jnp.int32))
+
+    o_btnh, new_cache, density, sparse = jax.lax.cond(
+        cache["end"] == 0, empty, filled, q_btnh, k_btkh, v_btkh, positions_bt, cache)
+    self.density.set_value(density)
+    self.sparse_calls.set_value(self.sparse_calls.get_value() + sparse)
+    return o_btnh, new_cache
+
+
+def _append(cache, k_btkh, v_btkh):
+  """The dense cache with t new keys / values written at cache['end'] (base layout)."""
+  end = cache["end"]
+  k_cache = jax.lax.dynamic_update_slice_in_dim(
+      cache["k"], k_btkh.astype(cache["k"].dtype).transpose(0, 2, 3, 1), end, axis=3)
+  v_cache = jax.lax.dynamic_update_slice_in_dim(
+      cache["v"], v_btkh.astype(cache["v"].dtype).swapaxes(1, 2), end, axis=2)
+  return {"k": k_cache, "v": v_cache, "end": end + k_btkh.shape[1]}
+
+
+def prefill_cores(model: nnx.Module) -> list[PrefillAttention]:
+  return [m for _, m in nnx.iter_modules(model) if isinstance(m, PrefillAttention)]
+
+
+def prefill_stats(model: nnx.Module) -> dict:
+  """{'density': float (mean over layers and heads of the last call), 'per_layer': [L, n],
+  'sparse_calls': [L]} of a model's prefill cores (stacked layers give [L, ...] leaves)."""
+  cores = prefill_cores(model)
+  if not cores:
+    raise ValueError("the model has no prefill attention core: set config.model.attention.kind "
+                     f"to one of {', '.join(PREFILL_KINDS)}")
+  per_layer = np.concatenate([np.asarray(c.density.get_value()).reshape(-1, c.num_heads)
+                              for c in cores])
+  calls = np.concatenate([np.asarray(c.sparse_calls.get_value()).reshape(-1) for c in cores])
+  return {"density": float(per_layer.mean()), "per_layer": per_layer, "sparse_calls": calls}
+
+
+# ---- Sparse Frontier baselines ---------------------------------------------------------
+
+
+@register_attention("vertical_slash")
+class VerticalSlashAttention(PrefillAttention):
+  """MInference's Vertical-Slash (patterns/vertical_slash.py) on the stripe kernel.
+
+  Config: ``vertical_size`` (512), ``slash_size`` (512), ``last_q`` (256, the Sparse
+  Frontier's approximation_size), ``block_size`` (64: query block and slash range width).
+  Dense for inputs of at most ``last_q`` tokens (the estimate would be the whole input).
+  """
+
+  method = "Vertical-Slash"
+
+  def __init__(self, model_config: Any, *, layer_index: int, rngs: nnx.Rngs):
+    super().__init__(model_config, layer_index=layer_index, rngs=rngs)
+    a = model_config.attention
+    self.vertical_size = prefill_lib.check_positive("vertical_size", a.get("vertical_size", 512))
+    self.slash_size = prefill_lib.check_positive("slash_size", a.get("slash_size", 512))
+    self.last_q = prefill_lib.check_positive("last_q", a.get("last_q", 256))
+    self.block_size = prefill_lib.check_positive("block_size", a.get("block_size", 64))
+    if self.vertical_size < vertical_slash_lib.FORCED_VERTICALS or (
+        self.slash_size < vertical_slash_lib.FORCED_SLASHES):
+      raise ValueError(f"Vertical-Slash forces the first {vertical_slash_lib.FORCED_VERTICALS} "
+                       f"keys and {vertical_slash_lib.FORCED_SLASHES} diagonals in: vertical_size "
+                       f">= {vertical_slash_lib.FORCED_VERTICALS} and slash_size >= "
+                       f"{vertical_slash_lib.FORCED_SLASHES} (got {self.vertical_size}, "
+                       f"{self.slash_size})")
+
+  def default_dense_len(self) -> int:
+    return max(self.last_q, vertical_slash_lib.FORCED_SLASHES)
+
+  def select(self, q_btnh, k_btkh) -> dict:
+    return vertical_slash_lib.select(q_btnh, k_btkh, vertical_size=self.vertical_size,
+                                     slash_size=self.slash_size, last_q=self.last_q,
+                                     block_size=self.block_size)
+
+  def attend(self, q_btnh, k_btkh, v_btkh, pattern):
+    return stripe.attention(q_btnh, k_btkh, v_btkh, pattern["indices"], pattern["counts"],
+                            block_q=self.block_size, causal=True,
+                            implementation=self.implementation)
+
+  def allowed(self, pattern, length):
+    return vertical_slash_lib.allowed(pattern, length, self.block_size)
+
+  def pairs(self, pattern, length):
+    return vertical_slash_lib.pairs(pattern, length, self.block_size)
+
+
+class _TileCore(PrefillAttention):
+  """A core whose pattern is kept causal tiles {'bits': [b, n, nb, nb]} of ``block_size``."""
+
+  block_size: int
+
+  def max_per_row(self, length: int) -> int | None:
+    return None
+
+  def attend(self, q_btnh, k_btkh, v_btkh, pattern):
+    t = q_btnh.shape[1]
+    mask = prefill_lib.causal_block_mask(pattern["bits"], t, self.block_size,
+                                         max_per_row=self.max_per_row(t))
+    return block_sparse.attention(q_btnh, k_btkh, v_btkh, mask,
+                                  implementation=self.implementation)
+
+  def allowed(self, pattern, length):
+    return prefill_lib.tiles_to_dense(pattern["bits"], length, self.block_size)
+
+  def pairs(self, pattern, length):
+    return prefill_lib.tile_pairs(pattern["bits"], length, self.block_size)
+
+
+@register_attention("block_topk")
+class BlockTopKAttention(_TileCore):
+  """MInference's block-sparse prefill (patterns/block_topk.py) on the block-sparse kernel.
+
+  Config: ``block_size`` (16, the Sparse Frontier's chunk_size), ``top_k`` (64 blocks per
+  query block). Dense when every row keeps all its causal blocks anyway
+  (t <= block_size * (top_k - 1)).
+  """
+
+  method = "block top-k"
+
+  def __init__(self, model_config: Any, *, layer_index: int, rngs: nnx.Rngs):
+    super().__init__(model_config, layer_index=layer_index, rngs=rngs)
+    a = model_config.attention
+    self.block_size = prefill_lib.check_positive("block_size", a.get("block_size", 16))
+    self.top_k = prefill_lib.check_positive("top_k", a.get("top_k", 64))
+    if self.top_k < block_topk_lib.FORCED:
+      raise ValueError(f"block top-k: top_k must be >= {block_topk_lib.FORCED} (sink, diagonal, "
+                       f"sub-diagonal blocks are always kept), got {self.top_k}")
+
+  def default_dense_len(self) -> int:
+    # With at most top_k causal key blocks per row every block is kept: dense result.
+    return self.block_size * self.top_k
+
+  def max_per_row(self, length):
+    return block_topk_lib.max_per_row(length, self.block_size, self.top_k)
+
+  def select(self, q_btnh, k_btkh) -> dict:
+    return block_topk_lib.select(q_btnh, k_btkh, block_size=self.block_size, top_k=self.top_k)
+
+
+PREFILL_KINDS = ("anchor", "block_topk", "flexprefill", "pbs", "vertical_slash")

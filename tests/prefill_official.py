@@ -1,0 +1,134 @@
+"""Straightforward numpy ports of the official selection code of the training-free prefill
+methods: the oracles of tests/test_prefill.py.
+
+Each port follows the released code line by line (loops where the CUDA / Triton code
+loops), batch 1, per query head (the official code repeats the KV heads first), and
+returns what the official kernel computes as a bool [heads, t, t] mask of computed causal
+pairs, or None where the official code falls back to dense attention. Written from the
+sources named in each docstring; no code is copied.
+
+Shapes: q [t, n, d], k [t, n, d] (already repeated to the query heads).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def softmax(x, axis=-1):
+  x = x - np.max(x, axis=axis, keepdims=True)
+  e = np.exp(x)
+  return e / e.sum(axis=axis, keepdims=True)
+
+
+def causal(t):
+  return np.tril(np.ones((t, t), bool))
+
+
+def last_probs(q, k, last):
+  """softmax((q[-last:] k^T) / sqrt(d)) with the last `last` keys masked causally, [n, r, t]."""
+  t, n, d = q.shape
+  qk = np.einsum("ind,jnd->nij", q[-last:].astype(np.float32), k.astype(np.float32)) / math.sqrt(d)
+  tri = np.tril(np.ones((last, last), bool))
+  qk[:, :, t - last:] = np.where(tri, qk[:, :, t - last:], -np.inf)
+  return softmax(qk)
+
+
+def diagonal_sums(p):
+  """sum_all_diagonal_matrix / sum_over_diagonals: entry j = diagonal through (last row, key j)."""
+  n, r, t = p.shape
+  out = np.zeros((n, t), p.dtype)
+  for j in range(t):
+    for i in range(r):
+      key = j - (r - 1 - i)
+      if key >= 0:
+        out[:, j] += p[:, i, key]
+  return out
+
+
+def expand_blocks(bits, t, block):
+  """[n, nb, nb] kept blocks -> [n, t, t] computed causal pairs."""
+  up = np.repeat(np.repeat(bits, block, axis=1), block, axis=2)[:, :t, :t]
+  return up & causal(t)
+
+
+# ---- Vertical-Slash: sparse_frontier/modelling/attention/minference/{vertical_and_slash.py,
+# csrc/vertical_slash_index.cu} @31d86c17 -------------------------------------------------
+
+
+def vertical_slash(q, k, vertical_size, slash_size, last_q, block=64):
+  t, n, _ = q.shape
+  vertical_size, slash_size, last_q = min(vertical_size, t), min(slash_size, t), min(last_q, t)
+  p = last_probs(q, k, last_q)
+  vertical = p.sum(1)
+  vertical[:, :4] = np.inf
+  slash = diagonal_sums(p)
+  slash[:, -64:] = np.inf
+  out = np.zeros((n, t, t), bool)
+  for h in range(n):
+    v_idx = np.sort(np.argsort(-vertical[h], kind="stable")[:vertical_size])
+    s_idx = np.sort((t - 1) - np.argsort(-slash[h], kind="stable")[:slash_size])[::-1]
+    for bm in range(-(-t // block)):  # convert_vertical_slash_indexes_kernel, one thread
+      start_m, end_m = bm * block, bm * block + block
+      blocks, columns = [], []
+      s = v = 0
+      vi = v_idx[v]; v += 1
+      si = s_idx[s]; s += 1
+      while si >= end_m:
+        si = s_idx[s]; s += 1
+      si = max(end_m - si, block)
+      range_start, range_end = si - block, si
+      while True:
+        if vi < range_end:
+          if vi < range_start:
+            columns.append(vi)
+          if v < len(v_idx):
+            vi = v_idx[v]; v += 1
+          else:
+            vi = end_m + block
+        else:
+          if s < len(s_idx):
+            si = max(end_m - s_idx[s], block); s += 1
+          else:
+            blocks.extend(range(range_start, range_end, block))
+            break
+          if si > range_end + block:
+            blocks.extend(range(range_start, range_end, block))
+            range_start, range_end = si - block, si
+          elif si > range_end:
+            range_end += block
+      rows = np.arange(start_m, min(end_m, t))
+      keys = np.zeros(t, bool)
+      for b0 in blocks:  # _triton_mixed_sparse_attn_fwd_kernel: causal blocks, then columns
+        keys[b0:min(b0 + block, t)] = True
+      cols = np.zeros(t, bool)
+      cols[columns] = True
+      out[h, rows] = (keys[None, :] & (np.arange(t)[None, :] <= rows[:, None])) | cols[None, :]
+  return out
+
+
+# ---- block top-k: sparse_frontier/modelling/attention/minference/block.py @31d86c17 ------
+
+
+def block_topk(q, k, top_k, block):
+  t, n, d = q.shape
+  pad = block - (t & (block - 1)) if block & (block - 1) == 0 else block - t % block
+  qp = np.pad(q, ((0, pad), (0, 0), (0, 0)))
+  kp = np.pad(k, ((0, pad), (0, 0), (0, 0)))
+  nb = qp.shape[0] // block
+  q_pool = qp.reshape(nb, block, n, d).mean(1)
+  k_pool = kp.reshape(nb, block, n, d).mean(1)
+  p = np.einsum("ind,jnd->nij", q_pool, k_pool)
+  i, j = np.arange(nb)[:, None], np.arange(nb)[None, :]
+  p = np.where((i == j) | (j == i - 1), np.inf, p)
+  p = np.where(i >= j, p, -np.inf)
+  p[..., 0] = np.inf
+  top_k = min(top_k, qp.shape[0] // block)
+  idx = np.argsort(-p, axis=-1, kind="stable")[..., :top_k]
+  bits = np.zeros((n, nb, nb), bool)
+  for h in range(n):
+    for r in range(nb):
+      bits[h, r, idx[h, r]] = True
+  return expand_blocks(bits, t, block)

@@ -1,0 +1,250 @@
+"""Training-free sparse prefill cores (layers/prefill.py, patterns/*): selection against numpy
+ports of the official code (tests/prefill_official.py), outputs against the dense masked
+reference on the same pattern, the densest setting against dense attention, the KV-cache
+paths, and bad input.
+
+Shapes stay small (t of a few hundred, 4 query / 2 kv heads) with the methods' block sizes
+scaled down, so that every method selects a real pattern in well under a second.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import prefill_official as official
+from pallas_kernels import block_sparse
+from sparsity_jax.layers import prefill as prefill_layers
+from sparsity_jax.layers.attention import DenseAttention, make_attention_core
+from sparsity_jax.models import ModelConfig, TransformerLM
+from sparsity_jax.patterns import prefill as prefill_lib
+
+N, KH, D = 4, 2, 16
+MODEL = dict(vocab_size=64, num_layers=2, d_model=32, num_heads=N, num_kv_heads=KH,
+             head_dim=D, mlp_dim=64, max_len=1024, causal=True)
+
+# Per kind: small-scale options that select a real pattern at LENGTH, and the numpy port of
+# the official selection with the same options (None = the official falls back to dense).
+CASES = {
+    "vertical_slash": dict(vertical_size=24, slash_size=66, last_q=32, block_size=64),
+    "block_topk": dict(block_size=16, top_k=6),
+}
+DENSEST = {
+    "vertical_slash": dict(vertical_size=4096, slash_size=4096, last_q=32, block_size=64),
+    "block_topk": dict(block_size=16, top_k=4096),
+}
+BEYOND = {  # Budgets larger than the sequence.
+    "vertical_slash": dict(vertical_size=10**6, last_q=10**6),
+    "block_topk": dict(top_k=10**6),
+}
+LENGTHS = (333, 384)  # Ragged and a block multiple (64 and 128 blocks).
+
+
+def official_mask(kind, q, k, opts):
+  """The official computed pairs [n, t, t] for q [t, n, d], k [t, kh, d]."""
+  k = np.repeat(k, q.shape[1] // k.shape[1], axis=1)
+  if kind == "vertical_slash":
+    assert opts["block_size"] == 64  # The MInference index builder is fixed at 64 x 64.
+    return official.vertical_slash(q, k, opts["vertical_size"], opts["slash_size"],
+                                   opts["last_q"])
+  if kind == "block_topk":
+    return official.block_topk(q, k, opts["top_k"], opts["block_size"])
+  raise AssertionError(kind)
+
+
+def make_core(kind, **opts):
+  cfg = ModelConfig(**MODEL, attention={"kind": kind, **opts})
+  return make_attention_core(cfg, 0, nnx.Rngs(0))
+
+
+# Compiled functions are cached per (kind, options) so that tests with the same shapes reuse
+# one executable (compiling dominates these tests' time).
+_JITTED = {}
+
+
+def jitted(kind, opts, what):
+  key = (kind, tuple(sorted(opts.items())), what)
+  if key not in _JITTED:
+    core = make_core(kind, **opts)
+    if what == "allowed":
+      fn = jax.jit(lambda q, k: core.allowed(core.select(q, k), q.shape[1]))
+    elif what == "call":  # __call__ and its statistics (sparse calls made by this call).
+      def fn(c, q, k, v):
+        before = c.sparse_calls.get_value()
+        out = call(c, q, k, v)
+        return out, c.density.get_value(), c.sparse_calls.get_value() - before
+      fn = (lambda f, c: lambda q, k, v: f(c, q, k, v))(nnx.jit(fn), core)
+    elif what == "grads":
+      def fn(q, k, v, do):
+        pattern = core.select(q, k)
+        loss = lambda q, k, v: jnp.sum(core.attend(q, k, v, pattern) * do)
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+      fn = jax.jit(fn)
+    else:
+      raise AssertionError(what)
+    _JITTED[key] = fn
+  return _JITTED[key]
+
+
+def qkv(seed, t, scale=2.0, b=1):
+  """Peaky random q / k (scaled normals) so that the patterns are far from uniform."""
+  ks = jax.random.split(jax.random.key(seed), 3)
+  q = scale * jax.random.normal(ks[0], (b, t, N, D), jnp.float32)
+  k = scale * jax.random.normal(ks[1], (b, t, KH, D), jnp.float32)
+  v = jax.random.normal(ks[2], (b, t, KH, D), jnp.float32)
+  return q, k, v
+
+
+def masked_reference(q, k, v, allowed):
+  mask = block_sparse.from_dense(np.asarray(allowed), block_q=64, block_k=64)
+  return block_sparse.attention_ref(q, k, v, mask)
+
+
+def dense_reference(q, k, v):
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
+
+def call(core, q, k, v):
+  pos = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
+  return core(q, k, v, positions_bt=pos, causal=True)
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+@pytest.mark.parametrize("length", LENGTHS)
+def test_selection_equals_official_port(kind, length):
+  allowed = jitted(kind, CASES[kind], "allowed")
+  for seed in (0, 1):
+    q, k, _ = qkv(seed + length, length)
+    got = np.asarray(allowed(q, k))[0]
+    want = official_mask(kind, np.asarray(q)[0], np.asarray(k)[0], CASES[kind])
+    assert want is not None
+    np.testing.assert_array_equal(got, want)
+    density = got.sum() / (N * prefill_lib.causal_pair_count(length))
+    assert 0.05 < density < 0.95, density  # A real selection, neither empty nor dense.
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_core_output_equals_masked_reference(kind):
+  t = LENGTHS[0]
+  q, k, v = qkv(7, t, b=2)  # Batch 2: each row selects its own pattern.
+  out, density, calls = jitted(kind, CASES[kind], "call")(q, k, v)
+  allowed = np.asarray(jitted(kind, CASES[kind], "allowed")(q, k))
+  assert allowed.shape == (2, N, t, t)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(masked_reference(q, k, v, allowed)),
+                             atol=2e-5, rtol=0)
+  # The recorded density is the computed share of causal pairs, per head (batch mean).
+  want = allowed.sum((-1, -2)).mean(0) / prefill_lib.causal_pair_count(t)
+  np.testing.assert_allclose(np.asarray(density), want, rtol=1e-6)
+  assert int(calls) == 1
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_core_gradients_equal_masked_reference(kind):
+  t = LENGTHS[0]
+  q, k, v = qkv(3, t)
+  mask = block_sparse.from_dense(np.asarray(jitted(kind, CASES[kind], "allowed")(q, k)),
+                                 block_q=64, block_k=64)
+  do = jax.random.normal(jax.random.key(4), q.shape)
+  got = jitted(kind, CASES[kind], "grads")(q, k, v, do)
+  loss = lambda q, k, v: jnp.sum(block_sparse.attention_ref(q, k, v, mask) * do)
+  want = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", sorted(DENSEST))
+def test_densest_setting_equals_dense(kind):
+  opts = dict(DENSEST[kind], dense_len=1)  # No fallback: the sparse path runs.
+  t = LENGTHS[0]
+  q, k, v = qkv(11, t)
+  out, density, calls = jitted(kind, opts, "call")(q, k, v)
+  assert int(calls) == 1
+  np.testing.assert_allclose(np.asarray(density), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(dense_reference(q, k, v)), atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_short_input_runs_dense(kind):
+  t = make_core(kind, **CASES[kind]).dense_len
+  q, k, v = qkv(5, t)
+  out, density, calls = jitted(kind, CASES[kind], "call")(q, k, v)
+  assert int(calls) == 0
+  np.testing.assert_allclose(np.asarray(density), 1.0)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(dense_reference(q, k, v)), atol=2e-5)
+
+
+def test_cache_prefill_is_sparse_and_chunks_are_dense():
+  """The base class's cache paths (shared by every method; one method suffices)."""
+  kind = "block_topk"
+  core = make_core(kind, **CASES[kind])
+  t, extra = LENGTHS[0], 5
+  q, k, v = qkv(9, t + extra)
+  cache = core.init_cache(1, t + extra + 2, num_kv_heads=KH, head_dim=D, dtype=jnp.float32)
+  pos = jnp.arange(t + extra)[None]
+  out, cache = core.cached_call(q[:, :t], k[:, :t], v[:, :t], positions_bt=pos[:, :t],
+                                cache=cache)
+  want = jitted(kind, CASES[kind], "call")(q[:, :t], k[:, :t], v[:, :t])[0]
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-6)
+  assert int(cache["end"]) == t and int(core.sparse_calls.get_value()) == 1
+  np.testing.assert_array_equal(np.asarray(cache["k"][0, :, :, :t]),
+                                np.asarray(k[0, :t].transpose(1, 2, 0)))
+  # A chunk appended to the filled cache (q_len != kv_len) attends densely.
+  dense = DenseAttention(ModelConfig(**MODEL), layer_index=0, rngs=nnx.Rngs(0))
+  got, cache2 = core.cached_call(q[:, t:], k[:, t:], v[:, t:], positions_bt=pos[:, t:],
+                                 cache=cache)
+  want, _ = dense.cached_call(q[:, t:], k[:, t:], v[:, t:], positions_bt=pos[:, t:], cache=cache)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(dense_reference(q, k, v)[:, t:]),
+                             atol=2e-5)
+  assert int(cache2["end"]) == t + extra and int(core.sparse_calls.get_value()) == 1
+  np.testing.assert_allclose(np.asarray(core.density.get_value()), 1.0)
+
+
+def test_model_prefill_through_cache_equals_forward_and_decodes():
+  cfg = ModelConfig(**{**MODEL, "num_layers": 1},
+                    attention={"kind": "vertical_slash", **CASES["vertical_slash"]})
+  model = TransformerLM(cfg, rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(0), (1, 300), 0, MODEL["vocab_size"])
+  full = nnx.jit(lambda m, x: m(x))(model, tokens)
+  stats = prefill_layers.prefill_stats(model)
+  assert stats["sparse_calls"].tolist() == [1] and 0 < stats["density"] < 1
+  step = nnx.jit(lambda m, x, c: m.decode(x, c))
+  logits, cache = step(model, tokens, model.init_cache(1, 310))
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(full), atol=1e-4)
+  logits, cache = step(model, tokens[:, -1:] * 0 + 3, cache)  # One decode step, dense.
+  assert logits.shape == (1, 1, MODEL["vocab_size"]) and int(cache[0]["end"]) == 301
+  assert prefill_layers.prefill_stats(model)["density"] == stats["density"]  # Decode keeps it.
+  assert np.isfinite(np.asarray(logits)).all()
+
+
+@pytest.mark.parametrize("kind,key,value", [
+    ("vertical_slash", "vertical_size", 0), ("vertical_slash", "slash_size", 32),
+    ("vertical_slash", "last_q", -1), ("block_topk", "top_k", 2),
+    ("block_topk", "block_size", 0), ("block_topk", "dense_len", 0),
+])
+def test_bad_config_raises(kind, key, value):
+  with pytest.raises(ValueError, match=key):
+    make_core(kind, **{**CASES[kind], key: value})
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_unequal_lengths_raise(kind):
+  core = make_core(kind, **CASES[kind])
+  q, k, v = qkv(0, 300)
+  with pytest.raises(ValueError, match="prefill"):
+    core.select(q[:, :200], k)
+  with pytest.raises(ValueError, match="cached_call"):
+    core(q[:, :200], k, v, positions_bt=jnp.arange(200)[None], causal=True)
+  with pytest.raises(ValueError, match="causal"):
+    call_bidirectional = lambda: core(q, k, v, positions_bt=jnp.arange(300)[None], causal=False)
+    call_bidirectional()
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_budgets_beyond_the_sequence_are_clipped(kind):
+  """Sizes past the sequence keep everything there is, as the official code does."""
+  opts = {**CASES[kind], **BEYOND[kind]}
+  q, k, _ = qkv(2, LENGTHS[0])
+  got = np.asarray(jitted(kind, opts, "allowed")(q, k))[0]
+  np.testing.assert_array_equal(got, official_mask(kind, np.asarray(q)[0], np.asarray(k)[0], opts))
