@@ -132,3 +132,81 @@ def block_topk(q, k, top_k, block):
     for r in range(nb):
       bits[h, r, idx[h, r]] = True
   return expand_blocks(bits, t, block)
+
+
+# ---- FlexPrefill: flex_prefill/ops/flex_prefill_attention.py (get_active_blocks,
+# flex_prefill_attention) in bytedance/FlexPrefill @a24b27bf ------------------------------
+
+
+def flexprefill(q, k, gamma, tau, min_budget, max_budget, block, budget_block=128,
+                return_jsd=False):
+  """Computed pairs [n, t, t], or None for the official dense fallback. ``budget_block`` is
+  the literal 128 of the official budget conversion (a parameter only for small tests)."""
+  t, n, d = q.shape
+  nb = -(-t // block)
+  min_budget = 1 if min_budget is None else min_budget
+  max_budget = 2147483647 if max_budget is None else max_budget
+  if t <= max(2 * block, math.ceil(min_budget / block) * block):
+    return None
+  min_budget, max_budget = math.ceil(min_budget / block), math.ceil(max_budget / block)
+  max_budget = min(max_budget, nb)
+  last_q = q[-block:].astype(np.float32) / math.sqrt(d)
+  qk = np.einsum("ind,jnd->nij", last_q, k.astype(np.float32))
+  tri = np.tril(np.ones((block, block), bool))
+  qk[..., -block:] = np.where(tri, qk[..., -block:], -np.inf)
+  qk = softmax(qk)
+  slash = diagonal_sums(qk) / qk.shape[-2]
+  vertical = qk.mean(-2)
+
+  def cover(x):
+    return np.sum(np.cumsum(np.sort(x, -1)[..., ::-1], -1) <= gamma, -1) + 1
+
+  n_v = cover(vertical) // budget_block + 1
+  n_s = cover(slash) // budget_block + 1
+  n_v[n_v < min_budget] = min_budget
+  n_v[n_v > max_budget] = max_budget
+  n_s[n_s < min_budget] = min_budget
+  n_s[n_s > max_budget] = max_budget
+
+  def sumpool(x):
+    return np.pad(x, ((0, 0), (0, nb * block - t))).reshape(n, nb, block).sum(-1)
+
+  vertical, slash = sumpool(vertical), sumpool(slash)
+  avg_k = np.stack([k[j * block:(j + 1) * block].mean(0) for j in range(nb)])  # [nb, n, d]
+  avg_qk = softmax(np.einsum("nd,jnd->nj", last_q.mean(0), avg_k))
+  m = (avg_qk + vertical) / 2
+  jsd = np.sqrt(0.5 * (avg_qk * np.log(avg_qk / m)).sum(-1)
+                + 0.5 * (vertical * np.log(vertical / m)).sum(-1))
+  if return_jsd:
+    return jsd
+  aware = jsd < tau
+  n_v[aware] = min_budget
+  n_s[aware] = min_budget
+  vertical[:, :1] = np.inf
+  slash[:, -1:] = np.inf
+  bits = np.zeros((n, nb, nb), bool)
+  for h in range(n):
+    s_top = (nb - 1) - np.argsort(-slash[h], kind="stable")[:min(n_s.max(), nb)]
+    s_top[np.arange(len(s_top)) >= n_s[h]] = 0
+    v_top = np.argsort(-vertical[h], kind="stable")[:min(n_v.max(), nb)]
+    v_top[np.arange(len(v_top)) >= n_v[h]] = 0
+    flat = []  # transform_veritcal_slash_idx
+    for i in range(nb):
+      for v in v_top:
+        flat.append(i * nb + v if i >= v else 0)
+      for o in s_top:
+        f = i * nb + i + o * nb
+        flat.append(f if f < nb * nb else 0)
+    if aware[h]:
+      pad_q = nb * block - t
+      avg_q = np.pad(q[:, h], ((0, pad_q), (0, 0))).reshape(nb, block, d).mean(1)
+      avg_q[-1] = avg_q[-1] * block / (block - pad_q)
+      attn = avg_q / math.sqrt(d) @ avg_k[:, h].T
+      attn = np.where(np.tril(np.ones((nb, nb), bool)), attn, -np.inf)
+      attn = softmax(attn).reshape(-1)
+      idx = np.argsort(-attn, kind="stable")
+      idx[np.cumsum(attn[idx]) > gamma * nb] = 0  # score_cover_idx
+      flat.extend(idx.tolist())
+    for f in np.unique(flat):
+      bits[h, f // nb, f % nb] = True
+  return expand_blocks(bits, t, block)

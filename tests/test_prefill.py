@@ -27,14 +27,19 @@ MODEL = dict(vocab_size=64, num_layers=2, d_model=32, num_heads=N, num_kv_heads=
 # Per kind: small-scale options that select a real pattern at LENGTH, and the numpy port of
 # the official selection with the same options (None = the official falls back to dense).
 CASES = {
+    # tau 0.25 splits these random heads into query-aware and vertical-slash ones;
+    # budget_block 16: the official's literal 128 would leave a 16-token-block test nothing.
+    "flexprefill": dict(block_size=16, gamma=0.9, tau=0.25, min_budget=32, budget_block=16),
     "vertical_slash": dict(vertical_size=24, slash_size=66, last_q=32, block_size=64),
     "block_topk": dict(block_size=16, top_k=6),
 }
 DENSEST = {
+    "flexprefill": dict(block_size=16, gamma=1.0, tau=0.0, min_budget=10**6),
     "vertical_slash": dict(vertical_size=4096, slash_size=4096, last_q=32, block_size=64),
     "block_topk": dict(block_size=16, top_k=4096),
 }
-BEYOND = {  # Budgets larger than the sequence.
+BEYOND = {  # Budgets larger than the sequence (and FlexPrefill's literal 128).
+    "flexprefill": dict(max_budget=10**6, budget_block=128),
     "vertical_slash": dict(vertical_size=10**6, last_q=10**6),
     "block_topk": dict(top_k=10**6),
 }
@@ -50,6 +55,10 @@ def official_mask(kind, q, k, opts):
                                    opts["last_q"])
   if kind == "block_topk":
     return official.block_topk(q, k, opts["top_k"], opts["block_size"])
+  if kind == "flexprefill":
+    return official.flexprefill(q, k, opts["gamma"], opts["tau"], opts.get("min_budget"),
+                                opts.get("max_budget"), opts["block_size"],
+                                opts.get("budget_block", 128))
   raise AssertionError(kind)
 
 
@@ -114,6 +123,7 @@ def call(core, q, k, v):
 @pytest.mark.parametrize("length", LENGTHS)
 def test_selection_equals_official_port(kind, length):
   allowed = jitted(kind, CASES[kind], "allowed")
+  aware = []
   for seed in (0, 1):
     q, k, _ = qkv(seed + length, length)
     got = np.asarray(allowed(q, k))[0]
@@ -122,6 +132,12 @@ def test_selection_equals_official_port(kind, length):
     np.testing.assert_array_equal(got, want)
     density = got.sum() / (N * prefill_lib.causal_pair_count(length))
     assert 0.05 < density < 0.95, density  # A real selection, neither empty nor dense.
+    if kind == "flexprefill":
+      kn = np.repeat(np.asarray(k)[0], N // KH, axis=1)
+      aware.extend(official.flexprefill(np.asarray(q)[0], kn, 0.9, 0.25, 32, None, 16, 16,
+                                        return_jsd=True) < CASES[kind]["tau"])
+  if kind == "flexprefill":  # Both pattern types occurred among these heads.
+    assert any(aware) and not all(aware), aware
 
 
 @pytest.mark.parametrize("kind", sorted(CASES))
@@ -222,10 +238,13 @@ def test_model_prefill_through_cache_equals_forward_and_decodes():
     ("vertical_slash", "vertical_size", 0), ("vertical_slash", "slash_size", 32),
     ("vertical_slash", "last_q", -1), ("block_topk", "top_k", 2),
     ("block_topk", "block_size", 0), ("block_topk", "dense_len", 0),
+    ("flexprefill", "gamma", 0.0), ("flexprefill", "gamma", 1.5), ("flexprefill", "tau", -0.1),
+    ("flexprefill", "min_budget", 10**6),  # Above max_budget (set below).
 ])
 def test_bad_config_raises(kind, key, value):
+  extra = {"max_budget": 64} if key == "min_budget" else {}
   with pytest.raises(ValueError, match=key):
-    make_core(kind, **{**CASES[kind], key: value})
+    make_core(kind, **{**CASES[kind], **extra, key: value})
 
 
 @pytest.mark.parametrize("kind", sorted(CASES))

@@ -50,6 +50,7 @@ from flax import nnx
 from pallas_kernels import block_sparse, stripe
 from sparsity_jax.layers.attention import DenseAttention, register_attention
 from sparsity_jax.patterns import block_topk as block_topk_lib
+from sparsity_jax.patterns import flexprefill as flexprefill_lib
 from sparsity_jax.patterns import prefill as prefill_lib
 from sparsity_jax.patterns import vertical_slash as vertical_slash_lib
 
@@ -286,6 +287,50 @@ class BlockTopKAttention(_TileCore):
 
   def select(self, q_btnh, k_btkh) -> dict:
     return block_topk_lib.select(q_btnh, k_btkh, block_size=self.block_size, top_k=self.top_k)
+
+
+# ---- FlexPrefill -------------------------------------------------------------------------
+
+
+@register_attention("flexprefill")
+class FlexPrefillAttention(_TileCore):
+  """FlexPrefill (patterns/flexprefill.py) on the block-sparse kernel.
+
+  Config: ``block_size`` (128), ``gamma`` (0.95, in (0, 1]), ``tau`` (0.1, in [0, 1]),
+  ``min_budget`` (1024 tokens), ``max_budget`` (None: no cap), ``budget_block`` (128: the
+  official's tokens per budget block). Defaults are the paper's runs (gamma 0.95 for
+  LLaMA-3.1 / GLM-4, 0.9 for Yi / Qwen2). Dense up to max(2 * block_size, min_budget
+  rounded up to blocks) tokens, the official fallback.
+  """
+
+  method = "FlexPrefill"
+
+  def __init__(self, model_config: Any, *, layer_index: int, rngs: nnx.Rngs):
+    super().__init__(model_config, layer_index=layer_index, rngs=rngs)
+    a = model_config.attention
+    self.block_size = prefill_lib.check_positive("block_size", a.get("block_size", 128))
+    self.gamma = prefill_lib.check_fraction("gamma", a.get("gamma", 0.95))
+    self.tau = float(a.get("tau", 0.1))
+    if not 0.0 <= self.tau <= 1.0:
+      raise ValueError(f"tau must be in [0, 1], got {self.tau}")
+    self.min_budget = prefill_lib.check_positive("min_budget", a.get("min_budget", 1024),
+                                                 allow_none=True)
+    self.max_budget = prefill_lib.check_positive("max_budget", a.get("max_budget", None),
+                                                 allow_none=True)
+    if self.min_budget is not None and self.max_budget is not None and (
+        self.min_budget > self.max_budget):
+      raise ValueError(f"min_budget ({self.min_budget}) must not exceed max_budget "
+                       f"({self.max_budget})")
+    self.budget_block = prefill_lib.check_positive(
+        "budget_block", a.get("budget_block", flexprefill_lib.BUDGET_BLOCK))
+
+  def default_dense_len(self) -> int:
+    return flexprefill_lib.dense_len(self.block_size, self.min_budget)
+
+  def select(self, q_btnh, k_btkh) -> dict:
+    return flexprefill_lib.select(q_btnh, k_btkh, block_size=self.block_size, gamma=self.gamma,
+                                  tau=self.tau, min_budget=self.min_budget,
+                                  max_budget=self.max_budget, budget_block=self.budget_block)
 
 
 PREFILL_KINDS = ("anchor", "block_topk", "flexprefill", "pbs", "vertical_slash")
