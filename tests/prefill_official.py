@@ -210,3 +210,66 @@ def flexprefill(q, k, gamma, tau, min_budget, max_budget, block, budget_block=12
     for f in np.unique(flat):
       bits[h, f // nb, f % nb] = True
   return expand_blocks(bits, t, block)
+
+
+# ---- PBS-Attn: pbs_attn/src/{permute_states.py, pbs.py, utils.py} and the kernel's stages
+# (src/kernels/permuted_block_sparse_attention.py) in xinghaow99/pbs-attn @8ce8e024 -------
+
+
+def pbs(q, k, block, segment, threshold, force_first=True, permute=True):
+  """Computed pairs [n, t, t] in original order, or None for the dense fallback."""
+  t, n, d = q.shape
+  if t <= segment:
+    return None
+  # last_block_attn_sorting
+  complete, rem = t // segment, t % segment
+  idx = np.broadcast_to(np.arange(t), (n, t)).copy()
+  if permute and not (complete == 0 or (complete == 1 and rem == 0)):
+    full = complete * segment
+    scores = np.einsum("ind,jnd->nij", q[-block:].astype(np.float32),
+                       k[:full].astype(np.float32)) / math.sqrt(d)
+    avg = softmax(scores).mean(1).reshape(n, complete, segment)
+    order = np.argsort(-avg, axis=-1, kind="stable")
+    idx[:, :full] = (order + np.arange(0, full, segment)[:, None]).reshape(n, full)
+  k_perm = np.stack([k[idx[h], h] for h in range(n)], axis=1)
+  # permuted_block_selection (queries not permuted)
+  pad = -(-t // block) * block - t
+  qp = np.pad(q, ((0, pad), (0, 0), (0, 0)))
+  kp = np.pad(k_perm, ((0, pad), (0, 0), (0, 0)))
+  key_idx = np.concatenate([idx, np.broadcast_to(np.arange(t, t + pad), (n, pad))], axis=1)
+  nb = qp.shape[0] // block
+  per_seg = segment // block
+  qb, kb = np.arange(nb)[:, None], np.arange(nb)[None, :]
+  segment_mask = (qb // per_seg) == (kb // per_seg)
+  mask = ~segment_mask & (kb <= qb)
+  q_pool = qp.reshape(nb, block, n, d).mean(1)
+  k_pool = kp.reshape(nb, block, n, d).mean(1)
+  s = np.einsum("ind,jnd->nij", q_pool, k_pool) / math.sqrt(d)
+  with np.errstate(invalid="ignore"):
+    s = softmax(np.where(mask, s, -np.inf))
+  if threshold == 1:
+    block_mask = np.broadcast_to(mask, (n, nb, nb)).copy()
+  else:
+    s = np.nan_to_num(s, nan=0.0)
+    order = np.argsort(-s, axis=-1, kind="stable")
+    cum = np.cumsum(np.take_along_axis(s, order, -1), -1)
+    exceed = cum >= threshold
+    first = np.argmax(exceed, -1)[..., None]
+    sel_sorted = (np.arange(nb) <= first) & exceed.any(-1, keepdims=True)
+    block_mask = np.zeros_like(sel_sorted)
+    np.put_along_axis(block_mask, order, sel_sorted, -1)
+  if force_first:
+    block_mask |= (key_idx.reshape(n, nb, block) == 0).any(-1)[:, None, :]
+  block_mask |= segment_mask
+  # Kernel: stage 1, earlier segments, selected blocks whole; stage 2, own segment, selected
+  # blocks with perm_K <= perm_Q (queries unpermuted: perm_Q = position).
+  out = np.zeros((n, t, t), bool)
+  for h in range(n):
+    for i in range(t):
+      seg_start = (i // segment) * segment
+      for s_ in range(min(seg_start + segment, t)):
+        if not block_mask[h, i // block, s_ // block]:
+          continue
+        if s_ < seg_start or idx[h, s_] <= i:
+          out[h, i, idx[h, s_]] = True
+  return out

@@ -32,16 +32,19 @@ CASES = {
     "flexprefill": dict(block_size=16, gamma=0.9, tau=0.25, min_budget=32, budget_block=16),
     "vertical_slash": dict(vertical_size=24, slash_size=66, last_q=32, block_size=64),
     "block_topk": dict(block_size=16, top_k=6),
+    "pbs": dict(block_size=16, segment_size=64, threshold=0.6),
 }
 DENSEST = {
     "flexprefill": dict(block_size=16, gamma=1.0, tau=0.0, min_budget=10**6),
     "vertical_slash": dict(vertical_size=4096, slash_size=4096, last_q=32, block_size=64),
     "block_topk": dict(block_size=16, top_k=4096),
+    "pbs": dict(block_size=16, segment_size=64, threshold=1.0),
 }
 BEYOND = {  # Budgets larger than the sequence (and FlexPrefill's literal 128).
     "flexprefill": dict(max_budget=10**6, budget_block=128),
     "vertical_slash": dict(vertical_size=10**6, last_q=10**6),
     "block_topk": dict(top_k=10**6),
+    "pbs": dict(segment_size=1024),  # One segment: the official dense fallback.
 }
 LENGTHS = (333, 384)  # Ragged and a block multiple (64 and 128 blocks).
 
@@ -59,7 +62,16 @@ def official_mask(kind, q, k, opts):
     return official.flexprefill(q, k, opts["gamma"], opts["tau"], opts.get("min_budget"),
                                 opts.get("max_budget"), opts["block_size"],
                                 opts.get("budget_block", 128))
+  if kind == "pbs":
+    return official.pbs(q, k, opts["block_size"], opts["segment_size"], opts["threshold"],
+                        opts.get("force_first_block", True), opts.get("permute", True))
   raise AssertionError(kind)
+
+
+def official_or_dense(kind, q, k, opts):
+  """official_mask, with the official dense fallback (None) as every causal pair."""
+  mask = official_mask(kind, q, k, opts)
+  return np.broadcast_to(official.causal(q.shape[0]), (N,) + (q.shape[0],) * 2) if mask is None else mask
 
 
 def make_core(kind, **opts):
@@ -240,11 +252,32 @@ def test_model_prefill_through_cache_equals_forward_and_decodes():
     ("block_topk", "block_size", 0), ("block_topk", "dense_len", 0),
     ("flexprefill", "gamma", 0.0), ("flexprefill", "gamma", 1.5), ("flexprefill", "tau", -0.1),
     ("flexprefill", "min_budget", 10**6),  # Above max_budget (set below).
+    ("pbs", "threshold", 0.0), ("pbs", "threshold", 1.01), ("pbs", "segment_size", 40),
 ])
 def test_bad_config_raises(kind, key, value):
   extra = {"max_budget": 64} if key == "min_budget" else {}
   with pytest.raises(ValueError, match=key):
     make_core(kind, **{**CASES[kind], **extra, key: value})
+
+
+def test_pbs_permuted_queries_get_their_outputs_back():
+  """The builder accepts a query permutation within segments (the paper's formulation; the
+  released code keeps queries in order): causality stays by original position and the
+  core puts the outputs back in order."""
+  from sparsity_jax.patterns import pbs
+  core = make_core("pbs", **CASES["pbs"])
+  t, seg = LENGTHS[0], CASES["pbs"]["segment_size"]
+  q, k, v = qkv(13, t)
+  rng = np.random.default_rng(0)
+  q_perm = np.concatenate([rng.permutation(np.arange(s0, min(s0 + seg, t)))
+                           for s0 in range(0, t, seg)])[None, None]
+  pattern = pbs.select(q, k, block_size=16, segment_size=seg, threshold=0.6,
+                       q_perm=np.broadcast_to(q_perm, (1, N, t)))
+  out = core.attend(q, k, v, pattern)
+  allowed = np.asarray(core.allowed(pattern, t))
+  assert (allowed <= np.tril(np.ones((t, t), bool))).all()  # Causal by original position.
+  np.testing.assert_allclose(np.asarray(out), np.asarray(masked_reference(q, k, v, allowed)),
+                             atol=2e-5)
 
 
 @pytest.mark.parametrize("kind", sorted(CASES))
@@ -266,4 +299,5 @@ def test_budgets_beyond_the_sequence_are_clipped(kind):
   opts = {**CASES[kind], **BEYOND[kind]}
   q, k, _ = qkv(2, LENGTHS[0])
   got = np.asarray(jitted(kind, opts, "allowed")(q, k))[0]
-  np.testing.assert_array_equal(got, official_mask(kind, np.asarray(q)[0], np.asarray(k)[0], opts))
+  np.testing.assert_array_equal(got, official_or_dense(kind, np.asarray(q)[0], np.asarray(k)[0],
+                                                      opts))

@@ -51,6 +51,7 @@ from pallas_kernels import block_sparse, stripe
 from sparsity_jax.layers.attention import DenseAttention, register_attention
 from sparsity_jax.patterns import block_topk as block_topk_lib
 from sparsity_jax.patterns import flexprefill as flexprefill_lib
+from sparsity_jax.patterns import pbs as pbs_lib
 from sparsity_jax.patterns import prefill as prefill_lib
 from sparsity_jax.patterns import vertical_slash as vertical_slash_lib
 
@@ -331,6 +332,60 @@ class FlexPrefillAttention(_TileCore):
     return flexprefill_lib.select(q_btnh, k_btkh, block_size=self.block_size, gamma=self.gamma,
                                   tau=self.tau, min_budget=self.min_budget,
                                   max_budget=self.max_budget, budget_block=self.budget_block)
+
+
+# ---- PBS-Attn ----------------------------------------------------------------------------
+
+
+@register_attention("pbs")
+class PBSAttention(PrefillAttention):
+  """PBS-Attn (patterns/pbs.py): block-sparse attention over segment-wise permuted keys.
+
+  Config: ``block_size`` (128), ``segment_size`` (256, a block multiple), ``threshold``
+  (0.9, top-p in (0, 1]), ``force_first_block`` (True), ``permute`` (True; False selects on
+  the original order: the MeanPooling ablation). Dense up to ``segment_size`` tokens.
+  The kernel reads the keys and values gathered into each query head's permuted order
+  (causal by original position inside the own segment); permuted queries (the pattern's
+  ``q_perm``, identity unless a pattern built with one is passed to ``attend``) get their
+  outputs put back in order.
+  """
+
+  method = "PBS-Attn"
+
+  def __init__(self, model_config: Any, *, layer_index: int, rngs: nnx.Rngs):
+    super().__init__(model_config, layer_index=layer_index, rngs=rngs)
+    a = model_config.attention
+    self.block_size = int(a.get("block_size", 128))
+    self.segment_size = int(a.get("segment_size", 256))
+    pbs_lib.check_sizes(self.block_size, self.segment_size)
+    self.threshold = prefill_lib.check_fraction("threshold", a.get("threshold", 0.9))
+    self.force_first_block = bool(a.get("force_first_block", True))
+    self.permute = bool(a.get("permute", True))
+
+  def default_dense_len(self) -> int:
+    return self.segment_size
+
+  def select(self, q_btnh, k_btkh) -> dict:
+    return pbs_lib.select(q_btnh, k_btkh, block_size=self.block_size,
+                          segment_size=self.segment_size, threshold=self.threshold,
+                          force_first_block=self.force_first_block, permute_keys=self.permute)
+
+  def attend(self, q_btnh, k_btkh, v_btkh, pattern):
+    t, n = q_btnh.shape[1], q_btnh.shape[2]
+    perm, q_perm = pattern["perm"], pattern["q_perm"]
+    k_p = pbs_lib.permute(prefill_lib.repeat_kv(k_btkh, n), perm)
+    v_p = pbs_lib.permute(prefill_lib.repeat_kv(v_btkh, n), perm)
+    mask = pbs_lib.block_mask(pattern, t, self.block_size, self.segment_size)
+    o_p = block_sparse.attention(pbs_lib.permute(q_btnh, q_perm), k_p, v_p, mask,
+                                 implementation=self.implementation)
+    inverse = jnp.argsort(q_perm, axis=-1).astype(jnp.int32)  # Slot of each position.
+    return pbs_lib.permute(o_p, inverse)
+
+  def allowed(self, pattern, length):
+    return pbs_lib.allowed(pattern, length, self.block_size, self.segment_size)
+
+  def pairs(self, pattern, length):
+    return pbs_lib.pairs(pattern, length, self.block_size, self.segment_size)
 
 
 PREFILL_KINDS = ("anchor", "block_topk", "flexprefill", "pbs", "vertical_slash")
