@@ -273,3 +273,52 @@ def pbs(q, k, block, segment, threshold, force_first=True, permute=True):
         if s_ < seg_start or idx[h, s_] <= i:
           out[h, i, idx[h, s_]] = True
   return out
+
+
+# ---- AnchorAttention: anchor_attn/src/ops/{anchor_step_1_2_v2.py (step 1),
+# get_mask_test.py (step 2), anchor_attn_v4.py (step 3)} and modules/llama/anchor_attention.py
+# (the tail) in yuzhouzhang9/Anchor-Attention @fdc74208 ------------------------------------
+
+
+def anchor(q, k, block, step, theta, tile_m=128, return_coords=False):
+  """Computed pairs [n, t, t] of the official (a pair is computed once even where the
+  official counts it twice), or the per big block coordinate lists."""
+  t, n, d = q.shape
+  size = block * step
+  pad = t % size
+  body = t - pad  # anchor_attn runs on q[:, :-pad] (the tail is dense flash attention)
+  scale = 1 / math.sqrt(d)
+  log2e = 1.44269504
+  out = np.zeros((n, t, t), bool)
+  out[:, body:] = causal(t)[body:]
+  coords_all = []
+  # Step 1 (get_mask_fused_anchor_triton, init_cnt = local_cnt = 1): running max in log2 units.
+  m = np.full((n, body), -np.inf)
+  for start_m in range(-(-body // tile_m)):
+    rows = np.arange(start_m * tile_m, min((start_m + 1) * tile_m, body))
+    big = (start_m * tile_m) // size
+    init_offset = min(size, (start_m + 1) * tile_m)
+    local_offset = max(big * size, 0)
+    keys = np.concatenate([np.arange(0, init_offset),
+                           np.arange(max(local_offset, init_offset), (big + 1) * size)])
+    qk = np.einsum("rnd,snd->nrs", q[rows], k[keys]) * scale * log2e
+    qk = np.where(keys[None, None, :] <= rows[None, :, None], qk, -1e6)
+    m[:, rows] = qk.max(-1)
+    for r in rows:
+      out[:, r, keys[keys <= r]] = True
+  # Step 2 (get_q_mask_triton): per big block, pooled queries vs candidate keys.
+  for g in range(body // size):
+    rows = np.arange(g * size, (g + 1) * size)
+    q_bar = q[rows].reshape(step, block, n, d).mean(1)  # [step, n, d]
+    a_bar = m[:, rows].reshape(n, step, block).mean(-1)  # [n, step]
+    coords = []
+    for h in range(n):
+      sel = []
+      for i in range(block, g * size - block, block):
+        qk = q_bar[:, h] @ k[i:i + block, h].T * scale * log2e  # [step, block]
+        hit = ((qk + theta * log2e) >= a_bar[h][:, None]).any(0)
+        sel.extend((i + np.nonzero(hit)[0]).tolist())
+      coords.append(sel)
+      out[h, g * size:(g + 1) * size][:, sel] = True  # Step 3: no mask (keys < g * size).
+    coords_all.append(coords)
+  return coords_all if return_coords else out

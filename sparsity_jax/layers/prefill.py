@@ -49,6 +49,7 @@ from flax import nnx
 
 from pallas_kernels import block_sparse, stripe
 from sparsity_jax.layers.attention import DenseAttention, register_attention
+from sparsity_jax.patterns import anchor as anchor_lib
 from sparsity_jax.patterns import block_topk as block_topk_lib
 from sparsity_jax.patterns import flexprefill as flexprefill_lib
 from sparsity_jax.patterns import pbs as pbs_lib
@@ -386,6 +387,55 @@ class PBSAttention(PrefillAttention):
 
   def pairs(self, pattern, length):
     return pbs_lib.pairs(pattern, length, self.block_size, self.segment_size)
+
+
+# ---- AnchorAttention ---------------------------------------------------------------------
+
+
+@register_attention("anchor")
+class AnchorAttention(PrefillAttention):
+  """AnchorAttention (patterns/anchor.py): init + local windows on the block-sparse kernel,
+  the selected key columns on the stripe kernel, merged by log-sum-exp.
+
+  Config: ``block_size`` (128), ``step`` (16; big block S = block_size * step), ``theta``
+  (12.0, natural-log units), ``candidates`` ('released' or 'all'). Dense below 3 S tokens
+  (identical result: the windows cover every causal key there).
+  """
+
+  method = "AnchorAttention"
+
+  def __init__(self, model_config: Any, *, layer_index: int, rngs: nnx.Rngs):
+    super().__init__(model_config, layer_index=layer_index, rngs=rngs)
+    a = model_config.attention
+    self.block_size = a.get("block_size", 128)
+    self.step = a.get("step", 16)
+    self.theta = float(a.get("theta", 12.0))
+    self.candidates = a.get("candidates", "released")
+    anchor_lib.check(self.block_size, self.step, self.theta, self.candidates)
+
+  def default_dense_len(self) -> int:
+    return anchor_lib.dense_len(self.block_size, self.step)
+
+  def select(self, q_btnh, k_btkh) -> dict:
+    return anchor_lib.select(q_btnh, k_btkh, block_size=self.block_size, step=self.step,
+                             theta=self.theta, candidates=self.candidates)
+
+  def attend(self, q_btnh, k_btkh, v_btkh, pattern):
+    t = q_btnh.shape[1]
+    windows = anchor_lib.window_bits(t, self.block_size, self.step)[None, None]
+    mask = prefill_lib.causal_block_mask(windows, t, self.block_size)
+    o_a, lse_a = block_sparse.attention(q_btnh, k_btkh, v_btkh, mask, return_lse=True,
+                                        implementation=self.implementation)
+    o_b, lse_b = stripe.attention(q_btnh, k_btkh, v_btkh, pattern["indices"], pattern["counts"],
+                                  block_q=self.block_size * self.step, causal=True,
+                                  return_lse=True, implementation=self.implementation)
+    return stripe.merge_partials(o_a, lse_a, o_b, lse_b)[0]
+
+  def allowed(self, pattern, length):
+    return anchor_lib.allowed(pattern, length, self.block_size, self.step)
+
+  def pairs(self, pattern, length):
+    return anchor_lib.pairs(pattern, length, self.block_size, self.step)
 
 
 PREFILL_KINDS = ("anchor", "block_topk", "flexprefill", "pbs", "vertical_slash")

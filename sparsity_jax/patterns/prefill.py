@@ -185,9 +185,10 @@ def causal_pair_count(length: int) -> int:
 
 
 def causal_block_mask(bits, length: int, block: int, *, max_per_row: int | None = None,
-                      rule: block_sparse.ElementRule | None = None,
-                      diagonal_rule: bool = True) -> block_sparse.BlockMask:
+                      rule: block_sparse.ElementRule | None = None) -> block_sparse.BlockMask:
   """BlockMask of the kept tiles ``bits`` [B|1, H|1, nb, nb] of a causal prefill.
+
+  NumPy ``bits`` (a static pattern) give exact table widths; traced ones worst-case widths.
 
   Tiles wholly below the diagonal are full; tiles the causal rule cuts are partial, with
   the causal rule on positions (or ``rule``); tiles with no causal pair are dropped.
@@ -195,13 +196,17 @@ def causal_block_mask(bits, length: int, block: int, *, max_per_row: int | None 
   """
   any_causal, all_causal = causal_tiles(length, block)
   nb = any_causal.shape[0]
-  bits = jnp.asarray(bits, bool) & jnp.asarray(any_causal)
-  width = nb if max_per_row is None else int(min(max_per_row, nb))
   if rule is None:
     pos = jnp.arange(length, dtype=jnp.int32)[None, None]
     rule = block_sparse.PositionRule(pos, pos, jnp.full((1,), rules_lib.UNBOUNDED, jnp.int32),
                                      jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
   partial_tiles = any_causal & ~all_causal
+  if isinstance(bits, np.ndarray):  # Host bits: exact table widths (from_block_bits).
+    bits = bits.astype(bool) & any_causal
+    return block_sparse.from_block_bits(bits & partial_tiles, bits & all_causal, q_len=length,
+                                        kv_len=length, block_q=block, block_k=block, rule=rule)
+  bits = jnp.asarray(bits, bool) & jnp.asarray(any_causal)
+  width = nb if max_per_row is None else int(min(max_per_row, nb))
   part_width = int(max(1, partial_tiles.sum(-1).max()))
   return block_sparse.from_block_bits(
       bits & jnp.asarray(partial_tiles), bits & jnp.asarray(all_causal), q_len=length,
