@@ -152,16 +152,22 @@ def block_mask(pattern: dict, length: int, block_size: int,
 
 
 def allowed(pattern: dict, length: int, block_size: int, segment_size: int) -> jax.Array:
-  """bool [b, n, t, t] computed pairs in ORIGINAL query / key order. O(t^2)."""
-  same, _ = segment_tiles(length, block_size, segment_size)
-  up = lambda x: jnp.repeat(jnp.repeat(x, block_size, -2), block_size, -1)[..., :length, :length]
-  qpos, kpos = pattern["q_perm"], pattern["perm"]
-  in_order = up(jnp.asarray(same)) & (kpos[..., None, :] <= qpos[..., :, None])
-  slots = in_order | up(pattern["bits"])  # [b, n, query slot, key slot]
-  b, n = slots.shape[:2]
-  out = jnp.zeros(slots.shape, bool)
-  bi, hi = jnp.arange(b)[:, None, None, None], jnp.arange(n)[None, :, None, None]
-  return out.at[bi, hi, qpos[..., :, None], kpos[..., None, :]].set(slots)
+  """bool [b, n, t, t] computed pairs in ORIGINAL query / key order. O(t^2).
+
+  The own segment contributes exactly its causal pairs (the permutation stays inside the
+  segment); an earlier tile (i, j) of the permuted order holds the queries at slots of
+  block i and the keys at slots of block j.
+  """
+  pos = np.arange(length)
+  seg = pos // segment_size
+  own = jnp.asarray((seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None]))
+  q_block = jnp.argsort(pattern["q_perm"], axis=-1) // block_size  # [b, n, t] per position
+  k_block = jnp.argsort(pattern["perm"], axis=-1) // block_size
+  bits = pattern["bits"]
+  nb = bits.shape[-1]
+  flat = (q_block[..., :, None] * nb + k_block[..., None, :]).reshape(*bits.shape[:2], -1)
+  picked = jnp.take_along_axis(bits.reshape(*bits.shape[:2], -1), flat, axis=-1)
+  return own | picked.reshape(*bits.shape[:2], length, length)
 
 
 def pairs(pattern: dict, length: int, block_size: int, segment_size: int) -> jax.Array:
