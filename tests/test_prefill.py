@@ -236,7 +236,7 @@ def test_dense_fallback_lengths_and_short_inputs():
           "block_topk": 16 * 6,  # Every row would keep all its blocks.
           "flexprefill": max(2 * 16, 32),  # max(2 block_size, min_budget in blocks).
           "pbs": 64,  # q_len <= segment_size.
-          "vertical_slash": 32 if 32 > 64 else 64}  # The last_q estimate, at least 64.
+          "vertical_slash": max(32, 64)}  # last_q (the estimate), at least the 64 forced slashes.
   for kind in KINDS:
     assert make_core(kind, **CASES[kind]).dense_len == want[kind], kind
   assert make_core("pbs", **CASES["pbs"], dense_len=7).dense_len == 7
