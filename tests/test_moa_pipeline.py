@@ -272,3 +272,21 @@ def test_calibration_answers_with_the_dense_model_and_masks_after_eos(tmp_path):
   graded = calibrate.grade(prompts, want[:, 121:])
   assert calibrate.check([dict(g, correct=False) for g in graded], 128) is not None
   assert calibrate.check([dict(g, correct=True) for g in graded], 128) is None
+
+
+def test_loss_tokens_keep_the_start_of_each_response(tmp_path):
+  mask = np.array([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(calibrate.first_tokens(mask, 2),
+                                [[0, 0, 1, 1, 0, 0], [0, 1, 1, 0, 0, 0]])
+  assert calibrate.first_tokens(mask, 0) is mask
+  path = str(tmp_path / "calib.npz")
+  calibrate.save(path, np.zeros_like(mask), mask)
+  assert [int(m.sum()) for _, m in calibrate.load(path, loss_tokens=2)] == [2, 2]
+  opts = pipeline.Options(out=str(tmp_path / "moa"))
+  os.makedirs(opts.out)
+  old = opts.to_json()
+  del old["loss_tokens"]  # A directory written before the option existed: its default.
+  json.dump(old, open(os.path.join(opts.out, "options.json"), "w"))
+  pipeline.check_directory(opts)
+  with pytest.raises(ValueError, match="loss_tokens: 0 there, 8 now"):
+    pipeline.check_directory(dataclasses.replace(opts, loss_tokens=8))

@@ -144,11 +144,20 @@ def save(path: str, tokens: np.ndarray, mask: np.ndarray, graded: Sequence[dict]
       json.dump(list(graded), f, indent=1)
 
 
-def load(path: str) -> list[tuple[np.ndarray, np.ndarray]]:
+def first_tokens(mask: np.ndarray, k: int) -> np.ndarray:
+  """The loss mask restricted to the first ``k`` response tokens of each row (0: all)."""
+  if k <= 0:
+    return mask
+  return (mask * (np.cumsum(mask, axis=-1) <= k)).astype(mask.dtype)
+
+
+def load(path: str, loss_tokens: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+  """(tokens, mask) samples; ``loss_tokens`` > 0 keeps only the first k response tokens
+  in the loss (e.g. the answer of a retrieval prompt, not the repetitions after it)."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: run `launch/moa.py calibrate` first")
   with np.load(path) as z:
-    samples = list(zip(z["tokens"], z["mask"]))
+    samples = list(zip(z["tokens"], first_tokens(z["mask"], loss_tokens)))
   if not samples:
     raise ValueError(f"{path} holds an empty calibration set: re-run calibrate with "
                      "--num_samples >= 1")

@@ -55,6 +55,7 @@ class Options:
   lower_ratio: float = 0.0  # Density lower bound as a fraction of the budget.
   min_cache: int = 128  # Every head keeps at least this many tokens (sink + window).
   tasks: Sequence[str] = calibrate_lib.DEFAULT_TASKS  # Calibration tasks, mixed.
+  loss_tokens: int = 0  # Profile / validate on the first k response tokens only (0: all).
   chat: str = "auto"  # Chat template around calibration prompts: auto / true / false.
   model: str = ""  # What the model is (path or name): part of the directory's identity.
   seed: int = 0
@@ -139,7 +140,7 @@ def stage_calibrate(model, opts: Options, documents=None, tokenizer=None, log=pr
 
 def stage_profile(model, opts: Options) -> dict:
   for n in opts.lengths:
-    samples = calibrate_lib.load(os.path.join(opts.out, f"calib_{n}.npz"))
+    samples = calibrate_lib.load(os.path.join(opts.out, f"calib_{n}.npz"), opts.loss_tokens)
     inf = profile_lib.profile_length(model, samples, length=n, block_size=opts.block_size,
                                      sink=opts.sink, remat=True)
     inf.save(os.path.join(opts.out, f"influence_{n}.npz"))
@@ -178,7 +179,8 @@ def load_plans(out: str) -> list[plan_lib.Plan]:
 
 def stage_validate(model, opts: Options) -> dict:
   plans = load_plans(opts.out)
-  samples = calibrate_lib.load(os.path.join(opts.out, f"calib_{opts.validate_length}.npz"))
+  samples = calibrate_lib.load(os.path.join(opts.out, f"calib_{opts.validate_length}.npz"),
+                               opts.loss_tokens)
   best, losses = validate_lib.validate(model, plans, samples, length=opts.validate_length,
                                        block_size=opts.block_size)
   dense_loss = validate_lib.loss_on(dense_model(model), samples)
@@ -239,6 +241,8 @@ def check_options(model, opts: Options, tokenizer=None) -> None:
   if lengths and not 1 <= opts.response_len < min(lengths):
     problems.append(f"response_len={opts.response_len} must be in [1, {min(lengths)}) (the "
                     "shortest length)")
+  if opts.loss_tokens < 0 or opts.loss_tokens > opts.response_len:
+    problems.append(f"loss_tokens={opts.loss_tokens} must be in [0, response_len]")
   if opts.sink < 0 or opts.min_cache < 1:
     problems.append(f"need sink >= 0 and min_cache >= 1, got {opts.sink}, {opts.min_cache}")
   unknown = [t for t in opts.tasks if t not in lc.TASKS]
@@ -284,6 +288,8 @@ def check_directory(opts: Options, restart: bool = False, log=print) -> None:
     old = json.load(f)
   old.pop("out", None)
   new = opts.to_json()
+  defaults = Options(out="").to_json()  # An option added later reads as its default.
+  old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
   diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
   if not diff:
     return
