@@ -37,6 +37,7 @@ import os
 import tempfile
 import time
 
+import jax
 import numpy as np
 
 from sparsity_jax.checkpoints import load_pretrained
@@ -158,6 +159,7 @@ def main():
           variant = validate_lib.with_plan(model, plan_path, block_size=block)
         cell = run_cell(variant, tok, name, plan, length, args)
         del variant
+        jax.clear_caches()  # Each variant compiles its own programs: free them.
         gc.collect()
         saved["cells"].append(cell)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
