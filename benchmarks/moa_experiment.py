@@ -17,7 +17,8 @@ density equals the budget (a searched MoA plan's is at most the budget).
   python benchmarks/moa_experiment.py --workdir=runs/moa_lm_tiny \
       --moa_dirs=runs/moa_50,runs/moa_25 --out=docs/results/moa_experiment
 
-Writes <out>.json, <out>.png (accuracy by length and by decile) and prints a markdown table.
+Writes <out>.json, <out>.png (accuracy by length and by decile) and prints a markdown table;
+<out> defaults to <workdir>/moa_experiment (the tracked docs/results/ only when asked for).
 """
 
 from __future__ import annotations
@@ -65,7 +66,13 @@ def decode_speed(model, prompt_bt, new_tokens: int) -> tuple[float, float]:
   return prefill, prompt_bt.shape[0] * new_tokens / min(t["decode_s"] for t in runs)
 
 
-def main():
+def output_path(args) -> str:
+  """Output prefix: --out, else the dense model's run directory (never the docs)."""
+  return args.out or os.path.join(args.workdir, "moa_experiment")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  """The command line, with --out resolved (output_path)."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--workdir", required=True, help="The dense model's training run.")
   p.add_argument("--moa_dirs", required=True, help="Comma-separated launch/moa.py --out dirs.")
@@ -76,8 +83,15 @@ def main():
   p.add_argument("--new_tokens", type=int, default=32, help="Decode tokens timed.")
   p.add_argument("--speed_batch", type=int, default=4)
   p.add_argument("--skip_speed", action="store_true")
-  p.add_argument("--out", default="docs/results/moa_experiment")
-  args = p.parse_args()
+  p.add_argument("--out", default=None,
+                 help="Output prefix (default <workdir>/moa_experiment)")
+  args = p.parse_args(argv)
+  args.out = output_path(args)
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
   lengths = [int(x) for x in args.lengths.split(",")]
   text_lengths = [int(x) for x in args.text_lengths.split(",")]
   model = loop.load_model(args.workdir)

@@ -1,8 +1,11 @@
-r"""SparseD vs dense generation on a trained masked-diffusion LM (writes docs/results/sparsed.md).
+r"""SparseD vs dense generation on a trained masked-diffusion LM.
 
   python benchmarks/sparsed_bench.py --workdir=runs/diffusion_tiny \
       [--contexts=2048,4096,8192,16384] [--gen_length=64] [--steps=32] [--block_length=32]
       [--select=0.3] [--skip=0.2] [--block_size=128] [--out=docs/results/sparsed.md]
+
+Writes the markdown table to <workdir>/sparsed_bench.md, or to --out (the tracked
+docs/results/sparsed.md only when asked for).
 
 For each context length, a prompt of that many bytes (validation-split Python sources) is
 followed by --gen_length masked tokens and denoised densely and with SparseD; the table
@@ -66,7 +69,7 @@ def attention_fraction(model, seq_len, cfg, skip) -> float:
   cores = sparsed.sparsed_cores(model)
   sparse_density = float(np.mean([float(c.block_mask(seq_len).density()) for c in cores]))
   switch = sparsed.switch_step(cfg.steps, skip)
-  sparse_steps = cfg.steps - switch - 1
+  sparse_steps = max(cfg.steps - switch - 1, 0)
   return ((cfg.steps - sparse_steps) + sparse_steps * sparse_density) / cfg.steps
 
 
@@ -91,7 +94,13 @@ def sparsed_validation_loss(workdir, attention, num_batches):
   return {k: v[0] / v[1] / math.log(2) for k, v in totals.items()}
 
 
-def main():
+def output_path(args) -> str:
+  """Where the table goes: --out, else the model's run directory (never the docs)."""
+  return args.out or os.path.join(args.workdir, "sparsed_bench.md")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  """The command line, with --out resolved (output_path)."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--contexts", default="2048,4096,8192,16384")
@@ -103,13 +112,20 @@ def main():
   parser.add_argument("--block_size", type=int, default=128)
   parser.add_argument("--eval_block_size", type=int, default=32)
   parser.add_argument("--eval_batches", type=int, default=8)
-  parser.add_argument("--out", default="docs/results/sparsed.md")
+  parser.add_argument("--out", default=None,
+                      help="Markdown output (default <workdir>/sparsed_bench.md)")
   parser.add_argument("--no_warmup", action="store_true",
                       help="Time one generation per configuration, compile steps replaced by "
                            "their phase's median step (for very long contexts)")
   parser.add_argument("--rows", default=None,
                       help="JSON lines of earlier generation rows to include (e.g. from a log)")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
+  args.out = output_path(args)
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
 
   config = loop.load_workdir_config(args.workdir)
   cfg = diffusion.SamplerConfig(gen_length=args.gen_length, steps=args.steps,
@@ -165,7 +181,7 @@ def main():
             f"{config.data.seq_len}; SparseD pattern captured on each noisy batch, block "
             f"{args.eval_block_size}, select {args.select}): dense {losses['dense']:.4f}, "
             f"SparseD {losses['sparsed']:.4f}.", ""]
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     f.write("\n".join(lines))
   print("\n".join(lines))

@@ -18,10 +18,12 @@ import json
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sparsity_jax import cli  # noqa: E402  (after the path)
+from sparsity_jax.errors import UserError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Optional config file.",
                                           lock_config=True)
@@ -36,25 +38,26 @@ _INIT_FROM_HF = flags.DEFINE_string("init_from_hf", None, "Older name of --model
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise UserError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+  config = cli.config(_CONFIG)
   source = _MODEL.value or _INIT_FROM_HF.value
   if source:
     if _WORKDIR.value or (_MODEL.value and _INIT_FROM_HF.value):
-      raise app.UsageError("--model evaluates a pretrained model: it takes no --workdir (and "
-                           "--init_from_hf is its older name, give one)")
+      raise UserError("--model evaluates a pretrained model: it takes no --workdir (and "
+                      "--init_from_hf is its older name, give one)")
     from sparsity_jax import config_lib
     from sparsity_jax.train import from_pretrained
-    config = _CONFIG.value if _CONFIG.value is not None else config_lib.pretrained_config(source)
+    config = config if config is not None else config_lib.pretrained_config(source)
     metrics = from_pretrained.evaluate_pretrained(source, config)
   else:
     if not _WORKDIR.value:
-      raise app.UsageError("give --workdir (a training run) or --model (a pretrained model)")
+      raise UserError("give --workdir (a training run) or --model (a pretrained model)")
     from sparsity_jax.train import evaluate_workdir
-    metrics = evaluate_workdir(_WORKDIR.value, _CONFIG.value, _STEP.value)
+    metrics = evaluate_workdir(_WORKDIR.value, config, _STEP.value)
   print(json.dumps(metrics, indent=2))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

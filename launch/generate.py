@@ -18,17 +18,22 @@ Masked-diffusion LMs (a --workdir trained with the masked_diffusion objective):
       --gen_length=64 --steps=64 --block_length=32 [--sparsed] \
       [--sparsed.skip=0.2 --sparsed.select=0.3 --sparsed.block_size=32]
 
---config overrides the run's own config.json (rarely needed). Prints the generated text
-and the timings (total, per step, dense vs sparse steps).
+--config overrides the run's own config.json (rarely needed). Prints the prompt, the
+generated text (or what it holds when nothing is printable), the timings, and a note
+when the run's validation says the model is undertrained. The model reads bytes: a
+prompt that is not UTF-8 (a --prompt_file of any bytes) is passed through as it is.
 """
 
 import os
 import sys
 
-from absl import app, flags, logging
+import numpy as np
+from absl import flags, logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sparsity_jax import cli  # noqa: E402  (after the path)
+from sparsity_jax.errors import UserError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Optional config file.",
                                           lock_config=True)
@@ -56,29 +61,23 @@ _BLOCK = flags.DEFINE_integer("sparsed.block_size", 128, "SparseD block size (32
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise UserError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   if (_PROMPT.value is None) == (_PROMPT_FILE.value is None):
-    raise app.UsageError("give exactly one of --prompt and --prompt_file")
+    raise UserError("give exactly one of --prompt and --prompt_file")
   if (_WORKDIR.value is None) == (_MODEL.value is None):
-    raise app.UsageError("give exactly one of --workdir (a training run) and --model (smollm2, a "
-                         ".gguf file or a Hugging Face directory)")
-  prompt = _PROMPT.value
-  if _PROMPT_FILE.value is not None:
-    with open(_PROMPT_FILE.value, encoding="utf-8") as f:
-      prompt = f.read()
+    raise UserError("give exactly one of --workdir (a training run) and --model (smollm2, a "
+                    ".gguf file or a Hugging Face directory)")
+  prompt = prompt_bytes(_PROMPT.value, _PROMPT_FILE.value)
   if _MODEL.value is not None:
     import jax.numpy as jnp
-    from sparsity_jax.checkpoints import CheckpointError, load_pretrained
+    from sparsity_jax.checkpoints import load_pretrained
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[_DTYPE.value]
-    try:
-      model, tokenizer = load_pretrained(_MODEL.value, dtype=dtype, param_dtype=dtype)
-    except (FileNotFoundError, CheckpointError) as e:
-      sys.exit(f"generate: {e}")
-    return _generate_causal(model, tokenizer, prompt)
+    model, tokenizer = load_pretrained(_MODEL.value, dtype=dtype, param_dtype=dtype)
+    return _generate_causal(model, tokenizer, prompt.decode("utf-8", errors="replace"))
   from sparsity_jax.train import loop
-  model = loop.load_model(_WORKDIR.value, config=_CONFIG.value,
+  model = loop.load_model(_WORKDIR.value, config=cli.config(_CONFIG),
                           attention=_sparsed_attention())
   if model.cfg.causal:
     from sparsity_jax.data.tokenizer import ByteTokenizer
@@ -87,9 +86,11 @@ def main(argv):
 
 
 def _generate_causal(model, tokenizer, prompt):
+  """Streams a causal LM's continuation and ends with the speed line."""
   from sparsity_jax.models import generation
   if _SPARSED.value:
-    raise app.UsageError("--sparsed is for masked-diffusion models")
+    raise UserError("--sparsed is for masked-diffusion models")
+  sys.stdout.reconfigure(errors="replace")
   write = lambda text: (sys.stdout.write(text), sys.stdout.flush())
   try:
     result = generation.generate_text(
@@ -97,7 +98,7 @@ def _generate_causal(model, tokenizer, prompt):
         max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
         top_p=1.0 if _TOP_P.value is None else _TOP_P.value, seed=_SEED.value, stream=write)
   except ValueError as e:  # Too long a prompt, bad sampling arguments, no chat template.
-    sys.exit(f"generate: {e}")
+    raise UserError(str(e)) from e
   print(f"\n{result.summary()}")
 
 
@@ -107,23 +108,72 @@ def _sparsed_attention():
   return {"kind": "sparsed", "block_size": _BLOCK.value, "select": _SELECT.value}
 
 
-def _generate_diffusion(model, prompt):
+def _generate_diffusion(model, prompt: bytes):
   import jax
-  import numpy as np
+  from sparsity_jax.layers import sparsed
   from sparsity_jax.models import diffusion
 
-  cfg = diffusion.SamplerConfig(gen_length=_GEN_LENGTH.value, steps=_STEPS.value,
-                                block_length=_BLOCK_LENGTH.value, temperature=_TEMPERATURE.value,
-                                top_p=_TOP_P.value)
-  text, result = diffusion.generate_text(
-      model, prompt, cfg, sparsed_skip=_SKIP.value if _SPARSED.value else None,
-      rng=jax.random.key(_SEED.value), progress=True)
+  try:
+    cfg = diffusion.SamplerConfig(gen_length=_GEN_LENGTH.value, steps=_STEPS.value,
+                                  block_length=_BLOCK_LENGTH.value,
+                                  temperature=_TEMPERATURE.value, top_p=_TOP_P.value)
+  except ValueError as e:
+    raise UserError(str(e)) from e
+  prompt_ids = np.frombuffer(prompt, np.uint8).astype(np.int32)[None]
+  hook = (sparsed.sparsed_step_hook(model, prompt_ids.shape[1], _SKIP.value)
+          if _SPARSED.value else None)
+  result = diffusion.generate(model, prompt_ids, cfg, rng=jax.random.key(_SEED.value),
+                              step_hook=hook, progress=True)
+  show_diffusion_result(prompt, result, _WORKDIR.value)
+
+
+def prompt_bytes(prompt: str | None, prompt_file: str | None) -> bytes:
+  """The prompt as the bytes the byte-level model reads: a file's raw bytes, or the
+  command line's (os.fsencode keeps bytes that are not UTF-8, which Python decoded
+  with surrogate escapes)."""
+  if prompt_file is None:
+    return os.fsencode(prompt)
+  try:
+    with open(prompt_file, "rb") as f:
+      return f.read()
+  except OSError as e:
+    raise UserError(f"--prompt_file={prompt_file}: {e.strerror}") from e
+
+
+UNDERTRAINED_BITS_PER_BYTE = 3.0  # Byte LMs that produce readable text are well below.
+
+
+def show_diffusion_result(prompt: bytes, result, workdir: str) -> None:
+  """Echoes the prompt, prints the continuation (saying so when it holds nothing
+  printable) and the timings, and warns when the run's last validation says the model
+  is undertrained (its output is then noise, not a bug)."""
+  from sparsity_jax.data import tokenizer
+  from sparsity_jax.train import metrics as metrics_lib
+
+  sys.stdout.reconfigure(errors="replace")
+  generated = result.generated[0]
+  text = tokenizer.ByteTokenizer().decode(generated)
+  print(f"--- prompt ({len(prompt)} bytes) ---")
+  print(prompt.decode("utf-8", errors="replace"))
+  print(f"--- generated ({len(generated)} tokens) ---")
+  if text.strip():
+    print(text)
+  else:
+    special = int(np.sum(generated >= 256))
+    print(f"(nothing printable: {len(text)} whitespace bytes and {special} special tokens "
+          "(end of text, padding, mask))")
   seconds = np.array(result.step_seconds)
-  print(text)
-  print(f"\n[{len(prompt.encode())} prompt + {cfg.gen_length} generated tokens, {cfg.steps} steps: "
+  print(f"--- [{len(prompt)} prompt + {len(generated)} generated tokens, {len(seconds)} steps: "
         f"{seconds.sum():.2f} s total, {1e3 * np.median(seconds):.1f} ms median step "
         f"(first step, with compilation: {seconds[0]:.2f} s)]")
+  path = os.path.join(workdir, "metrics.jsonl")
+  evals = [r for r in metrics_lib.read_jsonl(path) if "eval/bits_per_byte" in r] if (
+      os.path.exists(path)) else []
+  if evals and evals[-1]["eval/bits_per_byte"] > UNDERTRAINED_BITS_PER_BYTE:
+    print(f"note: this model is undertrained (validation {evals[-1]['eval/bits_per_byte']:.2f} "
+          f"bits/byte after {evals[-1]['step']} steps; readable text needs well under "
+          f"{UNDERTRAINED_BITS_PER_BYTE:.0f}): expect noise, train longer for text")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -19,8 +19,10 @@ models (--chat). absl/JAX INFO lines are off unless --verbosity=0. The work is d
 sparsity_jax.moa.pipeline.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 
+from sparsity_jax import cli
+from sparsity_jax.errors import UserError
 from sparsity_jax.moa import pipeline
 
 FLAGS = flags.FLAGS
@@ -60,14 +62,13 @@ def main(argv):
   if not FLAGS["verbosity"].present:  # absl / JAX / orbax INFO lines only when asked for.
     logging.set_verbosity(logging.WARNING)
   if len(argv) != 2 or argv[1] not in pipeline.STAGES + ("all",):
-    raise app.UsageError(f"usage: moa.py <{'|'.join(pipeline.STAGES + ('all',))}> "
-                         "(--workdir= | --model=) --out=")
+    raise UserError(f"usage: moa.py <{'|'.join(pipeline.STAGES + ('all',))}> "
+                    "(--workdir= | --model=) --out=")
   sources = [x for x in (FLAGS.workdir, FLAGS.model, FLAGS.hf_dir) if x]
   if len(sources) != 1 or not FLAGS.out:
-    raise app.UsageError("give --out and exactly one of --workdir / --model")
+    raise UserError("give --out and exactly one of --workdir / --model")
   if not 0.0 < FLAGS.budget <= 1.0:  # Before loading anything.
-    raise app.UsageError(f"--budget={FLAGS.budget} must be in (0, 1] (the mean KV-cache "
-                         "fraction)")
+    raise UserError(f"--budget={FLAGS.budget} must be in (0, 1] (the mean KV-cache fraction)")
   model, tokenizer, documents = _load(FLAGS.workdir, FLAGS.model or FLAGS.hf_dir)
   opts = pipeline.Options(
       out=FLAGS.out, lengths=[int(x) for x in FLAGS.lengths], extend_length=FLAGS.extend_length,
@@ -83,7 +84,7 @@ def main(argv):
     if not FLAGS.restart:
       pipeline.check_directory(opts)
   except ValueError as e:
-    raise app.UsageError(str(e)) from None
+    raise UserError(str(e)) from None
   stages = pipeline.STAGES if argv[1] == "all" else (argv[1],)
   docs = documents() if "calibrate" in stages and "document" in opts.tasks else None
   pipeline.run(model, opts, stages, force=FLAGS.force, restart=FLAGS.restart, documents=docs,
@@ -99,15 +100,12 @@ def _load(workdir, source):
     data = loop.load_workdir_config(workdir).data
     return (loop.load_model(workdir), None,
             lambda: long_context.corpus_documents(None, data_config=data))
-  from sparsity_jax.checkpoints import CheckpointError, open_pretrained
-  try:
-    ckpt = open_pretrained(source)
-    tokenizer = ckpt.tokenizer()  # The calibration prompts need the model's tokenizer.
-  except (FileNotFoundError, CheckpointError) as e:
-    raise app.UsageError(f"--model={source}: {e}") from None
+  from sparsity_jax.checkpoints import open_pretrained
+  ckpt = open_pretrained(source)  # Errors are UserErrors (CheckpointError, missing paths).
+  tokenizer = ckpt.tokenizer()  # The calibration prompts need the model's tokenizer.
   # The stdlib validation files, whole, tokenised for this model.
   return ckpt.load_model(), tokenizer, lambda: long_context.corpus_documents(tokenizer)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -22,10 +22,12 @@ processes on one machine (or hosts without auto-detection) pass --coordinator_ad
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Repo root.
+from sparsity_jax import cli  # noqa: E402  (after the path)
+from sparsity_jax.errors import UserError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                           lock_config=True)
@@ -44,21 +46,23 @@ PREEMPTED_EXIT_CODE = 3  # Non-zero so schedulers restart the job; rerunning res
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise UserError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   from sparsity_jax import parallel
   from sparsity_jax.train import loop
+  config = cli.config(_CONFIG)
+  if _INIT_FROM_HF.value and not os.path.isdir(_INIT_FROM_HF.value):
+    raise UserError(f"--init_from_hf={_INIT_FROM_HF.value}: no such directory")
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     if _MODEL.value and _INIT_FROM_HF.value:
-      raise app.UsageError("give --model or --init_from_hf, not both")
-    loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
-                            pretrained=_MODEL.value or _INIT_FROM_HF.value)
+      raise UserError("give --model or --init_from_hf, not both")
+    loop.train_and_evaluate(config, _WORKDIR.value, pretrained=_MODEL.value or _INIT_FROM_HF.value)
   except loop.Preempted as e:
     print(e, file=sys.stderr, flush=True)
     sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

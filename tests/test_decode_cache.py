@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sparsity_jax.layers import attention as attention_lib
 from sparsity_jax.models import ModelConfig, TransformerLM
 from sparsity_jax.models import generation
+from sparsity_jax.moa import plan as plan_lib
 
 BASE = dict(vocab_size=260, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
             mlp_dim=64, max_len=64)
@@ -71,6 +73,51 @@ def test_generation_bad_input():
   model = TransformerLM(ModelConfig(**BASE), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="exceed the model.s context of 64 tokens"):
     generation.generate(model, np.zeros((1, 60), np.int32), 10)
+  with pytest.raises(ValueError, match="prompt token ids must be in"):
+    generation.generate(model, np.full((1, 4), 300, np.int32), 2)
+  with pytest.raises(ValueError, match="temperature"):
+    generation.generate(model, np.zeros((1, 4), np.int32), 2, temperature=-1.0)
   bidirectional = TransformerLM(ModelConfig(**BASE, causal=False), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="causal LMs"):
     generation.generate(bidirectional, np.zeros((1, 4), np.int32), 2)
+
+
+def _model(kind, tmp_path):
+  if kind == "moa":
+    plan = plan_lib.Plan(alpha=np.array([[2.0, 6.0]]), beta=np.full((1, 2), 0.25),
+                         sink=np.array([[1, 0]]), num_heads=4, max_length=64)
+    plan_lib.save_plan(plan, str(tmp_path / "plan.json"))
+    attention = {"kind": "moa", "plan": str(tmp_path / "plan.json"), "block_size": 8}
+  elif kind == "routing":
+    attention = {"kind": "routing", "window": 8, "num_clusters": 2, "num_routing_heads": 2,
+                 "local_block": 8}
+  else:
+    attention = {"kind": "dense"}
+  model = TransformerLM(ModelConfig(**{**BASE, "num_layers": 1}, attention=attention,
+                                    scan_layers=kind == "dense_scanned"), rngs=nnx.Rngs(0))
+  model.eval()
+  return model
+
+
+_jit_decode = nnx.jit(lambda model, tokens, cache: model.decode(tokens, cache))
+
+
+@pytest.mark.parametrize("kind", ["dense", "dense_scanned", "routing", "moa"])
+def test_decoding_past_the_cache_is_never_silent(kind, tmp_path):
+  """12 then 8 tokens into a cache made for 16: an eager call raises; under jit, where a
+  traced length cannot raise, the logits are NaN from the overflowing call on."""
+  model = _model(kind, tmp_path)
+  tokens = jax.random.randint(jax.random.key(0), (1, 20), 0, 256)
+  logits, cache = _jit_decode(model, tokens[:, :12], model.init_cache(1, 16))
+  assert np.isfinite(np.asarray(logits)).all()
+  with pytest.raises(attention_lib.CacheOverflowError, match="12 cached \\+ 8 new"):
+    model.decode(tokens[:, 12:20], cache)
+  for _ in range(2):  # The overflowing call, and every later one.
+    logits, cache = _jit_decode(model, tokens[:, 12:20], cache)
+    assert np.isnan(np.asarray(logits)).all()
+  if kind != "dense_scanned":  # The core refuses on its own too (called eagerly).
+    attn = model.layers[0].attn
+    positions = 12 + jnp.arange(8)[None]
+    q, k, v = attn.project_qkv(jnp.zeros((1, 8, BASE["d_model"])), positions)
+    with pytest.raises(attention_lib.CacheOverflowError):
+      attn.core.cached_call(q, k, v, positions_bt=positions, cache=cache[0])

@@ -96,6 +96,22 @@ def test_bad_sampler_config(kwargs, message):
     SamplerConfig(**kwargs)
 
 
+def test_nonsense_token_ids_are_refused():
+  """A mask id outside the vocabulary (300 of 260) gave NaN logits and 'generated' 300s;
+  out-of-range prompt ids gathered NaN embeddings."""
+  model = _model()
+  with pytest.raises(ValueError, match="mask_id=300 is not a token"):
+    generate(model, np.zeros((1, 4), np.int32), SamplerConfig(gen_length=16, steps=16,
+                                                              block_length=16, mask_id=300))
+  with pytest.raises(ValueError, match="mask_id must be"):
+    SamplerConfig(mask_id=-1)
+  with pytest.raises(ValueError, match=r"prompt token ids must be in \[0, 260\)"):
+    generate(model, np.full((1, 4), 260, np.int32), SamplerConfig(gen_length=16, steps=16,
+                                                                   block_length=16))
+  with pytest.raises(ValueError, match="token ids must be in"):
+    model(jnp.full((1, 4), -1, jnp.int32))
+
+
 def test_prompt_longer_than_context_is_refused():
   with pytest.raises(ValueError, match="exceed the model's context"):
     generate(_model(), np.zeros((1, 90), np.int32), SamplerConfig(gen_length=16, steps=16,

@@ -360,7 +360,7 @@ def test_generate_launcher_streams_a_causal_chat_and_reports_speed():
                       r"\([\d.]+ s\), decode [\d.]+ tokens/s; compile [\d.]+ s\]", last), last
   too_long = subprocess.run(cmd[:-1] + ["--max_new_tokens=600"], env=subprocess_env(), cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
-  assert too_long.returncode == 1
+  assert too_long.returncode == 2  # A user error: one line, no traceback.
   assert too_long.stderr.strip().splitlines() == [
-      "generate: prompt (27 tokens) + max_new_tokens (600) = 627 exceed the model's context "
+      "error: prompt (27 tokens) + max_new_tokens (600) = 627 exceed the model's context "
       "of 512 tokens; shorten the prompt or generate fewer tokens"]

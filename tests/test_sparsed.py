@@ -19,7 +19,8 @@ MODEL = dict(vocab_size=260, num_layers=2, d_model=32, num_heads=4, num_kv_heads
 
 
 def _brute_force_scores(q, k, block, gen_start):
-  """Tile means of softmax probabilities, from the full [b, n, t, s] matrix."""
+  """Tile means of softmax probabilities, from the full [b, n, t, s] matrix zero-padded to
+  whole tiles and averaged over block^2 entries (the official create_attention_block_mask)."""
   n, kv = q.shape[2], k.shape[2]
   k = np.repeat(k, n // kv, axis=2)
   logits = np.einsum("btnd,bsnd->bnts", q, k) / np.sqrt(q.shape[-1])
@@ -33,6 +34,7 @@ def _brute_force_scores(q, k, block, gen_start):
   nq, nk = -(-t // block), -(-s // block)
   out = []
   for p in (p_all, p_gen):
+    p = np.pad(p, ((0, 0), (0, 0), (0, nq * block - t), (0, nk * block - s)))
     tiles = np.zeros(p.shape[:2] + (nq, nk))
     for i in range(nq):
       for j in range(nk):
@@ -66,10 +68,11 @@ def test_isolated_selection_counts(prompt, gen, select, seed):
                                            select=select))
   nk = -(-length // block)
   gen_start = patterns.generation_start_block(prompt, length, block)
-  k_gen = min(nk - gen_start, max(1, int(np.ceil(select * (nk - gen_start)))))
+  keep = lambda n: min(n, max(1, int(n * select) + 1))  # The official count (clipped).
+  k_gen = keep(nk - gen_start)
   assert (bits[..., gen_start:].sum(-1) == k_gen).all()  # Generation keys: exactly k_gen.
   prompt_kept = bits[..., :gen_start].sum(-1)
-  assert (prompt_kept <= min(gen_start, int(np.ceil(select * nk)))).all()
+  assert (prompt_kept <= min(gen_start, keep(nk))).all()
   assert bits.sum(-1).max() <= patterns.max_blocks_per_row(length, prompt, block, select)
   if select == 1.0:
     assert bits.all()
@@ -106,6 +109,20 @@ def test_pattern_computed_once_per_generation_and_reused():
     assert [int(c.captures.get_value()) for c in cores] == [1, 1]
   density = float(cores[0].block_mask(80).density())
   assert 0.3 < density < 1.0
+
+
+@pytest.mark.parametrize("steps, skip", [(128, 0.2), (16, 0.25), (10, 0.0)])
+def test_switch_step_follows_the_official_schedule(steps, skip):
+  """Dense through step int(steps * skip) + 1 (the official end_time), the pattern
+  captured at that step, sparse afterwards (128 steps, skip 0.2: 27 dense, 101 sparse)."""
+  _, sparse = _models(select=0.3)
+  hook = sparsed.sparsed_step_hook(sparse, 8, skip)
+  modes = []
+  for step in range(steps):
+    hook(step, steps)
+    modes.append(sparsed.sparsed_cores(sparse)[0].mode)
+  end_time = int(steps * skip) + 1
+  assert modes == ["dense"] * end_time + ["capture"] + ["sparse"] * (steps - end_time - 1)
 
 
 def test_sparse_mode_without_pattern_is_an_error():

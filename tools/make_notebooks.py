@@ -2,8 +2,9 @@
 
   python tools/make_notebooks.py
 
-tests/test_notebooks.py executes every notebook's code cells (lines starting with % or !
-are Colab setup and are skipped there).
+tests/test_notebooks.py executes every notebook's code cells, the setup cell included
+(plain Python, no % or ! magics, so that nothing is skipped), and runs the setup cell
+outside a checkout too, where it clones the repository as it does on Colab.
 """
 
 import json
@@ -15,12 +16,38 @@ QUICKSTART = [
     ("markdown", """# sparsity_jax quickstart
 
 Block-sparse attention, a tiny LM trained in seconds, and a MoA plan served with per-head
-KV caches. Runs on a CPU, GPU or TPU runtime. On Colab, upload or clone the repository
-to `/content/sparsity_jax` first."""),
-    ("code", """%cd /content/sparsity_jax
-%pip install -q -e .
+KV caches. Runs on a CPU, GPU or TPU runtime.
+
+**Where the code comes from.** The notebook needs the repository (its `configs/` and
+packages). In a checkout (Jupyter started in the repository root) the setup cell below
+only puts that checkout first on the import path. On Colab it clones the repository into
+`/content/sparsity_jax` (set `REPO_URL` in the cell, or the `SPARSITY_JAX_REPO`
+environment variable, to your copy's git URL; or upload the repository there first and
+it is used as it is), changes into it and, if a dependency is missing, installs it with
+`pip install -e .`."""),
+    ("code", """# Setup: use this checkout, or clone the repository (Colab) and install what is missing.
+import importlib.util
 import os
-import tempfile
+import subprocess
+import sys
+
+REPO_URL = os.environ.get("SPARSITY_JAX_REPO", "")  # Your copy's git URL, for Colab.
+REPO_DIR = os.environ.get("SPARSITY_JAX_DIR", "/content/sparsity_jax")
+if not os.path.exists(os.path.join("configs", "lm_tiny.py")):  # Not in a checkout.
+  if not os.path.isdir(REPO_DIR):
+    if not REPO_URL:
+      raise RuntimeError(f"set REPO_URL to the repository's git URL (or upload the repository "
+                         f"to {REPO_DIR}) and run this cell again")
+    subprocess.run(["git", "clone", "--quiet", REPO_URL, REPO_DIR], check=True)
+  os.chdir(REPO_DIR)
+sys.path.insert(0, os.getcwd())  # This checkout's code first, before any installed copy.
+REQUIRED = ("jax", "flax", "optax", "orbax", "numpy", "absl", "ml_collections", "tqdm",  # setup.py
+            "tensorboardX", "scipy", "matplotlib", "safetensors", "tokenizers", "jinja2")
+if any(importlib.util.find_spec(name) is None for name in REQUIRED):
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "."], check=True)
+import sparsity_jax
+print("sparsity_jax from", os.path.dirname(sparsity_jax.__file__))"""),
+    ("code", """import tempfile
 
 import jax
 import jax.numpy as jnp

@@ -40,14 +40,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels.dispatch import IMPLEMENTATIONS, resolve_implementation
+from pallas_kernels.dispatch import (IMPLEMENTATIONS, check_qkv, resolve_implementation,
+                                     resolve_mesh)
 from pallas_kernels.block_sparse.block_mask import BlockMask
 from pallas_kernels.block_sparse.tiles import Tiles
 
 DEFAULT_BATCH_AXES = ('data', 'fsdp')
 DEFAULT_HEAD_AXIS = 'tensor'
 
-_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,40 +91,11 @@ _core.defvjp(_fwd, _bwd)
 
 
 def _check_inputs(q, k, v, mask):
-  for name, x in (('q', q), ('k', k), ('v', v)):
-    if getattr(x, 'ndim', None) != 4:
-      raise ValueError(f'{name} must be rank 4 [batch, length, heads, head_dim], got shape '
-                       f'{getattr(x, "shape", None)}.')
-    if x.dtype not in _FLOAT_DTYPES:
-      raise ValueError(f'{name} must be float32, bfloat16 or float16, got {x.dtype}.')
-  if not (q.dtype == k.dtype == v.dtype):
-    raise ValueError(f'q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}.')
-  if k.shape != v.shape:
-    raise ValueError(f'k and v must have the same shape, got {k.shape} and {v.shape}.')
+  check_qkv(q, k, v)
   b, t, n, d = q.shape
-  if k.shape[0] != b:
-    raise ValueError(f'k has batch {k.shape[0]} but q has batch {b}.')
-  if k.shape[3] != d:
-    raise ValueError(f'k has head_dim {k.shape[3]} but q has head_dim {d}.')
-  if n % k.shape[2]:
-    raise ValueError(f'q heads ({n}) must be a multiple of k/v heads ({k.shape[2]}) (GQA).')
   if not isinstance(mask, BlockMask):
     raise ValueError(f'mask must be a BlockMask, got {type(mask).__name__}.')
   mask.validate(b, n, t, k.shape[1], name='mask')
-
-
-def _resolve_mesh(mesh, batch_axes, head_axis):
-  """(mesh, batch axes, head axis) to shard over, or None for no shard_map."""
-  if mesh is None:
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty:
-      return None
-  names = set(mesh.axis_names)
-  batch = tuple(a for a in (batch_axes or ()) if a in names)
-  head = head_axis if head_axis in names else None
-  if not batch and head is None:
-    return None
-  return mesh, batch, head
 
 
 def _mask_specs(mask: BlockMask, batch, head):
@@ -202,7 +173,7 @@ def attention(q, k, v, mask: BlockMask, *, scale: float | None = None,
     out, lse = _core(q, k, v, kmask, cfg)
     return (out[:, :t], lse[:, :, :t]) if return_lse else out[:, :t]
 
-  sharding = _resolve_mesh(mesh, batch_axes, head_axis)
+  sharding = resolve_mesh(mesh, batch_axes, head_axis)
   if sharding is None:
     return run(q, k, v, mask)
   mesh, batch, head = sharding

@@ -68,6 +68,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.dispatch import check_at_least
 from pallas_kernels.block_sparse import rules as rules_lib
 from pallas_kernels.block_sparse.rules import (AllowAll, AndRule, BlockRule, DenseRule,
                                               ElementRule, KvLengthRule, OrRule,
@@ -431,14 +432,16 @@ def from_positions(q_positions, kv_positions=None, *, block_q: int = 128,
     kv_positions: int [Lk] or [B|1, H|1, Lk]; default q_positions.
     block_q, block_k: block sizes.
     causal: causal by original position.
-    window: None, int, or per-head int [H]: keys within `window` positions
-      (including the query's own position).
+    window: None (unbounded), int >= 1, or per-head int [H]: keys within
+      `window` positions (including the query's own position).
     sinks: None, int, or per-head int [H]: the first `sinks` positions are
       always visible.
     q_segment_ids, kv_segment_ids: optional int [L] or [B|1, H|1, L]; pairs in
       different segments are masked.
   """
   _check_blocks(block_q, block_k)
+  check_at_least(window, 1, 'window', 'window=None is unbounded (there is no -1 convention)')
+  check_at_least(sinks, 0, 'sinks')
   kv_positions = q_positions if kv_positions is None else kv_positions
   if (q_segment_ids is None) != (kv_segment_ids is None) and kv_segment_ids is not None:
     raise ValueError('give q_segment_ids together with kv_segment_ids.')
@@ -495,8 +498,9 @@ def sliding_window(q_len: int, kv_len: int | None = None, *, window, sinks=0,
   """Sliding window (+ sink tokens), optionally different per head (MoA).
 
   Args:
-    window: int or per-head int [H]: query i sees keys i - window < j <= i
-      (|i - j| < window when causal=False).
+    window: int >= 1 or per-head int [H]: query i sees keys i - window < j <= i
+      (|i - j| < window when causal=False). There is no "-1 = unbounded"; use
+      causal() or full() (or from_positions(window=None)) for that.
     sinks: int or per-head int [H]: keys j < sinks are always visible (if causal allows).
   """
   kv_len = q_len if kv_len is None else kv_len
@@ -534,6 +538,8 @@ def from_block_scores(scores, *, q_len: int, kv_len: int, block_q: int = 128,
   _check_blocks(block_q, block_k)
   if (top_k is None) == (top_p is None):
     raise ValueError('give exactly one of top_k and top_p.')
+  if top_p is not None and not 0.0 < float(top_p) <= 1.0:
+    raise ValueError(f'top_p must be in (0, 1], got {top_p}.')
   nq, nk = -(-q_len // block_q), -(-kv_len // block_k)
   scores = jnp.asarray(scores, jnp.float32)
   if scores.ndim != 4 or scores.shape[-2:] != (nq, nk):

@@ -51,7 +51,10 @@ is written as [b, n, t, 128] (then sliced), the layout Mosaic handles best;
 the backward reads lse / di as [b, n, t/tq, 8, tq] rows. Masked scores are
 MASK_VALUE and the running max starts at MASK_VALUE / 2, so masked entries
 contribute exp(MASK_VALUE / 2) == 0 and rows with no allowed key give
-out = 0, lse = -inf (the backward gets 0 there) and zero gradients, never NaN.
+out = 0, lse = -inf (the backward gets 0 there) and zero gradients, never NaN. In a
+partial tile, keys / values that no query of the tile may read (and queries that read
+no key, for dk) are zeroed before the matmuls, so a NaN / inf there never reaches p @ v
+as 0 * NaN.
 """
 
 from __future__ import annotations
@@ -330,8 +333,20 @@ class _TileContext:
 
 
 def _apply_rule(s, rule, ctx: _TileContext):
+  """(masked scores, allowed as 0/1 float32 of the scores' shape)."""
   allowed = jnp.broadcast_to(rule.evaluate(ctx), s.shape)
-  return jnp.where(allowed, s, MASK_VALUE)
+  return jnp.where(allowed, s, MASK_VALUE), jnp.where(allowed, 1.0, 0.0)
+
+
+def _zero_unread(x, read):
+  """Zeroes rows of a [rows, d] tile whose ``read`` ([rows, 1] float, > 0 when some entry
+  of the tile reads the row) is 0: a masked NaN / inf would otherwise reach p @ v."""
+  return jnp.where(read > 0.0, x, jnp.zeros((), x.dtype))
+
+
+def _as_column(x):
+  """(w,) lane vector -> (w, 1) column (the relayout `_column` does for rule leaves)."""
+  return jnp.expand_dims(x, -1)
 
 
 def _to_heads(x):
@@ -368,7 +383,8 @@ def _fwd_kernel(*refs, walk: _Walk, ops: _RuleLayout, scale: float, rq: int, tq:
     s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
     if masked:
       ctx = _TileContext((tq, tk), False, b, h, row, _div(tile, walk.r), tile * tk)
-      s = _apply_rule(s, ops.bind(smem, leaf_refs), ctx)
+      s, ok = _apply_rule(s, ops.bind(smem, leaf_refs), ctx)
+      v = _zero_unread(v, _as_column(ok.max(axis=0)))
     m_prev, l_prev = m_scr[...], l_scr[...]
     m_next = jnp.maximum(m_prev, s.max(axis=-1)[:, None])  # (tq, 128)
     p = jnp.exp(s - _lanes(m_next, tk))
@@ -465,7 +481,9 @@ def _dq_kernel(*refs, walk: _Walk, ops: _RuleLayout, scale: float, rq: int, tq: 
     s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
     if masked:
       ctx = _TileContext((tq, tk), False, b, h, row, _div(tile, walk.r), tile * tk)
-      s = _apply_rule(s, ops.bind(smem, leaf_refs), ctx)
+      s, ok = _apply_rule(s, ops.bind(smem, leaf_refs), ctx)
+      key_read = _as_column(ok.max(axis=0))
+      k, v = _zero_unread(k, key_read), _zero_unread(v, key_read)
     p = jnp.exp(s - _column(lse_ref))
     dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
     ds = (p * (dp - _column(di_ref)) * scale).astype(k.dtype)
@@ -507,7 +525,9 @@ def _dkv_kernel(*refs, walk: _Walk, ops: _RuleLayout, scale: float, rk: int, tq:
     s_t = lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32) * scale  # [tk, tq]
     if masked:
       ctx = _TileContext((tk, tq), True, b, h, _div(tile, walk.r), col, j * tk)
-      s_t = _apply_rule(s_t, ops.bind(smem, leaf_refs), ctx)
+      s_t, ok_t = _apply_rule(s_t, ops.bind(smem, leaf_refs), ctx)
+      v = _zero_unread(v, ok_t.max(axis=1, keepdims=True))
+      q = _zero_unread(q, _as_column(ok_t.max(axis=0)))
     p_t = jnp.exp(s_t - lse_ref[0:1, :])
     dv_scr[...] += lax.dot_general(p_t.astype(do.dtype), do, _NN,
                                    preferred_element_type=jnp.float32)

@@ -5,7 +5,9 @@ k kv heads, g query heads per kv head (n = k * g), d head dim.
 
 O(Lq * Lk) memory; float32 accumulation. Differentiable with plain autodiff
 (no NaN for fully masked rows), so tests compare custom-VJP gradients to
-`jax.grad` of `attention_ref`.
+`jax.grad` of `attention_ref`. Keys and values that no query may read, and queries
+that may read no key, never reach the output or the gradients, even when they hold
+NaN or inf (every backend zeroes them per tile).
 """
 
 from __future__ import annotations
@@ -43,16 +45,23 @@ def attention_with_lse_ref(q, k, v, mask: BlockMask, scale: float):
   b, t, n, d = q.shape
   kh = k.shape[2]
   g = n // kh
-  qg = q.reshape(b, t, kh, g, d)
-  logits = jnp.einsum('btkgd,bskd->bkgts', qg, k,
-                      preferred_element_type=jnp.float32) * scale
   allowed = _grouped_mask(mask, kh)
+  # Values no query may read (keys / values of masked columns, queries of empty rows)
+  # are zeroed first, so that even a NaN there never reaches the output or a gradient.
+  key_read = jnp.any(allowed, axis=-2)[..., None]  # [Bm, k|1, g|1, s, 1]
+  query_reads = jnp.any(allowed, axis=-1)  # [Bm, k|1, g|1, t]
+  qg = jnp.where(jnp.moveaxis(query_reads, -1, 1)[..., None], q.reshape(b, t, kh, g, d), 0)
+  kg = jnp.where(key_read, jnp.swapaxes(k, 1, 2)[:, :, None], 0)  # [b, k, g|1, s, d]
+  vg = jnp.where(key_read, jnp.swapaxes(v, 1, 2)[:, :, None], 0)
+  logits = jnp.einsum('btkgd,bkgsd->bkgts', qg, jnp.broadcast_to(kg, kg.shape[:2] + (g,) + kg.shape[3:]),
+                      preferred_element_type=jnp.float32) * scale
   logits = jnp.where(allowed, logits, MASK_VALUE)
   m = jnp.max(logits, axis=-1, keepdims=True)
   p = jnp.where(allowed, jnp.exp(logits - m), 0.0)
   l = jnp.sum(p, axis=-1, keepdims=True)
   safe_l = jnp.where(l == 0.0, 1.0, l)
-  out = jnp.einsum('bkgts,bskd->btkgd', p / safe_l, v.astype(jnp.float32))
+  vg = jnp.broadcast_to(vg, vg.shape[:2] + (g,) + vg.shape[3:]).astype(jnp.float32)
+  out = jnp.einsum('bkgts,bkgsd->btkgd', p / safe_l, vg)
   lse = jnp.where(l == 0.0, -jnp.inf, m + jnp.log(safe_l))[..., 0]
   return out.reshape(b, t, n, d).astype(q.dtype), lse.reshape(b, n, t)
 

@@ -37,6 +37,17 @@ from pallas_kernels.block_sparse.tiles import Tiles
 M_INIT = 0.5 * MASK_VALUE  # exp(MASK_VALUE - m) == 0 even before a row sees a key
 
 
+def _any(ok, axis):
+  """Rows (axis=1) or columns (axis=0) of a tile with at least one allowed entry."""
+  return jnp.max(jnp.where(ok, 1.0, 0.0), axis=axis) > 0.0
+
+
+def _zero_unread(x, read):
+  """Zeroes rows of a [rows, d] tile that no entry reads (a masked NaN / inf would
+  otherwise reach p @ v as 0 * NaN)."""
+  return jnp.where(read[:, None], x, jnp.zeros((), x.dtype))
+
+
 def _dot(a, b, trans_a=False, trans_b=False):
   """a @ b (optionally transposed operands) with float32 accumulation."""
   if trans_a:
@@ -143,7 +154,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, knum, kidx, fnum, fidx, *refs, treedef, n_r
         s = _dot(q, kt, trans_b=True) * scale
         if masked:
           ctx = _Ctx(q_start, k_start, tq, tk, row, kb, 0, h)
-          s = jnp.where(rule.evaluate(ctx), s, MASK_VALUE)
+          ok = jnp.broadcast_to(rule.evaluate(ctx), s.shape)
+          s = jnp.where(ok, s, MASK_VALUE)
+          vt = _zero_unread(vt, _any(ok, 0))
         m_new = jnp.maximum(m, s.max(axis=1))
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[:, None])
@@ -222,7 +235,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, knum, kidx, fnum
         s = _dot(q, kt, trans_b=True) * scale
         if masked:
           ctx = _Ctx(q_start, k_start, tq, tk, row, kb, 0, h)
-          s = jnp.where(rule.evaluate(ctx), s, MASK_VALUE)
+          ok = jnp.broadcast_to(rule.evaluate(ctx), s.shape)
+          s = jnp.where(ok, s, MASK_VALUE)
+          kt, vt = _zero_unread(kt, _any(ok, 0)), _zero_unread(vt, _any(ok, 0))
         p = jnp.exp(s - lse[:, None])
         dp = _dot(do, vt, trans_b=True)
         ds = (p * (dp - delta[:, None]) * scale).astype(kt.dtype)
@@ -259,12 +274,15 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qnum, qidx, fnu
         lse = lse_ref[g, pl.ds(q_start, tq)]
         delta = delta_ref[g, pl.ds(q_start, tq)]
         s = _dot(q, kt, trans_b=True) * scale
+        vt_read = vt
         if masked:
           ctx = _Ctx(q_start, k_start, tq, tk, qb, col, g, kvh * group + g)
-          s = jnp.where(rule.evaluate(ctx), s, MASK_VALUE)
+          ok = jnp.broadcast_to(rule.evaluate(ctx), s.shape)
+          s = jnp.where(ok, s, MASK_VALUE)
+          q, vt_read = _zero_unread(q, _any(ok, 1)), _zero_unread(vt, _any(ok, 0))
         p = jnp.exp(s - lse[:, None])
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
-        dp = _dot(do, vt, trans_b=True)
+        dp = _dot(do, vt_read, trans_b=True)
         ds = (p * (dp - delta[:, None]) * scale).astype(q.dtype)
         dk = dk + _dot(ds, q, trans_a=True)
         return dk, dv

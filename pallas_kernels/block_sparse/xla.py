@@ -35,7 +35,6 @@ accumulated per query head and summed over the group afterwards.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +43,7 @@ import numpy as np
 from pallas_kernels.block_sparse.block_mask import BlockMask
 from pallas_kernels.block_sparse.reference import MASK_VALUE
 from pallas_kernels.block_sparse.tiles import Tiles
+from pallas_kernels.scheduling import after
 
 # Running max starts above MASK_VALUE so exp(MASK_VALUE - m) underflows to 0:
 # masked scores never contribute, even while a row has no allowed key yet.
@@ -186,6 +186,12 @@ class _TileContext:
     return (self.kb * self.lay.bk)[..., None, None] + jnp.arange(self.lay.bk)[None, None, None]
 
 
+def _zero_unread(x, read):
+  """Zeroes the rows of a tile [g, c, rows, d] that no entry of the tile reads (read
+  [g, c, rows]): a masked NaN / inf would otherwise reach p @ v as 0 * NaN."""
+  return jnp.where(read[..., None], x, jnp.zeros((), x.dtype))
+
+
 def _scores(qt, kt, scale):
   return jnp.einsum('gcqd,gckd->gcqk', qt, kt, preferred_element_type=jnp.float32) * scale
 
@@ -207,7 +213,9 @@ def _forward_pass(lay, qf, kf, vf, work: _WorkList, rule, scale):
     kt, vt = _take(kf, kvg * lay.nk + kbl), _take(vf, kvg * lay.nk + kbl)
     s = _scores(qt, kt, scale)
     if rule is not None:
-      s = jnp.where(rule.evaluate(_TileContext(lay, r, kbl)), s, MASK_VALUE)
+      ok = jnp.broadcast_to(rule.evaluate(_TileContext(lay, r, kbl)), s.shape)
+      s = jnp.where(ok, s, MASK_VALUE)
+      vt = _zero_unread(vt, ok.any(axis=-2))
     m_new = jnp.maximum(m, s.max(-1))
     alpha = jnp.exp(m - m_new)
     p = jnp.exp(s - m_new[..., None])
@@ -230,6 +238,7 @@ def _forward_pass(lay, qf, kf, vf, work: _WorkList, rule, scale):
           jnp.full((g * n_part, bq), M_INIT, jnp.float32),
           jnp.zeros((g * n_part, bq), jnp.float32), jnp.zeros((g * n_part, bq, d), jnp.float32),
           jnp.full((g * n_part,), lay.nq, jnp.int32))
+  init = after(init, qf)
   # Custom VJP: the loop is never differentiated, so its trip count may be traced.
   _, _, _, pm, pl, pacc, prow = jax.lax.fori_loop(0, work.steps, step, init)
   prow = prow.reshape(g, n_part).at[:, trash].set(lay.nq)
@@ -255,12 +264,13 @@ def forward(q, k, v, mask: BlockMask, scale: float, tiles: Tiles, interpret: boo
   pm, pl, pacc, prow = (jnp.concatenate(x, axis=1) for x in zip(*parts))
   g, nq = lay.programs, lay.nq
   flat_row = (jnp.arange(g)[:, None] * (nq + 1) + prow).reshape(-1)
-  m = jnp.full((g * (nq + 1), lay.bq), M_INIT, jnp.float32).at[flat_row].max(
-      pm.reshape(-1, lay.bq))
+  m0, l0, acc0 = after((jnp.full((g * (nq + 1), lay.bq), M_INIT, jnp.float32),
+                         jnp.zeros((g * (nq + 1), lay.bq), jnp.float32),
+                         jnp.zeros((g * (nq + 1), lay.bq, lay.d), jnp.float32)), pm)
+  m = m0.at[flat_row].max(pm.reshape(-1, lay.bq))
   w = jnp.exp(pm - m[flat_row].reshape(pm.shape))
-  l = jnp.zeros_like(m).at[flat_row].add((pl * w).reshape(-1, lay.bq))
-  acc = jnp.zeros((g * (nq + 1), lay.bq, lay.d), jnp.float32).at[flat_row].add(
-      (pacc * w[..., None]).reshape(-1, lay.bq, lay.d))
+  l = l0.at[flat_row].add((pl * w).reshape(-1, lay.bq))
+  acc = acc0.at[flat_row].add((pacc * w[..., None]).reshape(-1, lay.bq, lay.d))
   m, l, acc = (x.reshape((g, nq + 1) + x.shape[1:])[:, :nq] for x in (m, l, acc))
   empty = l == 0.0
   out = acc / jnp.where(empty, 1.0, l)[..., None]
@@ -301,7 +311,10 @@ def backward(q, k, v, out, lse, dout, mask: BlockMask, scale: float, tiles: Tile
       kt, vt = _take(kf, kvg * nk + kbl), _take(vf, kvg * nk + kbl)
       s = _scores(qt, kt, scale)
       if rule is not None:
-        s = jnp.where(rule.evaluate(_TileContext(lay, r, kbl)), s, MASK_VALUE)
+        ok = jnp.broadcast_to(rule.evaluate(_TileContext(lay, r, kbl)), s.shape)
+        s = jnp.where(ok, s, MASK_VALUE)
+        kt, vt = _zero_unread(kt, ok.any(axis=-2)), _zero_unread(vt, ok.any(axis=-2))
+        qt = _zero_unread(qt, ok.any(axis=-1))
       p = jnp.exp(s - lse_t[..., None])
       dv = dv.at[ki.reshape(-1)].add(jnp.einsum(
           'gcqk,gcqd->gckd', p.astype(dot.dtype), dot,
@@ -315,8 +328,9 @@ def backward(q, k, v, out, lse, dout, mask: BlockMask, scale: float, tiles: Tile
       return dq, dk, dv
     return jax.lax.fori_loop(0, work.steps, step, carry)
 
-  carry = (jnp.zeros((g * (nq + 1), bq, d), jnp.float32),
-           jnp.zeros((g * nk, bk, d), jnp.float32), jnp.zeros((g * nk, bk, d), jnp.float32))
+  carry = after((jnp.zeros((g * (nq + 1), bq, d), jnp.float32),
+                  jnp.zeros((g * nk, bk, d), jnp.float32),
+                  jnp.zeros((g * nk, bk, d), jnp.float32)), qf)
   for num, idx, cap, rule in (
       (mask.kv_num_blocks, mask.kv_indices, mask.kv_capacity, mask.rule),
       (mask.full_kv_num_blocks, mask.full_kv_indices, mask.full_kv_capacity, None)):

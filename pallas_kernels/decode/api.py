@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from pallas_kernels.dispatch import IMPLEMENTATIONS, resolve_implementation
+from pallas_kernels.dispatch import IMPLEMENTATIONS, check_at_least, resolve_implementation
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 UNBOUNDED = 2 ** 30
@@ -84,7 +84,7 @@ def decode_attention(q, k, v, lengths, *, q_positions=None, kv_positions=None, w
       With them the token-exact rule kv <= q and (q - kv < window or kv < sinks)
       also applies (e.g. several new tokens against a ring buffer).
     window, sinks: optional int scalar or [k] (need positions; default
-      unbounded / no sinks).
+      unbounded / no sinks). window >= 1 (None, not -1, is unbounded), sinks >= 0.
     scale: logit scale, default 1/sqrt(d).
     implementation: None (platform default: xla on CPU, triton on GPU,
       mosaic_tpu on TPU), 'reference', 'xla', 'triton' or 'mosaic_tpu'. An
@@ -97,6 +97,9 @@ def decode_attention(q, k, v, lengths, *, q_positions=None, kv_positions=None, w
     [b, t, n, d] in q.dtype.
   """
   _check(q, k, v, lengths, q_positions, kv_positions, window, sinks)
+  check_at_least(window, 1, 'window', 'window=None is unbounded (there is no -1 convention)')
+  check_at_least(sinks, 0, 'sinks')
+  check_at_least(lengths, 0, 'lengths')
   impl = resolve_implementation(implementation, interpret)
   if block_k <= 0 or block_k & (block_k - 1):
     raise ValueError(f'block_k must be a positive power of two, got {block_k}.')
@@ -135,7 +138,8 @@ def decode_attention(q, k, v, lengths, *, q_positions=None, kv_positions=None, w
   q_bkrd = jnp.einsum('btkgd->bkgtd', q.reshape(b, t, kh, g, d)).reshape(b, kh, r, d)
   q_bkrd = jnp.pad(q_bkrd, ((0, 0), (0, 0), (0, rows - r), (0, 0)))
   qpos = jnp.zeros((b, t), jnp.int32) if q_positions is None else q_positions
-  qpos_br = jnp.pad(jnp.tile(qpos, (1, g)), ((0, 0), (0, rows - r)))
+  # Padding rows sit at position -1: they read no slot, so they never make a slot "read".
+  qpos_br = jnp.pad(jnp.tile(qpos, (1, g)), ((0, 0), (0, rows - r)), constant_values=-1)
   kpos = jnp.zeros((b, kh, cp), jnp.int32) if kv_positions is None else kv_positions
   if impl == 'triton':
     meta = jnp.stack([lengths, jnp.broadcast_to(window, (b, kh)),

@@ -51,7 +51,10 @@ def _kernel(lengths_ref, window_ref, sink_ref, qpos_ref, q_ref, k_ref, v_ref, kp
       ok = allowed(slot, length, qpos_ref[...], kpos_ref[...], window_ref[h], sink_ref[h])
     else:
       ok = allowed(slot, length)
-    s = jnp.where(ok, s, MASK_VALUE)
+    okf = jnp.where(jnp.broadcast_to(ok, s.shape), 1.0, 0.0)
+    s = jnp.where(okf > 0.0, s, MASK_VALUE)
+    # Slots no row reads are zeroed (a NaN there would reach p @ v as 0 * NaN).
+    v = jnp.where(jnp.expand_dims(okf.max(axis=0), -1) > 0.0, v, jnp.zeros((), v.dtype))
     m_prev, l_prev = m_scr[...], l_scr[...]
     m_next = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))  # (R, 128)
     p = jnp.exp(s - m_next[:, :1])

@@ -12,7 +12,9 @@ and, when positions are given (token-exact window + sinks, e.g. MoA):
 
 with q_pos = q_positions[b, t] and kv_pos = kv_positions[b, k, c] (absolute
 positions; keys are cached after RoPE, so slot order does not matter). A row
-with no readable slot (e.g. an empty cache) outputs zeros, never NaN.
+with no readable slot (e.g. an empty cache) outputs zeros, never NaN. A slot no
+query reads never reaches the output, even holding NaN or inf (every backend
+zeroes unread values before p @ v).
 """
 
 from __future__ import annotations
@@ -65,5 +67,8 @@ def decode_attention_ref(q, k, v, lengths, *, q_positions=None, kv_positions=Non
   m = jnp.max(logits, axis=-1, keepdims=True)
   p = jnp.where(ok, jnp.exp(logits - m), 0.0)
   l = jnp.sum(p, axis=-1, keepdims=True)
-  out = jnp.einsum('bkgtc,bkcd->btkgd', p / jnp.where(l == 0.0, 1.0, l), v.astype(jnp.float32))
+  # Slots no query reads are zeroed, so a NaN / inf there never reaches p @ v as 0 * NaN.
+  read = jnp.any(jnp.broadcast_to(ok, logits.shape), axis=(2, 3))[..., None]  # [b, k, c, 1]
+  v = jnp.where(read, v.astype(jnp.float32), 0.0)
+  out = jnp.einsum('bkgtc,bkcd->btkgd', p / jnp.where(l == 0.0, 1.0, l), v)
   return out.reshape(b, t, n, d).astype(q.dtype)

@@ -49,7 +49,11 @@ def _kernel(meta_ref, qpos_ref, q_ref, k_ref, v_ref, kpos_ref, o_ref, *, block_k
       ok = allowed(slot, length, qpos, kpos_ref[pl.ds(start, block_k)][None, :], window, sink)
     else:
       ok = allowed(slot, length)
+    ok = jnp.broadcast_to(ok, s.shape)
     s = jnp.where(ok, s, MASK_VALUE)
+    # Slots no row reads are zeroed (a NaN there would reach p @ v as 0 * NaN).
+    read = jnp.max(jnp.where(ok, 1.0, 0.0), axis=0) > 0.0
+    vt = jnp.where(read[:, None], vt, jnp.zeros((), vt.dtype))
     m_new = jnp.maximum(m, s.max(axis=1))
     alpha = jnp.exp(m - m_new)
     p = jnp.exp(s - m_new[:, None])

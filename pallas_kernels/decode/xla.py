@@ -38,6 +38,9 @@ def forward(q, k, v, lengths, q_positions, kv_positions, window, sinks, scale, b
                  kv_positions.reshape(b, kh, 1, 1, nb, block_k),
                  window[None, :, None, None, None, None], sinks[None, :, None, None, None, None])
   s = jnp.where(ok, s, MASK_VALUE)
+  # Slots no query reads are zeroed (a NaN there would reach p @ v as 0 * NaN).
+  read = jnp.any(jnp.broadcast_to(ok, s.shape), axis=(2, 3)).reshape(b, kh, c, 1)
+  v = jnp.where(read, v, jnp.zeros((), v.dtype))
   m_j = jnp.maximum(s.max(axis=-1), M_INIT)  # [b, k, g, t, j]
   p = jnp.exp(s - m_j[..., None])
   l_j = p.sum(axis=-1)

@@ -47,7 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels.dispatch import IMPLEMENTATIONS, resolve_implementation
+from pallas_kernels.dispatch import (IMPLEMENTATIONS, check_qkv, resolve_implementation,
+                                     resolve_mesh)
 from pallas_kernels.stripe import lists, reference
 from pallas_kernels.stripe.tiles import Tiles
 
@@ -55,7 +56,6 @@ DEFAULT_BATCH_AXES = ('data', 'fsdp')
 DEFAULT_HEAD_AXIS = 'tensor'
 NO_POS = -(2 ** 30)  # position of pad rows: before every key
 
-_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _ROW_MULTIPLE = {'xla': 1, 'triton': None, 'mosaic_tpu': 8}  # None: power of two >= 16
 # The backward pass of each implementation. TPUs have no atomics for the scatter of dk / dv
 # into gathered rows, so mosaic_tpu uses the xla pass (gather + scatter-add) for now.
@@ -112,24 +112,9 @@ _core.defvjp(_fwd, _bwd)
 
 
 def _check(q, k, v, indices, counts, block_q):
-  for name, x in (('q', q), ('k', k), ('v', v)):
-    if getattr(x, 'ndim', None) != 4:
-      raise ValueError(f'{name} must be rank 4 [batch, length, heads, head_dim], got shape '
-                       f'{getattr(x, "shape", None)}.')
-    if x.dtype not in _FLOAT_DTYPES:
-      raise ValueError(f'{name} must be float32, bfloat16 or float16, got {x.dtype}.')
-  if not (q.dtype == k.dtype == v.dtype):
-    raise ValueError(f'q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}.')
-  if k.shape != v.shape:
-    raise ValueError(f'k and v must have the same shape, got {k.shape} and {v.shape}.')
+  check_qkv(q, k, v)
   b, t, n, d = q.shape
-  if k.shape[0] != b:
-    raise ValueError(f'k has batch {k.shape[0]} but q has batch {b}.')
-  if k.shape[3] != d:
-    raise ValueError(f'k has head_dim {k.shape[3]} but q has head_dim {d}.')
   kh = k.shape[2]
-  if n % kh:
-    raise ValueError(f'q heads ({n}) must be a multiple of k/v heads ({kh}) (GQA).')
   if not isinstance(block_q, (int, np.integer)) or isinstance(block_q, bool) or block_q <= 0:
     raise ValueError(f'block_q must be a positive int, got {block_q!r}.')
   if getattr(indices, 'ndim', None) != 4:
@@ -203,20 +188,6 @@ def _kernel_call(q, k, v, indices, counts, *, block_q, causal, scale, impl, inte
   return out, lse.reshape(b, n, nt * tq)[:, :, :t]
 
 
-def _resolve_mesh(mesh, batch_axes, head_axis):
-  """(mesh, batch axes, head axis) to shard over, or None for no shard_map."""
-  if mesh is None:
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty:
-      return None
-  names = set(mesh.axis_names)
-  batch = tuple(a for a in (batch_axes or ()) if a in names)
-  head = head_axis if head_axis in names else None
-  if not batch and head is None:
-    return None
-  return mesh, batch, head
-
-
 def attention(q, k, v, indices, counts, *, block_q: int, causal: bool = False,
               scale: float | None = None, return_lse: bool = False,
               implementation: str | None = None, interpret: Any = False,
@@ -276,7 +247,7 @@ def attention(q, k, v, indices, counts, *, block_q: int, causal: bool = False,
                               scale=scale, impl=impl, interpret=interpret, tiles=tiles)
     return (out, lse) if return_lse else out
 
-  sharding = _resolve_mesh(mesh, batch_axes, head_axis)
+  sharding = resolve_mesh(mesh, batch_axes, head_axis)
   if sharding is None:
     return run(q, k, v, indices, counts)
   mesh, batch, head = sharding

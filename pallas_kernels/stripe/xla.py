@@ -24,6 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.scheduling import after
 from pallas_kernels.stripe.reference import MASK_VALUE
 
 # Running max starts above MASK_VALUE: exp(MASK_VALUE - m) underflows to 0.
@@ -84,8 +85,8 @@ def forward(q, k, v, idx, tcount, qpos, cfg, interpret=False):
     return m_new, l, acc
 
   shape = q.shape[:-1]
-  init = (jnp.full(shape, M_INIT, jnp.float32), jnp.zeros(shape, jnp.float32),
-          jnp.zeros(q.shape, jnp.float32))
+  init = after((jnp.full(shape, M_INIT, jnp.float32), jnp.zeros(shape, jnp.float32),
+                jnp.zeros(q.shape, jnp.float32)), q)
   # Custom VJP: the loop is never differentiated, so its trip count may be traced.
   m, l, acc = jax.lax.fori_loop(0, walk.steps, step, init)
   empty = l == 0.0
@@ -123,8 +124,8 @@ def backward(q, k, v, idx, tcount, qpos, out, lse, dout, dlse, cfg, interpret=Fa
                                     preferred_element_type=jnp.float32).reshape(-1, d))
     return dq, dk, dv
 
-  init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k_flat.shape, jnp.float32),
-          jnp.zeros(v_flat.shape, jnp.float32))
+  init = after((jnp.zeros(q.shape, jnp.float32), jnp.zeros(k_flat.shape, jnp.float32),
+                jnp.zeros(v_flat.shape, jnp.float32)), q)
   dq, dk, dv = jax.lax.fori_loop(0, walk.steps, step, init)
   return (dq.astype(q.dtype), dk.reshape(k.shape).astype(k.dtype),
           dv.reshape(v.shape).astype(v.dtype))

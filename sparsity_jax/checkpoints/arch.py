@@ -28,6 +28,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from sparsity_jax.errors import UserError
 from sparsity_jax.layers import rope
 from sparsity_jax.models import ModelConfig
 
@@ -45,8 +46,13 @@ ARCH_FIELDS = ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads
 _LLADA_MASK_TOKEN_ID = 126336  # LLaDA-8B's <|mdm_mask|>; configs may say otherwise.
 
 
-class CheckpointError(ValueError):
-  """A checkpoint that does not fit: unsupported architecture, missing or misshapen tensor."""
+class CheckpointError(UserError):
+  """A checkpoint that does not fit: unsupported architecture, missing or misshapen tensor
+  (a UserError: launchers report it in one line)."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+  """A checkpoint path, file or embedded wheel that is not there."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -55,10 +61,10 @@ class CheckpointError(ValueError):
 def read_config(directory: str) -> dict[str, Any]:
   """``config.json`` of a local Hugging Face checkpoint directory."""
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"Hugging Face checkpoint directory {directory!r} does not exist")
+    raise CheckpointNotFoundError(f"Hugging Face checkpoint directory {directory!r} does not exist")
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} is missing: a Hugging Face checkpoint directory needs "
+    raise CheckpointNotFoundError(f"{path} is missing: a Hugging Face checkpoint directory needs "
                             f"{CONFIG_FILE} next to its *.safetensors")
   with open(path) as f:
     return json.load(f)

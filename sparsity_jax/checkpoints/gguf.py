@@ -49,6 +49,7 @@ tensors stay F32 as llama.cpp keeps them), plus the tokenizer's metadata.
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -56,7 +57,8 @@ from typing import Any
 import numpy as np
 
 from sparsity_jax.checkpoints import tensor_map
-from sparsity_jax.checkpoints.arch import (CheckpointError, hf_config_from_model_config,
+from sparsity_jax.checkpoints.arch import (CheckpointError, CheckpointNotFoundError,
+                                           hf_config_from_model_config,
                                            model_config_from_hf)
 from sparsity_jax.checkpoints.loading import Checkpoint, TensorReader, host_array, variable
 from sparsity_jax.models import ModelConfig
@@ -156,7 +158,7 @@ class GGUFFile:
   def __init__(self, path: str):
     gguf = _gguf()
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"GGUF file {path!r} does not exist")
+      raise CheckpointNotFoundError(f"GGUF file {path!r} does not exist")
     try:
       reader = gguf.GGUFReader(path, "r")
       self.metadata = {key: field.contents() for key, field in reader.fields.items()}
@@ -179,10 +181,23 @@ class GGUFFile:
     """The raw data of a tensor, a view into the file: typed [.., cols] for float and
     integer types, bytes [.., row bytes] for quantized ones (as ``GGUFReader`` gives it)."""
     if self._map is None:
-      self._map = np.memmap(self.path, np.uint8, mode="r")
+      with open(self.path, "rb") as f:
+        self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+      self._map = np.frombuffer(self._mmap, np.uint8)
     raw = self._map[info.offset:info.offset + info.nbytes]
     dtype = _TYPED.get(info.tensor_type.name)
     return (raw.view(dtype) if dtype is not None else raw).reshape(info.data_shape)
+
+  def release(self, info: TensorInfo) -> None:
+    """Drops the file pages of a tensor that has been read from memory (a later read pages
+    them in again), so loading never holds the whole file in RAM beside the model."""
+    if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+      return
+    page = mmap.PAGESIZE
+    start = -(-info.offset // page) * page
+    stop = (info.offset + info.nbytes) // page * page
+    if stop > start:
+      self._mmap.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
 class GGUFTensors(TensorReader):
@@ -237,7 +252,9 @@ class GGUFTensors(TensorReader):
     else:
       data = data[rows]
     cols = range(*index[1].indices(shape[1]))
-    return self._dequantize(t, data, cols.start, cols.stop)
+    values = self._dequantize(t, data, cols.start, cols.stop)
+    self._file.release(t)
+    return values
 
   def _dequantize(self, t, data: np.ndarray, start: int, stop: int) -> np.ndarray:
     """Columns [start, stop) of ``data`` (rows of tensor ``t``) as float32."""

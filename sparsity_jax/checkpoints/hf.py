@@ -36,7 +36,8 @@ from sparsity_jax import parallel
 from sparsity_jax.checkpoints import tensor_map
 # Re-exported: the architecture half used to live here.
 from sparsity_jax.checkpoints.arch import (ARCH_FIELDS, ARCHITECTURES, CONFIG_FILE,  # noqa: F401
-                                           CheckpointError, architecture, check_compatible,
+                                           CheckpointError, CheckpointNotFoundError,
+                                           architecture, check_compatible,
                                            hf_config_from_model_config, mask_token_id,
                                            model_config_from_hf, read_config)
 from sparsity_jax.checkpoints.loading import Checkpoint, TensorReader, host_array, variable
@@ -63,7 +64,7 @@ class SafetensorsReader(TensorReader):
       if missing:
         held = "; ".join(f"{f} holds {len(by_file[f])} tensors, e.g. {sorted(by_file[f])[0]!r}"
                          for f in missing)
-        raise FileNotFoundError(f"{directory}: shard file(s) listed in {INDEX_FILE} are "
+        raise CheckpointNotFoundError(f"{directory}: shard file(s) listed in {INDEX_FILE} are "
                                 f"missing: {held}")
     else:
       single = os.path.join(directory, SINGLE_FILE)
@@ -74,7 +75,7 @@ class SafetensorsReader(TensorReader):
         found = sorted(os.listdir(directory))
         hint = (" (torch .bin weights: convert them to safetensors first)"
                 if any(p.endswith(".bin") for p in found) else "")
-        raise FileNotFoundError(f"{directory} has no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors"
+        raise CheckpointNotFoundError(f"{directory} has no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors"
                                 f"{hint}; it holds {found}")
       self.weight_map = {}
       for file in files:

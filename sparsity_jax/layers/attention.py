@@ -39,6 +39,10 @@ class AttentionCore(nnx.Module):
   # sharded) and holds the number of tokens seen under "end"; a core that keeps a
   # different cache (per-head ragged, per-cluster, ...) overrides both methods.
 
+  def cache_capacity(self, cache) -> int:
+    """Tokens the cache can hold (static: from its shapes; works on stacked caches too)."""
+    return cache["v"].shape[-2]
+
   def init_cache(self, batch: int, max_len: int, *, num_kv_heads: int, head_dim: int,
                  dtype) -> dict[str, jax.Array]:
     """Full KV cache, laid out for the decode step's two matrix products: keys
@@ -58,6 +62,7 @@ class AttentionCore(nnx.Module):
     t); shorter ones (decode: t = 1) a masked softmax over the cache.
     """
     end = cache["end"]
+    overflow = check_cache_room(end, q_btnh.shape[1], self.cache_capacity(cache))
     k_cache = jax.lax.dynamic_update_slice_in_dim(
         cache["k"], k_btkh.astype(cache["k"].dtype).transpose(0, 2, 3, 1), end, axis=3)
     v_cache = jax.lax.dynamic_update_slice_in_dim(
@@ -78,10 +83,11 @@ class AttentionCore(nnx.Module):
                                          causal=True)
       o_btnh = block_sparse.attention(q_btnh, k_cache.transpose(0, 3, 1, 2).astype(q_btnh.dtype),
                                       v_cache.swapaxes(1, 2).astype(q_btnh.dtype), mask)
-      return o_btnh, new_cache
-    allowed_bts = ((slot_pos_s[None, None, :] <= positions_bt[:, :, None])
-                   & (slot_pos_s < end + t))
-    return _grouped_attention(q_btnh, k_cache, v_cache, allowed_bts), new_cache
+    else:
+      allowed_bts = ((slot_pos_s[None, None, :] <= positions_bt[:, :, None])
+                     & (slot_pos_s < end + t))
+      o_btnh = _grouped_attention(q_btnh, k_cache, v_cache, allowed_bts)
+    return poison_on_overflow(o_btnh, overflow), new_cache
 
   def _flash_for_cache(self, t: int) -> bool:
     """Whether a chunk of t tokens goes through the flash kernel (see cached_call)."""
@@ -120,6 +126,50 @@ def _grouped_attention(q_btnh, k_bkhs, v_bksh, allowed_bts) -> jax.Array:
   return o_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q_btnh.dtype)
 
 
+class CacheOverflowError(ValueError):
+  """An append would write past the number of tokens a decoding cache was made for."""
+
+
+def check_cache_room(end, t: int, capacity) -> jax.Array | bool:
+  """Guards an append of ``t`` tokens to a cache that holds ``end`` of ``capacity`` tokens.
+
+  Every core's ``cached_call`` calls it before writing; overflow is never silent:
+
+  * ``end`` concrete (``model.decode`` called eagerly, and ``generation.generate``, which
+    also checks lengths in Python before it starts): raises CacheOverflowError.
+  * ``t > capacity`` (static shapes): raises, also under jit.
+  * ``end`` traced (inside jit): jitted code cannot raise on a traced value, so this
+    returns a traced flag and the core fills its output with NaN (``poison_on_overflow``).
+    The cache's ``end`` keeps counting past ``capacity``, so every later call is
+    poisoned too: NaN logits mean "the cache overflowed" (or compare ``end`` with the
+    capacity after the call). We chose this over ``checkify`` (it would change every
+    caller's signature) and host callbacks (asynchronous, not on every backend): a
+    NaN cannot be mistaken for a prediction and costs one select.
+
+  Returns the overflow flag (a Python False when known to be fine).
+  """
+  if not isinstance(capacity, jax.core.Tracer):
+    capacity = int(capacity)
+    if t > capacity:
+      raise CacheOverflowError(f"{t} new tokens do not fit in a cache made for {capacity}: "
+                               "create it with a larger max_len (model.init_cache)")
+  if isinstance(end, jax.core.Tracer) or isinstance(capacity, jax.core.Tracer):
+    return end + t > capacity
+  end = int(end)
+  if end + t > capacity:
+    raise CacheOverflowError(f"cache overflow: {end} cached + {t} new tokens exceed the "
+                             f"capacity of {int(capacity)} (model.init_cache(batch, max_len)); "
+                             "create the cache with a larger max_len")
+  return False
+
+
+def poison_on_overflow(x: jax.Array, overflow) -> jax.Array:
+  """``x``, or NaN everywhere when ``overflow`` (a traced flag from check_cache_room)."""
+  if overflow is False:
+    return x
+  return jnp.where(overflow, jnp.asarray(jnp.nan, x.dtype), x)
+
+
 _REGISTRY: dict[str, Callable[..., AttentionCore]] = {}
 
 
@@ -139,7 +189,11 @@ def attention_kinds() -> tuple[str, ...]:
   return tuple(sorted(_REGISTRY))
 
 
-def make_attention_core(model_config: Any, layer_index: int, rngs: nnx.Rngs) -> AttentionCore:
+def make_attention_core(model_config: Any, layer_index: int | None,
+                        rngs: nnx.Rngs) -> AttentionCore:
+  """The configured core of layer ``layer_index``; None: one core for every layer (the
+  stacked layers of scan_layers), which a core whose structure depends on the layer must
+  refuse rather than silently build layer 0's."""
   kind = model_config.attention.get("kind", "dense")
   if kind not in _REGISTRY:
     raise ValueError(f"config.model.attention.kind={kind!r} is unknown; "
@@ -175,7 +229,7 @@ class DenseAttention(AttentionCore):
   causal attention.
   """
 
-  def __init__(self, model_config: Any, *, layer_index: int, rngs: nnx.Rngs):
+  def __init__(self, model_config: Any, *, layer_index: int | None, rngs: nnx.Rngs):
     del layer_index, rngs
     opts = model_config.attention
     self.dense_kernel = opts.get("dense_kernel", "auto")
@@ -208,7 +262,7 @@ class DenseAttention(AttentionCore):
 class Attention(nnx.Module):
   """Projections + RoPE around a pluggable core."""
 
-  def __init__(self, model_config: Any, *, layer_index: int, rngs: nnx.Rngs):
+  def __init__(self, model_config: Any, *, layer_index: int | None, rngs: nnx.Rngs):
     cfg = model_config
     e, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))

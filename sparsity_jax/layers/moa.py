@@ -36,7 +36,8 @@ from flax import nnx
 
 from pallas_kernels import block_sparse
 from pallas_kernels import decode as decode_lib
-from sparsity_jax.layers.attention import AttentionCore, register_attention
+from sparsity_jax.layers.attention import (AttentionCore, check_cache_room, poison_on_overflow,
+                                          register_attention)
 from sparsity_jax.moa import plan as plan_lib
 
 EMPTY = 2 ** 30  # Position of an unwritten slot: after every query, so never read.
@@ -99,7 +100,9 @@ class MoAAttention(AttentionCore):
     """Per rule group: k/v [b, k_g, capacity_g, h], slot positions, windows and sinks."""
     del num_kv_heads
     caps, windows = self.capacities(max_len), self.windows(max_len)
-    cache = {"end": jnp.zeros((), jnp.int32)}
+    # The ring buffers never fill up, but their windows are the plan's at N = max_len:
+    # the cache is valid for max_len tokens, and refuses more (check_cache_room).
+    cache = {"end": jnp.zeros((), jnp.int32), "capacity": jnp.asarray(max_len, jnp.int32)}
     for gi, heads in enumerate(self.kv_groups):
       shape = (batch, len(heads), int(caps[heads[0]]))
       cache[f"k{gi}"] = jnp.zeros(shape + (head_dim,), dtype)
@@ -115,10 +118,16 @@ class MoAAttention(AttentionCore):
     A prompt into an empty cache runs the block-sparse prefill kernel (cost ~ density x
     dense); appending to a filled cache uses the decode kernel with the position rule.
     """
+    overflow = check_cache_room(cache["end"], q_btnh.shape[1], self.cache_capacity(cache))
     args = (q_btnh, k_btkh, v_btkh, positions_bt, cache)
     if q_btnh.shape[1] == 1:
-      return self._append(*args)
-    return jax.lax.cond(cache["end"] == 0, self._prefill_empty, self._append, *args)
+      o_btnh, cache = self._append(*args)
+    else:
+      o_btnh, cache = jax.lax.cond(cache["end"] == 0, self._prefill_empty, self._append, *args)
+    return poison_on_overflow(o_btnh, overflow), cache
+
+  def cache_capacity(self, cache):
+    return cache["capacity"]
 
   def _prefill_empty(self, q_btnh, k_btkh, v_btkh, positions_bt, cache):
     """Prompt at positions 0..t-1 into an empty cache: one block-sparse call, then write."""
@@ -135,7 +144,7 @@ class MoAAttention(AttentionCore):
         block_q=self.block_size, block_k=self.block_size)
     o_btnh = block_sparse.attention(q_btnh, k_btkh, v_btkh, mask,
                                     implementation=self.implementation)
-    new_cache = {"end": cache["end"] + t}
+    new_cache = {"end": cache["end"] + t, "capacity": cache["capacity"]}
     for gi, heads in enumerate(self.kv_groups):
       k_new, v_new, pos_new = self._group_tokens(gi, heads, k_btkh, v_btkh, positions_bt, cache)
       kc, vc, pc = _write(cache[f"k{gi}"], cache[f"v{gi}"], cache[f"pos{gi}"], k_new, v_new,
@@ -157,7 +166,7 @@ class MoAAttention(AttentionCore):
     """t tokens after the cached ones, through the ragged decode kernel."""
     b, t = q_btnh.shape[:2]
     end = cache["end"]
-    new_cache = {"end": end + t}
+    new_cache = {"end": end + t, "capacity": cache["capacity"]}
     outs, order = [], []
     for gi, heads in enumerate(self.kv_groups):
       kc, vc, pc = cache[f"k{gi}"], cache[f"v{gi}"], cache[f"pos{gi}"]

@@ -96,10 +96,13 @@ def set_mode(model: nnx.Module, mode: str, prompt_length: int | None = None) -> 
 
 
 def switch_step(total_steps: int, skip: float) -> int:
-  """The step that captures the pattern; steps before it are dense, after it sparse."""
+  """The step that captures the pattern; it and the steps before it run dense, the steps
+  after it sparse. As the official code: dense through step int(total * skip) + 1
+  (``end_time``), the pattern computed at that step (e.g. 128 steps at skip 0.2: steps
+  0..26 dense, 101 sparse). At or past ``total_steps`` every step is dense."""
   if not 0.0 <= skip < 1.0:
     raise ValueError(f"SparseD skip must be in [0, 1), got {skip}")
-  return int(total_steps * skip)
+  return int(total_steps * skip) + 1
 
 
 def sparsed_step_hook(model: nnx.Module, prompt_length: int, skip: float):

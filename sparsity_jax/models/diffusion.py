@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from sparsity_jax.data import tokenizer
+from sparsity_jax.models.transformer import check_token_ids
 
 NEG_INF = -1e30  # Confidence of positions that may not be committed this step.
 
@@ -56,6 +57,8 @@ class SamplerConfig:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
     if self.temperature < 0:
       raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if self.mask_id < 0:
+      raise ValueError(f"mask_id must be a token id (>= 0), got {self.mask_id}")
 
   @property
   def num_blocks(self) -> int:
@@ -137,6 +140,12 @@ def generate(model: nnx.Module, prompt_bt: Any, cfg: SamplerConfig, *,
   if getattr(model_cfg, "causal", False):
     raise ValueError("diffusion sampling needs a bidirectional masked-diffusion model "
                      "(config.model.causal=False, objective='masked_diffusion')")
+  vocab_size = getattr(model_cfg, "vocab_size", None)
+  if vocab_size is not None:
+    if not 0 <= cfg.mask_id < vocab_size:
+      raise ValueError(f"SamplerConfig.mask_id={cfg.mask_id} is not a token of this model "
+                       f"(vocab_size={vocab_size}); use the model's mask token id")
+    check_token_ids(prompt_bt, vocab_size, "prompt token ids")
   max_len = getattr(model_cfg, "max_len", None)
   if max_len is not None and total > max_len:
     raise ValueError(f"prompt ({p}) + gen_length ({cfg.gen_length}) = {total} tokens exceed the "

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparsity_jax.models.transformer import check_token_ids
+
 
 def sample(logits_bv: jax.Array, key: jax.Array, temperature, top_p) -> jax.Array:
   """Next tokens [b] from logits [b, v]: argmax when ``temperature == 0``, else a draw
@@ -56,14 +58,27 @@ _COMPILED: dict = {}  # (graphdef, argument signature) -> compiled _step; see _c
 
 def _compiled(graphdef, *args):
   """``_step`` compiled ahead of time for these arguments (cached), so generation can time
-  compilation apart from the prefill and decode calls."""
+  compilation apart from the prefill and decode calls.
+
+  The returned function moves an argument to the sharding the executable was compiled
+  for when it differs (under a mesh, the prefill's outputs come back sharded by the
+  compiler's choice; a no-op on one device), as a jitted call would.
+  """
   leaves, treedef = jax.tree.flatten(args)
   signature = tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves)
   key = (graphdef, treedef, signature)
   if key not in _COMPILED:
     if len(_COMPILED) > 64:  # Many shapes (e.g. a benchmark sweep): start over.
       _COMPILED.clear()
-    _COMPILED[key] = _step.lower(graphdef, *args).compile()
+    compiled = _step.lower(graphdef, *args).compile()
+    shardings = jax.tree.leaves(compiled.input_shardings[0])
+
+    def call(*call_args, compiled=compiled, shardings=shardings):
+      flat, tree = jax.tree.flatten(call_args)
+      flat = [x if x.sharding == s else jax.device_put(x, s) for x, s in zip(flat, shardings)]
+      return compiled(*jax.tree.unflatten(tree, flat))
+
+    _COMPILED[key] = call
   return _COMPILED[key]
 
 
@@ -121,6 +136,7 @@ def generate(model: nnx.Module, prompt_bt, max_new_tokens: int, *, temperature: 
   if temperature < 0 or not 0 < top_p <= 1:
     raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
   total = check_length(model, p, max_new_tokens, max_len)
+  check_token_ids(prompt_bt, model.cfg.vocab_size, "prompt token ids")
   rng = jax.random.key(0) if rng is None else rng
   temperature, top_p = jnp.float32(temperature), jnp.float32(top_p)
   cache = model.init_cache(b, total)
@@ -198,7 +214,7 @@ def generate_text(model: nnx.Module, tokenizer, prompt, *, chat: bool = False,
     model: a causal TransformerLM.
     tokenizer: an :class:`~sparsity_jax.checkpoints.HFTokenizer`, or the byte tokenizer
       (``data.tokenizer.ByteTokenizer``) of the project's own byte-level models.
-    prompt: the text; with ``chat`` the user message, rendered with the tokenizer's chat
+    prompt: the text (bytes too for the byte tokenizer); with ``chat`` the user message, rendered with the tokenizer's chat
       template (an HFTokenizer with a template), after an optional ``system`` message.
     max_new_tokens, temperature, top_p, seed: see :func:`generate`.
     stop_at_eos: stop at the tokenizer's EOS token (not included in the text).
@@ -212,7 +228,8 @@ def generate_text(model: nnx.Module, tokenizer, prompt, *, chat: bool = False,
   if isinstance(tokenizer, ByteTokenizer):
     if chat:
       raise ValueError("byte-level models have no chat template; drop chat")
-    ids = tokenizer.encode(prompt)
+    ids = (np.frombuffer(prompt, np.uint8).astype(np.int32) if isinstance(prompt, bytes)
+           else tokenizer.encode(prompt))
     decode = tokenizer.decode
   else:
     if chat:

@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.core import FrozenDict
 
@@ -95,7 +96,7 @@ class ModelConfig:
 class Block(nnx.Module):
   """x + attn(norm(x)), then x + mlp(norm(x))."""
 
-  def __init__(self, cfg: ModelConfig, *, layer_index: int, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, layer_index: int | None, rngs: nnx.Rngs):
     self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
     self.attn = attention_lib.Attention(cfg, layer_index=layer_index, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
@@ -132,7 +133,9 @@ class TransformerLM(nnx.Module):
       @nnx.split_rngs(splits=cfg.num_layers)
       @nnx.vmap(in_axes=(0,), out_axes=0)
       def make_stack(rngs):
-        return Block(cfg, layer_index=0, rngs=rngs)
+        # layer_index=None: one core for every stacked layer; a core whose structure
+        # depends on the layer (routing_layers, MoA plans) refuses it.
+        return Block(cfg, layer_index=None, rngs=rngs)
 
       self.layers = make_stack(rngs)
     else:
@@ -145,6 +148,7 @@ class TransformerLM(nnx.Module):
           logical_axes=(axes.EMBED, axes.VOCAB))
 
   def embed_tokens(self, tokens_bt: jax.Array) -> jax.Array:
+    check_token_ids(tokens_bt, self.cfg.vocab_size)
     x_bte = jnp.take(self.embed.get_value(), tokens_bt, axis=0).astype(self.cfg.dtype)
     return parallel.constrain(x_bte, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
 
@@ -166,14 +170,22 @@ class TransformerLM(nnx.Module):
 
     Positions default to the cache's length + arange(t). Returns (logits [b, t, v], cache);
     with ``last_only`` the logits of the last position only, [b, 1, v] (a prompt's output
-    head then costs one row, not t: 20% of SmolLM2's prefill at 4k tokens).
+    head then costs one row, not t: 20% of SmolLM2's prefill at 4k tokens). Appending past
+    the cache's capacity raises when the cache length is concrete (an eager call) and
+    gives NaN logits under jit (see attention.check_cache_room).
     """
     x_bte = self.embed_tokens(tokens_bt)
+    first = _cache_end(cache)
+    b, t = tokens_bt.shape
+    attention_lib.check_cache_room(first, t, self._cache_capacity(cache))
     if positions_bt is None:
-      first = _cache_end(cache)
-      b, t = tokens_bt.shape
       positions_bt = jnp.broadcast_to(first + jnp.arange(t, dtype=jnp.int32), (b, t))
     return self._run_stack(x_bte, positions_bt, cache, last_only=last_only)
+
+  def _cache_capacity(self, cache):
+    if self.cfg.scan_layers:  # Stacked caches: every layer's core has the same layout.
+      return self.layers.attn.core.cache_capacity(cache)
+    return self.layers[0].attn.core.cache_capacity(cache[0])
 
   def forward_embeddings(self, x_bte: jax.Array, positions_bt: jax.Array | None = None):
     """Runs the stack on input embeddings (used by the causality-by-gradient test)."""
@@ -232,6 +244,17 @@ class TransformerLM(nnx.Module):
                               preferred_element_type=jnp.float32)
     logits_btv = parallel.constrain(logits_btv, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
     return logits_btv if cache is None else (logits_btv, cache)
+
+
+def check_token_ids(tokens, vocab_size: int, name: str = "token ids") -> None:
+  """Raises if concrete token ids fall outside [0, vocab_size) (an out-of-range id would
+  gather a NaN embedding, not fail); ids traced inside jit cannot be checked here."""
+  if isinstance(tokens, jax.core.Tracer):
+    return
+  ids = np.asarray(tokens)
+  if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+    raise ValueError(f"{name} must be in [0, {vocab_size}) (the model's vocab_size), got values "
+                     f"in [{ids.min()}, {ids.max()}]")
 
 
 def _cache_end(cache) -> jax.Array:

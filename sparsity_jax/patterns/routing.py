@@ -105,6 +105,31 @@ def route(x_btnd: jax.Array, means_ncd: jax.Array, window: int) -> jax.Array:
   return jnp.sort(idx_bncw, axis=-1)
 
 
+def prefix_thresholds(scores_bncs: jax.Array, window: int) -> tuple[jax.Array, jax.Array]:
+  """The ``window``-th best token of each centroid among tokens 0..i, for every i.
+
+  One scan over the sequence keeps each centroid's running top-``window`` (ordered by
+  score, ties to the lower index, as lax.top_k). Returns (value, index) [b, n, c, s] of
+  the last member; value is -inf while fewer than ``window`` tokens exist.
+  """
+  b, n, c, s = scores_bncs.shape
+  init = (jnp.full((b, n, c, window), -jnp.inf, scores_bncs.dtype),
+          jnp.full((b, n, c, window), s, jnp.int32))
+
+  def step(carry, xs):
+    vals, idx = carry
+    score_bnc, i = xs
+    cand_v = jnp.concatenate([vals, score_bnc[..., None]], axis=-1)
+    cand_i = jnp.concatenate([idx, jnp.full((b, n, c, 1), i, jnp.int32)], axis=-1)
+    vals, order = jax.lax.top_k(cand_v, window)  # Stable: earlier (lower index) first.
+    idx = jnp.take_along_axis(cand_i, order, axis=-1)
+    return (vals, idx), (vals[..., -1], idx[..., -1])
+
+  _, (thr_v, thr_i) = jax.lax.scan(step, init, (jnp.moveaxis(scores_bncs, -1, 0),
+                                                jnp.arange(s, dtype=jnp.int32)))
+  return jnp.moveaxis(thr_v, 0, -1), jnp.moveaxis(thr_i, 0, -1)
+
+
 def gather_clusters(x_btnd: jax.Array, idx_bncw: jax.Array) -> jax.Array:
   """x at the routed indices, flattened cluster-major: [b, c*w, n, d]."""
   b, n, c, w = idx_bncw.shape

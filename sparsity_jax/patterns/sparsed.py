@@ -6,15 +6,18 @@ layer and head by the mean of its attention probabilities and keeps the top-scor
 blocks of each query block for all remaining steps. Key blocks are chosen separately
 over the prompt and over the generation ("isolated selection") and united:
 
-  pass 1: softmax over all keys; top-k1 key blocks per query block, k1 = ceil(select*nk);
+  pass 1: softmax over all keys; top-k1 key blocks per query block, k1 = keep(nk);
           keep only prompt columns (blocks starting before the generation).
-  pass 2: softmax over generation keys only; top-k2 generation blocks, k2 =
-          ceil(select * n_gen).
+  pass 2: softmax over generation keys only; top-k2 generation blocks, k2 = keep(n_gen).
 
-A block that straddles the prompt/generation boundary counts as prompt, as in the
-original code. We use ceil (the original uses int(n * select) + 1), so select=1.0 keeps
-every block and SparseD equals dense attention exactly. Scores are scaled by
-1/sqrt(head_dim) (the LLaDA code uses 1/sqrt(num_heads); we follow the paper's text).
+As the official code (SparseD_utils.create_attention_block_mask): keep(n) =
+max(1, int(n * select) + 1), clipped to n (where the official torch.topk would fail,
+e.g. select=1.0, which then keeps every block and equals dense attention exactly); a
+tile's score is the mean over all block_size^2 entries of the zero-padded probability
+matrix, so a partial last block (lengths not multiples of the block) is scored as the
+official code scores it. A block that straddles the prompt/generation boundary counts
+as prompt, as in the original code. Scores are scaled by 1/sqrt(head_dim) (the LLaDA
+code uses 1/sqrt(num_heads); we follow the paper's text and the Dream code).
 
 Legend: b batch, t query length, s key length, n query heads, k kv heads, d head dim,
 i query block, j key block.
@@ -36,9 +39,17 @@ def generation_start_block(prompt_length: int, seq_length: int, block_size: int)
   return min(-(-prompt_length // block_size), num_blocks - 1)
 
 
+def keep_count(num_blocks: int, select: float) -> int:
+  """Key blocks kept per query block among ``num_blocks`` (official formula, clipped)."""
+  return min(num_blocks, max(1, int(num_blocks * select) + 1))
+
+
 def block_scores(q_btnd: jax.Array, k_bskd: jax.Array, *, block_size: int,
                  gen_start: int) -> tuple[jax.Array, jax.Array]:
   """Mean attention probability of each tile, [b, n, i, j] twice (all keys, gen keys).
+
+  The mean is over block_size^2 entries, padding included as zeros (the official code
+  pads the probabilities and averages whole tiles).
 
   Computed one query block at a time (lax.map), so at most [b, n, block, s] probabilities
   exist at once, never all heads' L x L.
@@ -51,9 +62,7 @@ def block_scores(q_btnd: jax.Array, k_bskd: jax.Array, *, block_size: int,
   q_blocks = q_pad.reshape(b, nq, block_size, n, d).transpose(1, 0, 2, 3, 4)  # [i, b, q, n, d]
   key_pos = jnp.arange(s)
   is_gen_key = key_pos >= gen_start * block_size
-  # Valid (query, key) counts per tile, for the mean.
   q_valid = jnp.clip(t - jnp.arange(nq) * block_size, 0, block_size)  # [i]
-  k_valid = jnp.clip(s - jnp.arange(nk) * block_size, 0, block_size)  # [j]
   scale = 1.0 / math.sqrt(d)
 
   def one_block(args):
@@ -69,7 +78,7 @@ def block_scores(q_btnd: jax.Array, k_bskd: jax.Array, *, block_size: int,
       p = jnp.pad(p, ((0, 0), (0, 0), (0, 0), (0, nk * block_size - s)))
       return p.reshape(b, n, block_size, nk, block_size).sum(axis=(2, 4))  # [b, n, j]
 
-    count = (q_valid[i] * k_valid).astype(jnp.float32)
+    count = float(block_size * block_size)
     return pool(p_all) / count, pool(p_gen) / count
 
   all_ibnj, gen_ibnj = jax.lax.map(one_block, (q_blocks, jnp.arange(nq)))
@@ -96,8 +105,8 @@ def select_blocks(q_btnd: jax.Array, k_bskd: jax.Array, *, prompt_length: int,
   all_scores, gen_scores = block_scores(q_btnd, k_bskd, block_size=block_size,
                                         gen_start=gen_start)
   cols = jnp.arange(nk)
-  k_prompt = min(nk, max(1, math.ceil(select * nk)))
-  k_gen = min(nk - gen_start, max(1, math.ceil(select * (nk - gen_start))))
+  k_prompt = keep_count(nk, select)
+  k_gen = keep_count(nk - gen_start, select)
   bits = jnp.zeros(all_scores.shape, bool)
   if gen_start > 0:
     bits = _top_k_bits(all_scores, cols >= 0, k_prompt) & (cols < gen_start)
@@ -109,6 +118,6 @@ def max_blocks_per_row(seq_length: int, prompt_length: int, block_size: int,
   """Static bound on kept key blocks per query block (the kernel table width)."""
   nk = -(-seq_length // block_size)
   gen_start = generation_start_block(prompt_length, seq_length, block_size)
-  k_prompt = min(gen_start, max(1, math.ceil(select * nk))) if gen_start > 0 else 0
-  k_gen = min(nk - gen_start, max(1, math.ceil(select * (nk - gen_start))))
+  k_prompt = min(gen_start, keep_count(nk, select)) if gen_start > 0 else 0
+  k_gen = keep_count(nk - gen_start, select)
   return k_prompt + k_gen

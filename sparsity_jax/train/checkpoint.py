@@ -1,20 +1,27 @@
 """Orbax checkpoints of the train state and the data iterator, plus run-config checks.
 
-A workdir names a run. ``<workdir>/config.json`` records the config the run started
-with; a later start in the same workdir must describe the same model and data, or it
-stops before touching anything. ``<workdir>/checkpoints/<step>/`` holds the train state
-and the iterator position; the last ``keep`` are kept.
+A workdir names a run. ``<workdir>/config.json`` holds the config of the latest start
+and ``<workdir>/invocations.jsonl`` one line per start (time, command line, resumed
+step, config), so a rerun with another ``lr`` or ``steps`` stays on record. Once the run
+has a checkpoint, a later start must describe the same model and data, or it stops
+before touching anything; a run that never reached a checkpoint may start over with a
+corrected config. ``<workdir>/checkpoints/<step>/`` holds the train state and the
+iterator position; the last ``keep`` are kept. A checkpoint that cannot be read is
+skipped with a warning for the newest readable one (see ``Checkpointer.restore_newest``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from sparsity_jax.errors import UserError, WorkdirError
 from sparsity_jax.train.state import abstract_with_shardings
 
 # Config sections that must match to resume: anything that changes shapes or the data
@@ -33,9 +40,13 @@ def _lookup(config_dict: dict, dotted: str):
 
 
 def check_workdir_compatible(workdir: str, config_dict: dict) -> None:
-  """Raises ValueError if ``workdir`` holds a run with a different model or data."""
+  """Raises UserError if ``workdir`` holds checkpoints of a different model or data.
+
+  A workdir whose config.json was written by a start that never reached a checkpoint
+  (e.g. it failed on a typo) holds nothing to resume: any config may start there.
+  """
   path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  if not os.path.exists(path) or not has_checkpoints(workdir):
     return
   with open(path) as f:
     saved = json.load(f)
@@ -45,17 +56,54 @@ def check_workdir_compatible(workdir: str, config_dict: dict) -> None:
     if json.dumps(old, sort_keys=True) != json.dumps(new, sort_keys=True, default=str):
       diffs.append(f"  {key}: workdir has {old!r}, config has {new!r}")
   if diffs:
-    raise ValueError(
+    raise UserError(
         f"--workdir={workdir} holds a run with a different model or data:\n" + "\n".join(diffs)
         + "\nUse a new --workdir for a new run, or the original config to resume this one.")
 
 
-def write_config(workdir: str, config_dict: dict) -> None:
-  if jax.process_index() == 0 and not os.path.exists(os.path.join(workdir, "config.json")):
-    tmp = os.path.join(workdir, "config.json.tmp")
-    with open(tmp, "w") as f:
-      json.dump(config_dict, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, os.path.join(workdir, "config.json"))
+def has_checkpoints(workdir: str) -> bool:
+  directory = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
+
+
+def write_config(workdir: str, config_dict: dict, *, resumed_step: int | None = None) -> None:
+  """config.json := this start's config; appends the start to invocations.jsonl."""
+  if jax.process_index() != 0:
+    return
+  tmp = os.path.join(workdir, "config.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(config_dict, f, indent=2, sort_keys=True, default=str)
+  os.replace(tmp, os.path.join(workdir, "config.json"))
+  record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv,
+            "resumed_step": resumed_step, "config": config_dict}
+  with open(os.path.join(workdir, "invocations.jsonl"), "a") as f:
+    f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+
+
+def _silence_abandoned_reads() -> None:
+  """After a failed restore, TensorStore reads still in flight complete into orbax's
+  closed event loop and print one 'RuntimeError: Event loop is closed' traceback each
+  (through sys.excepthook or sys.unraisablehook, dozens of them). They are noise from the
+  read we already reported; these hooks drop exactly those and pass everything else on."""
+  closed = lambda error: isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+  previous, previous_unraisable = sys.excepthook, sys.unraisablehook
+  if not getattr(previous, "_drops_closed_loop", False):
+    def hook(kind, value, tb):
+      if not closed(value):
+        previous(kind, value, tb)
+    hook._drops_closed_loop = True
+    sys.excepthook = hook
+  if not getattr(previous_unraisable, "_drops_closed_loop", False):
+    def unraisable_hook(unraisable):
+      if not closed(unraisable.exc_value):
+        previous_unraisable(unraisable)
+    unraisable_hook._drops_closed_loop = True
+    sys.unraisablehook = unraisable_hook
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+  text = " ".join(str(error).split()) or type(error).__name__
+  return text if len(text) <= limit else text[:limit] + "..."
 
 
 class Checkpointer:
@@ -75,15 +123,60 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
 
-  def restore(self, step: int, state_like: Any, shardings: Any) -> tuple[Any, dict]:
+  def restore(self, step: int, state_like: Any, shardings: Any, *,
+              keys: tuple[str, ...] | None = None) -> tuple[Any, dict | None]:
+    """(state, data-iterator state) of ``step``. With ``keys`` only those fields of the
+    state (a dict) are read, e.g. evaluation needs no optimizer state."""
     target = abstract_with_shardings(state_like, shardings)
-    try:
+    if keys is None:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-    except (ValueError, KeyError) as e:
-      raise ValueError(f"checkpoint {self.directory}/{step} does not match this model: {e}. "
-                       "Use a new --workdir for a different model.") from e
-    return restored["state"], restored["data"]
+      return restored["state"], restored["data"]
+    subset = {k: getattr(target, k) for k in keys}
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=subset, restore_args=ocp.checkpoint_utils.construct_restore_args(subset),
+        partial_restore=True)))
+    return restored["state"], None
+
+  def restore_newest(self, state_like: Any, shardings: Any, *, step: int | None = None,
+                     keys: tuple[str, ...] | None = None, set_aside: bool = False):
+    """(step, state, data state) of the newest checkpoint that can be read (or of ``step``).
+
+    A checkpoint that cannot be read (damaged files, an interrupted copy) is skipped
+    with a one-line warning; with ``set_aside`` (training, which will write new
+    checkpoints) the skipped ones are renamed ``<step>.unreadable`` once an older one
+    has been read. Raises WorkdirError in one line when there is none to read.
+    """
+    steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
+      raise WorkdirError(f"no checkpoint in {self.directory}")
+    skipped = []
+    for candidate in steps:
+      try:
+        state, data = self.restore(candidate, state_like, shardings, keys=keys)
+      except Exception as e:  # Orbax / TensorStore raise many types; each is reported.
+        _silence_abandoned_reads()
+        reason = _one_line(e)
+        if step is not None:
+          raise WorkdirError(f"checkpoint {self.directory}/{step} cannot be read: {reason}") from e
+        skipped.append((candidate, reason))
+        print(f"warning: checkpoint {self.directory}/{candidate} cannot be read ({reason}); "
+              "trying the next older one", file=sys.stderr, flush=True)
+        continue
+      if skipped and set_aside and jax.process_index() == 0:
+        for bad, _ in skipped:
+          path = os.path.join(self.directory, str(bad))
+          os.replace(path, path + ".unreadable")
+          print(f"warning: moved the unreadable checkpoint to {path}.unreadable",
+                file=sys.stderr, flush=True)
+      if skipped:
+        self.manager.reload()
+      return candidate, state, data
+    newest, reason = skipped[0]
+    raise WorkdirError(
+        f"no checkpoint in {self.directory} can be read (tried steps {steps}; step {newest}: "
+        f"{reason}). If this is another model's workdir use a new --workdir; otherwise delete "
+        "the damaged checkpoints to start over")
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 
 from sparsity_jax import parallel
 from sparsity_jax.data import corpus, pipeline
+from sparsity_jax.errors import UserError, WorkdirError
 from sparsity_jax.models import ModelConfig, TransformerLM
 from sparsity_jax.train import checkpoint as ckpt_lib
 from sparsity_jax.train import metrics as metrics_lib
@@ -43,8 +44,19 @@ class Experiment:
 
   def __init__(self, config: ml_collections.ConfigDict, *, load_data: bool = True,
                devices=None, splits: tuple[str, ...] = ("train", "validation")):
+    try:
+      self._validate(config, load_data, devices, splits)
+    except UserError:
+      raise
+    except ValueError as e:  # A config value the experiment cannot be built from.
+      raise UserError(str(e)) from e
+
+  def _validate(self, config, load_data, devices, splits):
     self.config = config
     self.model_config = ModelConfig.from_config(config.model)
+    # Builds the model abstractly (no arrays): every core checks its settings here,
+    # e.g. an unknown attention kind fails before anything is written.
+    nnx.eval_shape(lambda: TransformerLM(self.model_config, rngs=nnx.Rngs(0)))
     objectives.get(config.objective)  # Fails early on an unknown objective.
     if config.objective == "masked_diffusion" and self.model_config.causal:
       raise ValueError("config.objective='masked_diffusion' needs a bidirectional model: set "
@@ -187,7 +199,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   exp = Experiment(config, devices=devices)  # Validates config and data; writes nothing.
   ckpt_lib.check_workdir_compatible(workdir, config_dict)
   os.makedirs(workdir, exist_ok=True)
-  ckpt_lib.write_config(workdir, config_dict)
   tcfg = config.train
   is_main = jax.process_index() == 0
 
@@ -207,11 +218,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     iterator = pipeline.TrainIterator(train_data, config.data.batch_size, int(config.seed), rows)
 
     if last_saved is not None:
-      state, data_state = checkpointer.restore(last_saved, state, shardings)
+      last_saved, state, data_state = checkpointer.restore_newest(state, shardings,
+                                                                  set_aside=True)
       iterator.set_state(data_state)
       if is_main:
         print(f"Resumed {workdir} from step {last_saved}.", flush=True)
     start = int(iterator.step)
+    ckpt_lib.write_config(workdir, config_dict, resumed_step=last_saved)
+    if is_main:  # Rows past the checkpoint (an interrupted run's) are written again.
+      metrics_lib.drop_rows_after(os.path.join(workdir, "metrics.jsonl"), start)
 
     train_step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule,
                                                   objective=config.objective,
@@ -219,7 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                          in_shardings=(shardings, exp.batch_sharding),
                          out_shardings=(shardings, None), donate_argnums=(0,))
     eval_step = jit_eval_step(exp, graphdef, shardings)
-    writer = metrics_lib.MetricWriter(workdir)
+    writer = metrics_lib.MetricWriter(workdir, purge_step=start + 1)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     if is_main:
       print(f"Model: {n_params / 1e6:.2f}M parameters; mesh {dict(exp.mesh.shape)}; "
@@ -294,7 +309,7 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run started with (``<workdir>/config.json``)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: --workdir must be a training run's directory")
+    raise WorkdirError(f"{path} not found: --workdir must be a training run's directory")
   with open(path) as f:
     saved = json.load(f)
   # Fields added to the code after the run started take their defaults.
@@ -306,23 +321,29 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
 
 def restore_workdir(workdir: str, config: ml_collections.ConfigDict | None = None,
                     step: int | None = None, *, load_data: bool = True):
-  """Restores a run's latest (or given) checkpoint into its shardings.
+  """Restores the model of a run's newest readable (or the given) checkpoint.
+
+  Only the step, parameters and model state are read (evaluation and generation need no
+  optimizer state): the returned TrainState has ``opt_state=None``. A checkpoint that
+  cannot be read is skipped with a warning unless ``step`` names it.
 
   Returns (experiment, graphdef, state, state shardings, step).
   """
   config = load_workdir_config(workdir) if config is None else config
   exp = Experiment(config, load_data=load_data)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=max(int(config.train.keep_checkpoints), 1))
-  step = checkpointer.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-  with parallel.use_mesh(exp.mesh, exp.rules):
-    tx = optim.make_optimizer(config.train)
-    graphdef = state_lib.split_model(nnx.eval_shape(exp.make_model))[0]
-    abstract = jax.eval_shape(lambda: _abstract_state(exp, tx))
-    shardings = parallel.state_shardings(abstract, exp.mesh, exp.rules)
-    state, _ = checkpointer.restore(step, abstract, shardings)
-  checkpointer.close()
+  try:
+    with parallel.use_mesh(exp.mesh, exp.rules):
+      tx = optim.make_optimizer(config.train)
+      graphdef = state_lib.split_model(nnx.eval_shape(exp.make_model))[0]
+      abstract = jax.eval_shape(lambda: _abstract_state(exp, tx))
+      shardings = parallel.state_shardings(abstract, exp.mesh, exp.rules)
+      step, restored, _ = checkpointer.restore_newest(
+          abstract, shardings, step=step, keys=("step", "params", "model_state"))
+  finally:
+    checkpointer.close()
+  state = state_lib.TrainState(step=restored["step"], params=restored["params"],
+                               model_state=restored["model_state"], opt_state=None)
   return exp, graphdef, state, shardings, step
 
 

@@ -245,3 +245,34 @@ def test_return_lse_matches_reference_with_gradients_through_lse(qkv, implementa
   np.testing.assert_allclose(lse, lse_r, atol=1e-4)
   for name, a, b in zip(('dq', 'dk', 'dv'), g, g_r):
     np.testing.assert_allclose(a, b, atol=2e-4, err_msg=name)
+
+
+@pytest.mark.parametrize('implementation', ['reference', 'xla', 'triton', 'mosaic_tpu'])
+def test_masked_values_never_reach_outputs_or_gradients(qkv, implementation):
+  """Keys / values no query may read and queries that may read no key (segment padding
+  here), holding NaN or inf, give the outputs and gradients of zeros there."""
+  from jax.experimental.pallas import tpu as pltpu
+  l = 40  # Not a block multiple: partial tiles hold both read and unread entries.
+  q_seg = np.array([0] * 20 + [1] * 14 + [3] * 6)  # Queries of segment 3 read nothing.
+  kv_seg = np.array([0] * 20 + [1] * 14 + [2] * 6)  # Keys of segment 2: read by nobody.
+  mask = block_sparse.from_positions(np.arange(l), block_q=16, block_k=16,
+                                     q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+  q, k, v, do = qkv(np.random.randint(1 << 30), 1, l, l, 4, 2, 16, jnp.float32)
+  interpret = pltpu.InterpretParams() if implementation == 'mosaic_tpu' else True
+
+  @jax.jit
+  def fwd_bwd(q, k, v):
+    out, vjp = jax.vjp(lambda *a: block_sparse.attention(
+        *a, mask, implementation=implementation, interpret=interpret), q, k, v)
+    return (out,) + vjp(do)
+
+  unread_k = (kv_seg == 2)[None, :, None, None]
+  unread_q = (q_seg == 3)[None, :, None, None]
+  clean = fwd_bwd(jnp.where(unread_q, 0.0, q), jnp.where(unread_k, 0.0, k),
+                  jnp.where(unread_k, 0.0, v))
+  poisoned = fwd_bwd(jnp.where(unread_q, jnp.nan, q), jnp.where(unread_k, jnp.inf, k),
+                     jnp.where(unread_k, jnp.nan, v))
+  for name, got, want in zip(('out', 'dq', 'dk', 'dv'), poisoned, clean):
+    assert np.isfinite(np.asarray(got)).all(), name
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0,
+                               err_msg=name)

@@ -250,3 +250,19 @@ def test_table_to_bits_inverse():
   bits = rng.random((2, 2, 5, 7)) < 0.5
   count, ids = bm_lib._bits_to_table(bits, 7, np)
   np.testing.assert_array_equal(np.asarray(bm_lib._table_to_bits(count, ids, 7)), bits)
+
+
+@pytest.mark.parametrize('make', [
+    lambda: block_sparse.sliding_window(64, window=-1),  # flash-attn's "-1 = unbounded"
+    lambda: block_sparse.sliding_window(64, window=np.array([16, 0, 8, 4])),
+    lambda: block_sparse.sliding_window(64, window=8, sinks=-2),
+    lambda: block_sparse.from_positions(np.arange(64), window=-1, causal=False),
+    lambda: block_sparse.from_positions(jnp.arange(64), window=jnp.array([-1, 4])),
+    lambda: block_sparse.from_block_scores(np.ones((1, 1, 4, 4)), q_len=64, kv_len=64,
+                                           block_q=16, block_k=16, top_p=0.0),
+])
+def test_nonsense_arguments_raise_instead_of_masking_everything(make):
+  """window <= 0, sinks < 0 or top_p <= 0 used to give a mask with no allowed pair (all-zero
+  attention); they raise at the entry point, window=-1 with a hint."""
+  with pytest.raises(ValueError, match='window|sinks|top_p'):
+    make()

@@ -102,6 +102,13 @@ def test_bad_input_raises():
     decode.decode_attention(q[:, :, :3], k, v, lengths)
   with pytest.raises(ValueError, match='need q_positions'):
     decode.decode_attention(q, k, v, lengths, window=4)
+  # Nonsense values used to mask every slot (all-zero output) instead of failing.
+  with pytest.raises(ValueError, match='window=None is unbounded'):
+    decode.decode_attention(q, k, v, lengths, q_positions=qpos, kv_positions=kpos, window=-1)
+  with pytest.raises(ValueError, match='sinks must be >= 0'):
+    decode.decode_attention(q, k, v, lengths, q_positions=qpos, kv_positions=kpos, sinks=-1)
+  with pytest.raises(ValueError, match='lengths must be >= 0'):
+    decode.decode_attention(q, k, v, lengths - 50)
 
 
 def test_triton_many_query_rows_use_several_row_blocks():
@@ -114,3 +121,25 @@ def test_triton_many_query_rows_use_several_row_blocks():
                    positions=True)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=TOLERANCES[jnp.float32],
                              rtol=0)
+
+
+@pytest.mark.parametrize('implementation', ['reference', 'xla', 'triton', 'mosaic_tpu'])
+def test_unread_slots_never_reach_the_output(implementation):
+  """NaN / inf in slots past a head's length, and in slots the position rule hides from
+  every query, give the output of the same cache with zeros there (no 0 * NaN)."""
+  q, k, v, lengths, qpos, kpos, window, sinks = _inputs(np.random.randint(1 << 30),
+                                                        jnp.float32, False)
+  ok = ((np.arange(C) < lengths[..., None])[:, :, None, :]
+        & (kpos[:, :, None, :] <= qpos[:, None, :, None])
+        & ((qpos[:, None, :, None] - kpos[:, :, None, :] < window[None, :, None, None])
+           | (kpos[:, :, None, :] < sinks[None, :, None, None])))  # [b, k, t, c]
+  unread = ~ok.any(axis=2)[..., None]
+  assert unread.any() and not unread.all()
+  bad_k, bad_v = jnp.where(unread, jnp.nan, k), jnp.where(unread, jnp.inf, v)
+  out, ref = _both(q, k, v, lengths, qpos, kpos, window, sinks, implementation=implementation,
+                   positions=True)
+  bad_out, bad_ref = _both(q, bad_k, bad_v, lengths, qpos, kpos, window, sinks,
+                           implementation=implementation, positions=True)
+  for got, want in ((bad_out, out), (bad_ref, ref)):
+    assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)
