@@ -30,45 +30,13 @@ import argparse
 import json
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from sparsity_jax.checkpoints import load_pretrained
 from sparsity_jax.evals import long_context as lc
-from sparsity_jax.layers import moa as moa_layer
 from sparsity_jax.moa import plan as plan_lib
 from sparsity_jax.moa import profile as profile_lib
-
-
-@nnx.jit
-def _qk(prof, tokens_bt):
-  prof(tokens_bt)
-  cores = [m for _, m in nnx.iter_modules(prof) if isinstance(m, moa_layer.MoAProfileAttention)]
-  return [c.qkvo.get_value()[:2] for c in cores]
-
-
-def needle_attention(model, prompts) -> np.ndarray:
-  """[L, K] mean attention mass on the needle from the answer-emitting positions."""
-  prof = profile_lib.profiling_model(model)
-  cfg = model.cfg
-  group = cfg.num_heads // cfg.num_kv_heads
-  total = np.zeros((cfg.num_layers, cfg.num_heads))
-  for p in prompts:
-    seq = np.concatenate([p.tokens, p.answer_tokens[:-1]])
-    rows = np.arange(p.length - 1, len(seq))  # Positions predicting the answer tokens.
-    start, end = p.evidence
-    for layer, (q, k) in enumerate(_qk(prof, jnp.asarray(seq[None]))):
-      q = np.asarray(q[0, rows], np.float32)  # [r, n, h]
-      k = np.repeat(np.asarray(k[0], np.float32), group, axis=1)  # [s, n, h]
-      logits = np.einsum("rnh,snh->nrs", q, k) / np.sqrt(q.shape[-1])
-      logits = np.where(np.arange(len(seq))[None, None, :] <= rows[None, :, None], logits,
-                        -np.inf)
-      a = jax.nn.softmax(logits, axis=-1)
-      total[layer] += np.asarray(a[..., start:end].sum(-1).mean(-1))
-  per_head = total / len(prompts)
-  return per_head.reshape(cfg.num_layers, cfg.num_kv_heads, group).mean(-1)
+from sparsity_jax.moa.retrieval import needle_attention
 
 
 def layer_ablation(model, tok, plan, prompts, groups, block_size=64) -> list[dict]:

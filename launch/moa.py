@@ -46,6 +46,9 @@ flags.DEFINE_enum("chat", "auto", ["auto", "true", "false"], "Chat template arou
                   "prompts (auto: when the tokenizer has one).")
 flags.DEFINE_integer("loss_tokens", 0, "Profile and validate on the first k response tokens "
                      "only (0: the whole response, as the paper).")
+flags.DEFINE_integer("retrieval_heads", 0, "A variant: keep the k KV heads with the most "
+                     "attention on retrieval evidence at full span (moa.retrieval); 0: MoA "
+                     "as published.")
 flags.DEFINE_integer("min_cache", 128, "Every head keeps at least this many tokens (sink + "
                      "window; the official runtime's minimum).")
 flags.DEFINE_integer("num_rules", 2, "Max distinct rules per layer.")
@@ -77,7 +80,7 @@ def main(argv):
       response_len=FLAGS.response_len, num_rules=FLAGS.num_rules,
       num_intervals=FLAGS.num_intervals, alpha_interval=FLAGS.alpha_interval,
       lower_ratio=FLAGS.lower_ratio, min_cache=FLAGS.min_cache, tasks=tuple(FLAGS.tasks),
-      loss_tokens=FLAGS.loss_tokens,
+      loss_tokens=FLAGS.loss_tokens, retrieval_heads=FLAGS.retrieval_heads,
       chat=FLAGS.chat, model=sources[0], seed=FLAGS.seed)
   try:  # Options against the model and the directory, before any stage runs.
     pipeline.check_options(model, opts, tokenizer)

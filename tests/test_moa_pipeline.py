@@ -290,3 +290,62 @@ def test_loss_tokens_keep_the_start_of_each_response(tmp_path):
   pipeline.check_directory(opts)
   with pytest.raises(ValueError, match="loss_tokens: 0 there, 8 now"):
     pipeline.check_directory(dataclasses.replace(opts, loss_tokens=8))
+
+
+def test_retrieval_heads_variant_holds_the_most_attending_heads(tmp_path, monkeypatch):
+  """--retrieval_heads=k: the search stage scores KV heads by the dense model's attention
+  on retrieval evidence, holds the top k at full span, and the budget still holds."""
+  from sparsity_jax.moa import retrieval
+  model = TransformerLM(ModelConfig(**BASE), rngs=nnx.Rngs(0))
+  opts = pipeline.Options(out=str(tmp_path / "moa"), **{**TINY_OPTIONS, "lengths": (384,),
+                                                         "validate_length": 384},
+                          retrieval_heads=1)
+  pipeline.run(model, opts, stages=("calibrate", "profile", "search"), log=lambda *_: None)
+  heads = json.load(open(os.path.join(opts.out, "retrieval_heads.json")))
+  scores = np.array(heads["needle_attention"])
+  assert scores.shape == (2, 2) and ((scores > 0) & (scores <= 1)).all()
+  assert heads["full_span"] == np.argwhere(retrieval.select(scores, 1)).tolist()
+  (l, k), = heads["full_span"]
+  for plan in pipeline.load_plans(opts.out):
+    assert plan.alpha[l, k] == 0 and plan.beta[l, k] == 1 and plan.density(512) <= 0.5 + 1e-9
+  # Scores are attention masses: for one prompt they equal a direct softmax of q k^T.
+  tok = ByteTokenizer()
+  prompt = retrieval.prompts(tok, 384, 1, seed=3)[0]
+  got = retrieval.needle_attention(model, [prompt])
+  seq = jnp.asarray(np.concatenate([prompt.tokens, prompt.answer_tokens[:-1]])[None])
+  want = _evidence_mass_by_hand(model, seq, prompt, monkeypatch)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  for bad, message in [(4, "retrieval_heads=4 must be in"), (2, "alone use 0.500"),
+                       (1, "kv_retrieval prompts need at least")]:
+    if bad == 1:
+      opts = dataclasses.replace(opts, lengths=(256,), validate_length=256)
+    with pytest.raises(ValueError, match=message):
+      pipeline.check_options(model, dataclasses.replace(opts, retrieval_heads=bad))
+
+
+def _evidence_mass_by_hand(model, seq, prompt, monkeypatch):
+  """[L, K] attention on the evidence from the answer rows, from the q / k the dense
+  model's own attention core receives (an independent path: no profiling model)."""
+  from sparsity_jax.layers import attention
+  seen = []
+  original = attention.DenseAttention.__call__
+
+  def record(self, q, k, v, **kw):
+    seen.append((np.asarray(q[0], np.float64), np.asarray(k[0], np.float64)))
+    return original(self, q, k, v, **kw)
+
+  monkeypatch.setattr(attention.DenseAttention, "__call__", record)
+  model(seq)
+  cfg = model.cfg
+  group = cfg.num_heads // cfg.num_kv_heads
+  rows = np.arange(prompt.length - 1, seq.shape[1])
+  start, end = prompt.evidence
+  out = np.zeros((cfg.num_layers, cfg.num_heads))
+  for layer, (q, k) in enumerate(seen):
+    for n in range(cfg.num_heads):
+      logits = q[rows, n] @ k[:, n // group].T / np.sqrt(q.shape[-1])
+      logits[np.arange(seq.shape[1])[None] > rows[:, None]] = -np.inf
+      p = np.exp(logits - logits.max(-1, keepdims=True))
+      p /= p.sum(-1, keepdims=True)
+      out[layer, n] = p[:, start:end].sum(-1).mean()
+  return out.reshape(cfg.num_layers, cfg.num_kv_heads, group).mean(-1)

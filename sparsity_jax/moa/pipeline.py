@@ -4,7 +4,9 @@
              model's responses), calib_<N>.json (each response, and whether it is correct
              for tasks with an answer)
   profile    influence_<N>.npz per profiled length
-  search     plans/plan_<i>.json (Pareto set), search.json
+  search     plans/plan_<i>.json (Pareto set), search.json; with ``retrieval_heads`` > 0
+             first retrieval_heads.json (the dense model's attention on the evidence of
+             retrieval prompts per KV head, and the heads held at full span)
   validate   validate.json (response loss per plan at the unseen length), plan.json
              (the best), plan.png (span heatmap)
   apply      apply.json: the plan loaded into the model, KV-cache bytes and density
@@ -57,6 +59,7 @@ class Options:
   tasks: Sequence[str] = calibrate_lib.DEFAULT_TASKS  # Calibration tasks, mixed.
   loss_tokens: int = 0  # Profile / validate on the first k response tokens only (0: all).
   chat: str = "auto"  # Chat template around calibration prompts: auto / true / false.
+  retrieval_heads: int = 0  # KV heads kept at full span (moa.retrieval; 0: the paper's MoA).
   model: str = ""  # What the model is (path or name): part of the directory's identity.
   seed: int = 0
 
@@ -147,7 +150,21 @@ def stage_profile(model, opts: Options) -> dict:
   return {"lengths": list(opts.lengths)}
 
 
-def stage_search(model, opts: Options) -> dict:
+def stage_search(model, opts: Options, tokenizer=None, log=print) -> dict:
+  full_heads = None
+  if opts.retrieval_heads:
+    from sparsity_jax.moa import retrieval
+    tok = tokenizer if tokenizer is not None else calibrate_lib.ByteTokenizer()
+    n = min(opts.lengths)
+    prompts = retrieval.prompts(tok, n, 2 * opts.num_samples, seed=opts.seed,
+                                chat=_chat(opts, tokenizer))
+    scores = retrieval.needle_attention(dense_model(model), prompts)
+    full_heads = retrieval.select(scores, opts.retrieval_heads)
+    _write_json(os.path.join(opts.out, "retrieval_heads.json"),
+                {"length": n, "prompts": len(prompts), "needle_attention": scores.tolist(),
+                 "full_span": np.argwhere(full_heads).tolist()})
+    log(f"[moa] search: {opts.retrieval_heads} retrieval heads at full span (layer, kv head): "
+        f"{', '.join(f'{l}.{k}' for l, k in np.argwhere(full_heads))}")
   influences = []
   for n in opts.lengths:
     path = os.path.join(opts.out, f"influence_{n}.npz")
@@ -159,7 +176,7 @@ def stage_search(model, opts: Options) -> dict:
                             num_heads=model.cfg.num_heads, max_rules_per_layer=opts.num_rules,
                             alpha_interval=opts.alpha_interval or None,
                             lower_ratio=opts.lower_ratio, num_intervals=opts.num_intervals,
-                            min_window=opts.min_window)
+                            min_window=opts.min_window, full_heads=full_heads)
   os.makedirs(os.path.join(opts.out, "plans"), exist_ok=True)
   for old in glob.glob(os.path.join(opts.out, "plans", "plan_*.json")):
     os.remove(old)
@@ -211,6 +228,7 @@ _RUN = {"calibrate": stage_calibrate, "profile": stage_profile, "search": stage_
         "validate": stage_validate, "apply": stage_apply}
 
 _OUTPUTS = ("calib_*.npz", "calib_*.json", "influence_*.npz", "plans", "search.json",
+            "retrieval_heads.json",
             "validate.json", "plan.json", "plan.png", "apply.json", "stages")
 
 
@@ -243,6 +261,14 @@ def check_options(model, opts: Options, tokenizer=None) -> None:
                     "shortest length)")
   if opts.loss_tokens < 0 or opts.loss_tokens > opts.response_len:
     problems.append(f"loss_tokens={opts.loss_tokens} must be in [0, response_len]")
+  num_kv = model.cfg.num_layers * model.cfg.num_kv_heads
+  if not 0 <= opts.retrieval_heads < num_kv:
+    problems.append(f"retrieval_heads={opts.retrieval_heads} must be in [0, {num_kv}) (the "
+                    "model's KV heads)")
+  elif opts.retrieval_heads / num_kv >= opts.budget:
+    problems.append(f"retrieval_heads={opts.retrieval_heads} at full span alone use "
+                    f"{opts.retrieval_heads / num_kv:.3f} of the KV cache, not below the "
+                    f"budget {opts.budget}")
   if opts.sink < 0 or opts.min_cache < 1:
     problems.append(f"need sink >= 0 and min_cache >= 1, got {opts.sink}, {opts.min_cache}")
   unknown = [t for t in opts.tasks if t not in lc.TASKS]
@@ -269,6 +295,9 @@ def check_options(model, opts: Options, tokenizer=None) -> None:
       if shortest <= fixed:
         raise ValueError(f"document prompts need more than {fixed} tokens; the shortest "
                          f"calibration prompt has {shortest}")
+  if opts.retrieval_heads:  # The retrieval-head prompts (full length) must fit too.
+    from sparsity_jax.moa import retrieval
+    retrieval.prompts(tok, min(lengths), 2, seed=opts.seed, chat=chat)
   rules = search_lib.candidate_rules(lengths[0], lengths[-1], opts.extend_length,
                                      alpha_interval=opts.alpha_interval or None)
   for n in lengths + [opts.extend_length]:
@@ -330,7 +359,8 @@ def run(model, opts: Options, stages: Sequence[str] = STAGES, *, force: bool = F
       continue
     start = time.time()
     kwargs = ({"documents": documents, "tokenizer": tokenizer, "log": log}
-              if stage == "calibrate" else {})
+              if stage == "calibrate" else
+              {"tokenizer": tokenizer, "log": log} if stage == "search" else {})
     results[stage] = _RUN[stage](model, opts, **kwargs)
     _finish(opts.out, stage, {"seconds": time.time() - start})
     log(f"[moa] {stage}: done in {time.time() - start:.1f}s")
@@ -358,6 +388,10 @@ def summary(out: str) -> str:
     answered = [g["correct"] for g in graded or [] if "correct" in g]
     if answered:
       lines.append(f"  calibration @{n}: dense model correct on {sum(answered)}/{len(answered)}")
+  heads = read("retrieval_heads.json")
+  if heads and (opts or {}).get("retrieval_heads"):
+    lines.append(f"  retrieval heads at full span: {len(heads['full_span'])} (layer.kv head "
+                 f"{', '.join(f'{l}.{k}' for l, k in heads['full_span'])})")
   if os.path.exists(os.path.join(out, "plan.json")):
     plan = plan_lib.load_plan(os.path.join(out, "plan.json"))
     sizes = sorted({int(n) for n in (opts or {}).get("lengths", [])} | (
