@@ -171,6 +171,8 @@ def main():
               f" [{cell['seconds']:.0f}s]", flush=True)
   plot(saved["cells"], args.out + ".png")
   print(table(saved["cells"]))
+  print()
+  print(answer_kinds(saved["cells"]))
 
 
 def _sorted(cells):
@@ -194,6 +196,26 @@ def table(cells) -> str:
         f"{fmt(c.get('ppl'), '.3f')} / {fmt(c.get('ppl_second_half'), '.3f')}",
         f"{c['cache_bytes']:,}", fmt(c["prefill_tok_s"], ".0f"),
         fmt(c["decode_tok_s"], ".1f")]) + " |")
+  return "\n".join(lines)
+
+
+def answer_kinds(cells) -> str:
+  """How the greedy answers fail: per cell and task, the fraction right, a wrong number,
+  or no number at all in the new tokens (e.g. "a magical ..."), and accuracy by where the
+  evidence sits (first / second half of the context)."""
+  head = ["N", "attention", "task", "right", "wrong number", "no number",
+          "right, evidence in 1st half", "right, evidence in 2nd half"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for c in _sorted(cells):
+    for task in TASKS:
+      rows = c[task]["rows"]
+      right = np.mean([r["correct"] for r in rows])
+      none = np.mean([lc.first_integer(r["output"]) is None for r in rows])
+      halves = [[r["correct"] for r in rows if (r["depth"] >= 0.5) == h] for h in (0, 1)]
+      lines.append("| " + " | ".join([
+          str(c["length"]), c["variant"], task, f"{right:.2f}", f"{1 - right - none:.2f}",
+          f"{none:.2f}"] + [f"{np.mean(h):.2f} ({len(h)})" if h else "-" for h in halves])
+          + " |")
   return "\n".join(lines)
 
 
