@@ -49,6 +49,8 @@ flags.DEFINE_integer("loss_tokens", 0, "Profile and validate on the first k resp
 flags.DEFINE_integer("retrieval_heads", 0, "A variant: keep the k KV heads with the most "
                      "attention on retrieval evidence at full span (moa.retrieval); 0: MoA "
                      "as published.")
+flags.DEFINE_string("calibration_from", "", "Copy calibrate + profile from this finished --out "
+                    "(same model and calibration options; another budget or variant).")
 flags.DEFINE_integer("min_cache", 128, "Every head keeps at least this many tokens (sink + "
                      "window; the official runtime's minimum).")
 flags.DEFINE_integer("num_rules", 2, "Max distinct rules per layer.")
@@ -81,6 +83,7 @@ def main(argv):
       num_intervals=FLAGS.num_intervals, alpha_interval=FLAGS.alpha_interval,
       lower_ratio=FLAGS.lower_ratio, min_cache=FLAGS.min_cache, tasks=tuple(FLAGS.tasks),
       loss_tokens=FLAGS.loss_tokens, retrieval_heads=FLAGS.retrieval_heads,
+      calibration_from=FLAGS.calibration_from,
       chat=FLAGS.chat, model=sources[0], seed=FLAGS.seed)
   try:  # Options against the model and the directory, before any stage runs.
     pipeline.check_options(model, opts, tokenizer)

@@ -315,6 +315,21 @@ def test_retrieval_heads_variant_holds_the_most_attending_heads(tmp_path, monkey
   seq = jnp.asarray(np.concatenate([prompt.tokens, prompt.answer_tokens[:-1]])[None])
   want = _evidence_mass_by_hand(model, seq, prompt, monkeypatch)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  # Another budget from the same calibration and profile (--calibration_from): copied, not
+  # recomputed; a directory calibrated otherwise is refused.
+  other = dataclasses.replace(opts, out=str(tmp_path / "moa75"), budget=0.75, retrieval_heads=0,
+                              calibration_from=opts.out)
+  logged = []
+  pipeline.run(model, other, stages=("calibrate", "profile", "search"), log=logged.append)
+  assert any("copied from" in line for line in logged)
+  assert not any(line.startswith("[moa] profile: done") for line in logged)
+  for name in ("calib_384.npz", "influence_384.npz"):
+    assert open(os.path.join(other.out, name), "rb").read() == open(
+        os.path.join(opts.out, name), "rb").read()
+  assert pipeline.load_plans(other.out)[0].density(384) <= 0.75 + 1e-9
+  with pytest.raises(ValueError, match="calibrated with other options .num_samples"):
+    pipeline.run(model, dataclasses.replace(other, out=str(tmp_path / "x"), num_samples=3),
+                 stages=("search",), log=lambda *_: None)
   for bad, message in [(4, "retrieval_heads=4 must be in"), (2, "alone use 0.500"),
                        (1, "kv_retrieval prompts need at least")]:
     if bad == 1:

@@ -62,6 +62,8 @@ class Options:
   retrieval_heads: int = 0  # KV heads kept at full span (moa.retrieval; 0: the paper's MoA).
   model: str = ""  # What the model is (path or name): part of the directory's identity.
   seed: int = 0
+  # A finished directory whose calibration and profile to copy (not part of the identity).
+  calibration_from: str = ""
 
   @property
   def min_window(self) -> int:
@@ -72,6 +74,7 @@ class Options:
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
     d.pop("out")
+    d.pop("calibration_from")
     return json.loads(json.dumps(d))  # Tuples -> lists, as read back.
 
 
@@ -334,6 +337,37 @@ def check_directory(opts: Options, restart: bool = False, log=print) -> None:
       shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
 
 
+# What the calibrate and profile stages depend on: directories equal on these share them.
+CALIBRATION_KEYS = ("lengths", "validate_length", "sink", "block_size", "num_samples",
+                    "response_len", "tasks", "chat", "model", "seed", "loss_tokens")
+
+
+def copy_calibration(opts: Options, log=print) -> None:
+  """Copies calibrate + profile results from ``opts.calibration_from`` (same model and
+  calibration options; budget, search and retrieval-head options may differ)."""
+  import shutil
+  src = opts.calibration_from
+  path = os.path.join(src, "options.json")
+  if not (os.path.exists(path) and done(src, "calibrate") and done(src, "profile")):
+    raise ValueError(f"--calibration_from={src} is not a MoA directory with finished "
+                     "calibrate and profile stages")
+  with open(path) as f:
+    theirs = {**Options(out="").to_json(), **json.load(f)}
+  ours = opts.to_json()
+  diff = [k for k in CALIBRATION_KEYS if theirs.get(k) != ours.get(k)]
+  if diff:
+    raise ValueError(f"--calibration_from={src} was calibrated with other options ("
+                     + "; ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} now"
+                                 for k in diff) + ")")
+  for pattern in ("calib_*.npz", "calib_*.json", "influence_*.npz"):
+    for f in glob.glob(os.path.join(src, pattern)):
+      shutil.copy2(f, opts.out)
+  for stage in ("calibrate", "profile"):
+    os.makedirs(os.path.join(opts.out, "stages"), exist_ok=True)
+    shutil.copy2(_marker(src, stage), _marker(opts.out, stage))
+  log(f"[moa] calibrate, profile: copied from {src}")
+
+
 def run(model, opts: Options, stages: Sequence[str] = STAGES, *, force: bool = False,
         restart: bool = False, documents=None, tokenizer=None, log=print) -> dict:
   """Runs the given stages in order, skipping finished ones unless ``force``.
@@ -350,6 +384,8 @@ def run(model, opts: Options, stages: Sequence[str] = STAGES, *, force: bool = F
   check_directory(opts, restart, log)
   os.makedirs(opts.out, exist_ok=True)
   _write_json(os.path.join(opts.out, "options.json"), {"out": opts.out, **opts.to_json()})
+  if opts.calibration_from and not done(opts.out, "profile"):
+    copy_calibration(opts, log)
   results = {}
   for stage in STAGES:
     if stage not in stages:
