@@ -10,10 +10,16 @@ run (--workdir) or a pretrained model (--model: smollm2, a .gguf file or a Huggi
 directory; --hf_dir=DIR is the older name; its tokenizer encodes the calibration
 prompts). Finished stages
 leave stages/<stage>.done markers; rerunning resumes after the last finished stage
-(--force reruns the named stage). The work is done by sparsity_jax.moa.pipeline.
+(--force reruns the named stage); an --out made with other options is refused (--restart
+deletes its results and starts over). Options are checked against the model before any
+stage runs, and the run ends with a summary (plan, density per length, loss vs dense, KV
+bytes, paths). Calibration follows the paper: the dense model's own responses (128 tokens)
+to long prompts with long-range dependencies (--tasks), in the chat template of instruct
+models (--chat). absl/JAX INFO lines are off unless --verbosity=0. The work is done by
+sparsity_jax.moa.pipeline.
 """
 
-from absl import flags
+from absl import flags, logging
 
 from sparsity_jax import cli
 from sparsity_jax.errors import UserError
@@ -28,60 +34,83 @@ flags.DEFINE_string("out", None, "MoA output directory.")
 flags.DEFINE_list("lengths", ["256", "512", "1024"], "Profiled lengths.")
 flags.DEFINE_integer("extend_length", 2048, "Budget-only extension length.")
 flags.DEFINE_integer("validate_length", 1536, "Unseen validation length.")
-flags.DEFINE_float("budget", 0.5, "Mean KV-cache density bound.")
+flags.DEFINE_float("budget", 0.5, "Mean KV-cache density bound, in (0, 1].")
 flags.DEFINE_integer("sink", 64, "Sink tokens per head.")
 flags.DEFINE_integer("block_size", 64, "Influence / prefill block size.")
 flags.DEFINE_integer("num_samples", 8, "Calibration samples per length.")
-flags.DEFINE_integer("response_len", 32, "Dense-model response tokens per sample.")
+flags.DEFINE_integer("response_len", 128, "Dense-model response tokens per sample (the "
+                     "official default).")
+flags.DEFINE_list("tasks", list(pipeline.calibrate_lib.DEFAULT_TASKS), "Calibration tasks, mixed: passkey, "
+                  "kv_retrieval, document, lines.")
+flags.DEFINE_enum("chat", "auto", ["auto", "true", "false"], "Chat template around calibration "
+                  "prompts (auto: when the tokenizer has one).")
+flags.DEFINE_integer("loss_tokens", 0, "Profile and validate on the first k response tokens "
+                     "only (0: the whole response, as the paper).")
+flags.DEFINE_integer("retrieval_heads", 0, "A variant: keep the k KV heads with the most "
+                     "attention on retrieval evidence at full span (moa.retrieval); 0: MoA "
+                     "as published.")
+flags.DEFINE_string("calibration_from", "", "Copy calibrate + profile from this finished --out "
+                    "(same model and calibration options; another budget or variant).")
+flags.DEFINE_integer("min_cache", 128, "Every head keeps at least this many tokens (sink + "
+                     "window; the official runtime's minimum).")
 flags.DEFINE_integer("num_rules", 2, "Max distinct rules per layer.")
 flags.DEFINE_integer("num_intervals", 4, "Epsilon-constraint grid per objective.")
 flags.DEFINE_integer("alpha_interval", 0, "Alpha grid step (0: max length / 8).")
 flags.DEFINE_float("lower_ratio", 0.0, "Density lower bound as a fraction of the budget.")
 flags.DEFINE_integer("seed", 0, "Calibration seed.")
 flags.DEFINE_bool("force", False, "Rerun the named stage even if it is done.")
+flags.DEFINE_bool("restart", False, "Delete the results in an --out made with other options "
+                  "and start over.")
 
 
 def main(argv):
+  if not FLAGS["verbosity"].present:  # absl / JAX / orbax INFO lines only when asked for.
+    logging.set_verbosity(logging.WARNING)
   if len(argv) != 2 or argv[1] not in pipeline.STAGES + ("all",):
     raise UserError(f"usage: moa.py <{'|'.join(pipeline.STAGES + ('all',))}> "
                     "(--workdir= | --model=) --out=")
   sources = [x for x in (FLAGS.workdir, FLAGS.model, FLAGS.hf_dir) if x]
   if len(sources) != 1 or not FLAGS.out:
     raise UserError("give --out and exactly one of --workdir / --model")
-  model, tokenizer, corpus_text = _load(FLAGS.workdir, FLAGS.model or FLAGS.hf_dir)
+  if not 0.0 < FLAGS.budget <= 1.0:  # Before loading anything.
+    raise UserError(f"--budget={FLAGS.budget} must be in (0, 1] (the mean KV-cache fraction)")
+  model, tokenizer, documents = _load(FLAGS.workdir, FLAGS.model or FLAGS.hf_dir)
   opts = pipeline.Options(
       out=FLAGS.out, lengths=[int(x) for x in FLAGS.lengths], extend_length=FLAGS.extend_length,
       validate_length=FLAGS.validate_length, budget=FLAGS.budget, sink=FLAGS.sink,
       block_size=FLAGS.block_size, num_samples=FLAGS.num_samples,
       response_len=FLAGS.response_len, num_rules=FLAGS.num_rules,
       num_intervals=FLAGS.num_intervals, alpha_interval=FLAGS.alpha_interval,
-      lower_ratio=FLAGS.lower_ratio, seed=FLAGS.seed)
+      lower_ratio=FLAGS.lower_ratio, min_cache=FLAGS.min_cache, tasks=tuple(FLAGS.tasks),
+      loss_tokens=FLAGS.loss_tokens, retrieval_heads=FLAGS.retrieval_heads,
+      calibration_from=FLAGS.calibration_from,
+      chat=FLAGS.chat, model=sources[0], seed=FLAGS.seed)
+  try:  # Options against the model and the directory, before any stage runs.
+    pipeline.check_options(model, opts, tokenizer)
+    if not FLAGS.restart:
+      pipeline.check_directory(opts)
+  except ValueError as e:
+    raise UserError(str(e)) from None
   stages = pipeline.STAGES if argv[1] == "all" else (argv[1],)
-  corpus_tokens = corpus_text() if "calibrate" in stages else None
-  pipeline.run(model, opts, stages, force=FLAGS.force, corpus_tokens=corpus_tokens,
+  docs = documents() if "calibrate" in stages and "document" in opts.tasks else None
+  pipeline.run(model, opts, stages, force=FLAGS.force, restart=FLAGS.restart, documents=docs,
                tokenizer=tokenizer)
+  print(pipeline.summary(opts.out))
 
 
 def _load(workdir, source):
-  """(model, tokenizer or None for bytes, thunk giving calibration corpus tokens)."""
-  from sparsity_jax.data import corpus
+  """(model, tokenizer or None for bytes, thunk giving corpus documents for calibration)."""
+  from sparsity_jax.evals import long_context
   if workdir:
     from sparsity_jax.train import loop
     data = loop.load_workdir_config(workdir).data
-    data.retrieval_fraction = 0.0  # Text prompts are text; retrieval ones are made apart.
-    return loop.load_model(workdir), None, lambda: corpus.load_split(data)["validation"]
-  from sparsity_jax import config_lib
+    return (loop.load_model(workdir), None,
+            lambda: long_context.corpus_documents(None, data_config=data))
   from sparsity_jax.checkpoints import open_pretrained
   ckpt = open_pretrained(source)  # Errors are UserErrors (CheckpointError, missing paths).
   tokenizer = ckpt.tokenizer()  # The calibration prompts need the model's tokenizer.
-
-  def corpus_text():  # The stdlib validation files, tokenised for this model.
-    # Windows from the middle of this text start mid-document: no BOS (retrieval prompts,
-    # which start a document, get the tokenizer's BOS).
-    data = config_lib.base_config().data
-    return corpus.load_split(data, tokenizer, splits=("validation",))["validation"]
-
-  return ckpt.load_model(), tokenizer, corpus_text
+  # The stdlib validation files, whole, tokenised for this model.
+  return ckpt.load_model(), tokenizer, lambda: long_context.corpus_documents(tokenizer)
 
 
 if __name__ == "__main__":

@@ -151,3 +151,44 @@ def test_moa_on_a_2x2x2_mesh_matches_single_device(tmp_path):
   np.testing.assert_allclose(logits, want[0], atol=3e-5, rtol=3e-5)
   np.testing.assert_array_equal(generated, want[1])
   np.testing.assert_allclose(influence.blocks, want[2].blocks, rtol=1e-4, atol=1e-7)
+
+
+def test_a_plan_refuses_lengths_it_was_not_built_for(tmp_path):
+  """Past max_length (the longest length its budget was checked at) every use raises with
+  the length and the way out: densities, windows, prefill, caches, generation."""
+  plan = random_plan(0, max_length=48)
+  model = moa_model(tmp_path, plan)
+  message = "length 50 is beyond the plan's max_length=48.*--extend_length >= 50"
+  for use in (lambda: plan.density(50), lambda: plan.windows(50),
+              lambda: plan.capacities(50), lambda: model(jnp.zeros((1, 50), jnp.int32)),
+              lambda: model.init_cache(1, 50),
+              lambda: generation.generate(model, np.zeros((1, 40), np.int32), 10)):
+    with pytest.raises(ValueError, match=message):
+      use()
+  assert plan.density(48) > 0  # Up to max_length it works.
+
+
+def test_the_window_floor_holds_in_search_prefill_and_cache(tmp_path):
+  """A rule whose span would shrink to a few tokens at short lengths keeps min_window
+  (sink + window >= min_cache) in the plan, the prefill mask and the decode caches."""
+  from sparsity_jax.moa import pipeline, search
+  from sparsity_jax.moa.profile import Influence
+  assert pipeline.Options(out="x").min_window == 128 - 64  # The official min cache of 128.
+  assert pipeline.Options(out="x", sink=4, min_cache=16).min_window == 12
+  rng = np.random.default_rng(np.random.randint(1 << 30))
+  influences = [Influence(n, 8, 2, rng.random((2, 2, n // 8, n // 8)),
+                          rng.random((2, 2, n)) * np.exp(-np.arange(n) / 4), 1)
+                for n in (32, 64)]
+  plan = search.search(influences, budget=0.5, extend_length=64, num_heads=4, min_window=10,
+                       alpha_interval=8)[0]
+  assert plan.min_window == 10
+  for n in range(1, 65):
+    assert (plan.windows(n) >= min(n, 10)).all()
+  sparse = plan_lib.Plan(alpha=np.full((2, 2), -16.0), beta=np.full((2, 2), 0.5),
+                         sink=np.full((2, 2), 2), num_heads=4, max_length=64, min_window=10)
+  assert (sparse.windows(20) == 10).all() and (sparse.capacities(40) == 12).all()
+  model = moa_model(tmp_path, sparse)
+  core = moa_layer.moa_cores(model)[0]
+  mask = np.asarray(core.block_mask(40).to_dense())[0, 0]  # [t, s] of query head 0.
+  assert mask[-1].sum() == 12 and mask[-1, 30:].all() and mask[-1, :2].all()
+  assert model.init_cache(1, 40)[0]["k0"].shape[2] == 12

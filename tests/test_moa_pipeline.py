@@ -21,27 +21,33 @@ from sparsity_jax.moa import calibrate, pipeline, plan as plan_lib
 from support import ROOT, subprocess_env
 
 BASE = dict(vocab_size=260, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
-            mlp_dim=64, max_len=256)
+            mlp_dim=64, max_len=512)
+TINY_OPTIONS = dict(lengths=(128, 256), extend_length=512, validate_length=192, budget=0.5,
+                    sink=4, block_size=16, num_samples=2, response_len=8, num_intervals=1,
+                    min_cache=16, tasks=("lines", "document"))
 
 
 def test_pipeline_end_to_end_and_resume(tmp_path):
   model = TransformerLM(ModelConfig(**BASE), rngs=nnx.Rngs(0))
-  opts = pipeline.Options(out=str(tmp_path / "moa"), lengths=(64, 128), extend_length=256,
-                          validate_length=192, budget=0.5, sink=4, block_size=16,
-                          num_samples=2, response_len=8, num_intervals=2)
+  opts = pipeline.Options(out=str(tmp_path / "moa"), **TINY_OPTIONS)
   results = pipeline.run(model, opts, log=lambda *_: None)
   assert set(results) == set(pipeline.STAGES)
   out = opts.out
-  for name in ("calib_64.npz", "calib_192.npz", "influence_128.npz", "plan.json", "plan.png",
-               "validate.json", "apply.json"):
+  for name in ("calib_128.npz", "calib_192.npz", "calib_128.json", "influence_256.npz",
+               "plan.json", "plan.png", "validate.json", "apply.json"):
     assert os.path.exists(os.path.join(out, name)), name
-  tokens, mask = np.load(os.path.join(out, "calib_64.npz")).values()
-  assert tokens.shape == (2, 65) and mask[:, -8:].all() and not mask[:, :-8].any()
+  tokens, mask = np.load(os.path.join(out, "calib_128.npz")).values()
+  assert tokens.shape == (2, 129) and not mask[:, :-8].any() and mask[:, -8].all()
+  graded = json.load(open(os.path.join(out, "calib_128.json")))
+  assert [g["task"] for g in graded] == ["lines", "document"] and "correct" in graded[0]
   plan = plan_lib.load_plan(os.path.join(out, "plan.json"))
-  for n in (64, 128, 256):
+  assert plan.min_window == 16 - 4  # The cache floor: sink + window >= min_cache.
+  for n in (128, 256, 512):
     assert plan.density(n) <= 0.5 + 1e-9
   applied = json.load(open(os.path.join(out, "apply.json")))
-  assert applied["256"]["ratio"] == pytest.approx(plan.density(256))
+  assert applied["512"]["ratio"] == pytest.approx(plan.density(512))
+  text = pipeline.summary(out)
+  assert "chosen plan" in text and "vs dense" in text and "KV cache @512" in text
   logged = []
   again = pipeline.run(model, opts, log=logged.append)  # Everything is done: all skipped.
   assert again == {} and len(logged) == len(pipeline.STAGES)
@@ -54,13 +60,16 @@ def test_calibration_bad_input():
   with pytest.raises(ValueError, match="empty calibration set"):
     calibrate.calibration_set(model, [], length=64)
   with pytest.raises(ValueError, match="exceeds the model's max_len"):
-    calibrate.calibration_set(model, [np.zeros(600, np.int32)], length=512)
+    calibrate.calibration_set(model, [np.zeros(600, np.int32)], length=1024, response_len=8)
+  with pytest.raises(ValueError, match="exactly 57 tokens"):  # Never truncated to fit.
+    calibrate.calibration_set(model, [np.zeros(80, np.int32)], length=64, response_len=8)
 
 
 def test_search_stage_rejects_unprofiled_length(tmp_path):
   model = TransformerLM(ModelConfig(**BASE), rngs=nnx.Rngs(0))
   opts = pipeline.Options(out=str(tmp_path), lengths=(64,), extend_length=128,
-                          validate_length=128)
+                          validate_length=128, sink=4, response_len=8, min_cache=16,
+                          tasks=("document",))
   with pytest.raises(ValueError, match="length 64 was not profiled"):
     pipeline.run(model, opts, ["search"], log=lambda *_: None)
 
@@ -149,23 +158,32 @@ def test_forced_retrieval_scoring_with_an_oracle():
 def test_launcher_runs_the_pipeline_on_an_imported_hf_model(tmp_path):
   """launch/moa.py all on the tiny Llama fixture (GQA, llama3 RoPE, its own tokenizer)."""
   out = tmp_path / "moa"
-  cmd = [sys.executable, "launch/moa.py", "all",
-         f"--hf_dir={os.path.join(ROOT, 'tests', 'fixtures', 'hf', 'llama')}", f"--out={out}",
-         "--lengths=64,128", "--extend_length=256", "--validate_length=192", "--budget=0.5",
+  fixture = os.path.join(ROOT, "tests", "fixtures", "hf", "llama")
+  cmd = [sys.executable, "launch/moa.py", "all", f"--hf_dir={fixture}", f"--out={out}",
+         "--lengths=256,384", "--extend_length=512", "--validate_length=320", "--budget=0.5",
          "--sink=4", "--block_size=16", "--num_samples=2", "--response_len=8",
-         "--num_intervals=1"]
+         "--num_intervals=1", "--min_cache=16", "--tasks=passkey,document"]
   run = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
                        timeout=600)
   assert run.returncode == 0, run.stderr[-3000:]
+  assert " I" not in run.stderr and "INFO" not in run.stderr  # No absl / JAX INFO lines.
+  assert "chosen plan" in run.stdout and "KV cache @512" in run.stdout  # The summary.
   plan = plan_lib.load_plan(str(out / "plan.json"))
   assert (plan.num_layers, plan.num_kv_heads, plan.num_heads) == (2, 2, 4)  # Per KV head.
-  assert all(plan.density(n) <= 0.5 + 1e-9 for n in (64, 128, 256))
+  assert all(plan.density(n) <= 0.5 + 1e-9 for n in (256, 384, 512))
   applied = json.load(open(out / "apply.json"))
-  assert applied["256"]["ratio"] == pytest.approx(plan.density(256))
-  tokens = np.load(out / "calib_64.npz")["tokens"]  # In the Llama tokenizer's ids, not bytes:
-  tok = HFTokenizer.from_dir(os.path.join(ROOT, "tests", "fixtures", "hf", "llama"))
+  assert applied["512"]["ratio"] == pytest.approx(plan.density(512))
+  tokens = np.load(out / "calib_256.npz")["tokens"]  # In the Llama tokenizer's ids, not bytes:
+  tok = HFTokenizer.from_dir(fixture)
   text = tok.decode(tokens[0])
-  assert text.count("line ") >= 2 and "Answer: <" in text
+  assert "The pass key is" in text and "What is the pass key?" in text
+  # The same --out with other options is refused before any stage runs, with the reason.
+  again = subprocess.run([a for a in cmd if not a.startswith("--budget")] + ["--budget=0.25"],
+                         cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                         timeout=600)
+  assert again.returncode != 0 and "was made with other options" in again.stderr
+  assert "budget: 0.5 there, 0.25 now" in again.stderr
+  assert json.load(open(out / "options.json"))["budget"] == 0.5
 
 
 @pytest.mark.parametrize("length", [200, 1024, 2300, 4096, 16384])
@@ -190,3 +208,159 @@ def test_forced_answer_nll_matches_a_direct_computation():
   p = len(samples[0].prompt)
   nll = -np.take_along_axis(np.asarray(logp[:, p - 1:]), seqs[:, p:, None], -1)[..., 0]
   np.testing.assert_allclose(got, nll.mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(budget=0.0), "budget=0.0 must be in \\(0, 1\\]"),
+    (dict(budget=1.5), "budget=1.5 must be in \\(0, 1\\]"),
+    (dict(lengths=(128, 200)), "length 200 is not a multiple of block_size=16"),
+    (dict(lengths=(128, 1024), extend_length=1024), "lengths 1024 exceeds the model's context"),
+    (dict(validate_length=600), "validate_length 600 exceeds the model's context of 512"),
+    (dict(budget=0.02), "budget=0.02 is infeasible at length 128"),
+    (dict(tasks=("poems",)), "choose from passkey"),
+    (dict(tasks=("passkey",)), "passkey prompts need at least"),
+])
+def test_options_are_checked_against_the_model_before_any_stage(tmp_path, change, message):
+  model = TransformerLM(ModelConfig(**BASE), rngs=nnx.Rngs(0))
+  opts = pipeline.Options(out=str(tmp_path / "moa"), **{**TINY_OPTIONS, **change})
+  with pytest.raises(ValueError, match=message):
+    pipeline.run(model, opts, log=lambda *_: None)
+  assert not os.path.exists(opts.out)  # Nothing ran, nothing was written.
+
+
+def test_an_out_made_with_other_options_is_refused_or_restarted(tmp_path):
+  model = TransformerLM(ModelConfig(**BASE), rngs=nnx.Rngs(0))
+  opts = pipeline.Options(out=str(tmp_path / "moa"), **{
+      **TINY_OPTIONS, "lengths": (128,), "validate_length": 128, "tasks": ("lines",)})
+  pipeline.run(model, opts, ["calibrate"], log=lambda *_: None)
+  other = dataclasses.replace(opts, budget=0.25, num_samples=3)
+  with pytest.raises(ValueError, match="budget: 0.5 there, 0.25 now; num_samples: 2 there"):
+    pipeline.run(model, other, ["calibrate"], log=lambda *_: None)
+  assert json.load(open(os.path.join(opts.out, "options.json")))["budget"] == 0.5
+  logged = []
+  pipeline.run(model, other, ["calibrate"], restart=True, log=logged.append)
+  assert any("restart" in line for line in logged)
+  assert json.load(open(os.path.join(opts.out, "options.json")))["budget"] == 0.25
+  assert np.load(os.path.join(opts.out, "calib_128.npz"))["tokens"].shape == (3, 129)
+  assert pipeline.run(model, other, ["calibrate"], log=lambda *_: None) == {}  # Resumes.
+
+
+def test_calibration_answers_with_the_dense_model_and_masks_after_eos(tmp_path):
+  """A run of a sparse core is calibrated with its dense model; a response ends at EOS
+  (kept in the loss) and is right-padded with EOS outside the loss."""
+  plan = plan_lib.uniform_plan(2, 2, 4, alpha=2.0, beta=0.0, sink=0, max_length=512)
+  plan_lib.save_plan(plan, str(tmp_path / "plan.json"))
+  sparse = TransformerLM(ModelConfig(**BASE, scan_layers=False, attention={
+      "kind": "moa", "plan": str(tmp_path / "plan.json"), "block_size": 16}), rngs=nnx.Rngs(1))
+  dense = pipeline.dense_model(sparse)
+  assert dense.cfg.attention["kind"] == "dense" and pipeline.dense_model(dense) is dense
+  opts = pipeline.Options(out=str(tmp_path / "moa"), **{
+      **TINY_OPTIONS, "lengths": (128,), "validate_length": 128, "tasks": ("lines",)})
+  prompts = calibrate.default_prompts(128, 2, response_len=8, tasks=("lines",), seed=0)
+  os.makedirs(opts.out)
+  pipeline.stage_calibrate(sparse, opts, log=lambda *_: None)
+  got = np.load(os.path.join(opts.out, "calib_128.npz"))["tokens"]
+  want, _, _ = calibrate.calibration_set(dense, prompts, length=128, response_len=8,
+                                         eos_id=ByteTokenizer.eos_id)
+  np.testing.assert_array_equal(got, want)  # (The sparse core, window 2, would differ.)
+  eos = int(want[0, 122])  # Pretend the dense model's second response token is EOS.
+  tokens, mask, responses = calibrate.calibration_set(dense, prompts, length=128,
+                                                      response_len=8, eos_id=eos)
+  first = int(np.argmax(responses[0] == eos))
+  assert first <= 1 and (responses[0, first:] == eos).all()
+  assert mask[0, 121:121 + first + 1].all() and not mask[0, 121 + first + 1:].any()
+  graded = calibrate.grade(prompts, want[:, 121:])
+  assert calibrate.check([dict(g, correct=False) for g in graded], 128) is not None
+  assert calibrate.check([dict(g, correct=True) for g in graded], 128) is None
+
+
+def test_loss_tokens_keep_the_start_of_each_response(tmp_path):
+  mask = np.array([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(calibrate.first_tokens(mask, 2),
+                                [[0, 0, 1, 1, 0, 0], [0, 1, 1, 0, 0, 0]])
+  assert calibrate.first_tokens(mask, 0) is mask
+  path = str(tmp_path / "calib.npz")
+  calibrate.save(path, np.zeros_like(mask), mask)
+  assert [int(m.sum()) for _, m in calibrate.load(path, loss_tokens=2)] == [2, 2]
+  opts = pipeline.Options(out=str(tmp_path / "moa"))
+  os.makedirs(opts.out)
+  old = opts.to_json()
+  del old["loss_tokens"]  # A directory written before the option existed: its default.
+  json.dump(old, open(os.path.join(opts.out, "options.json"), "w"))
+  pipeline.check_directory(opts)
+  with pytest.raises(ValueError, match="loss_tokens: 0 there, 8 now"):
+    pipeline.check_directory(dataclasses.replace(opts, loss_tokens=8))
+
+
+def test_retrieval_heads_variant_holds_the_most_attending_heads(tmp_path, monkeypatch):
+  """--retrieval_heads=k: the search stage scores KV heads by the dense model's attention
+  on retrieval evidence, holds the top k at full span, and the budget still holds."""
+  from sparsity_jax.moa import retrieval
+  model = TransformerLM(ModelConfig(**BASE), rngs=nnx.Rngs(0))
+  opts = pipeline.Options(out=str(tmp_path / "moa"), **{**TINY_OPTIONS, "lengths": (384,),
+                                                         "validate_length": 384},
+                          retrieval_heads=1)
+  pipeline.run(model, opts, stages=("calibrate", "profile", "search"), log=lambda *_: None)
+  heads = json.load(open(os.path.join(opts.out, "retrieval_heads.json")))
+  scores = np.array(heads["needle_attention"])
+  assert scores.shape == (2, 2) and ((scores > 0) & (scores <= 1)).all()
+  assert heads["full_span"] == np.argwhere(retrieval.select(scores, 1)).tolist()
+  (l, k), = heads["full_span"]
+  for plan in pipeline.load_plans(opts.out):
+    assert plan.alpha[l, k] == 0 and plan.beta[l, k] == 1 and plan.density(512) <= 0.5 + 1e-9
+  # Scores are attention masses: for one prompt they equal a direct softmax of q k^T.
+  tok = ByteTokenizer()
+  prompt = retrieval.prompts(tok, 384, 1, seed=3)[0]
+  got = retrieval.needle_attention(model, [prompt])
+  seq = jnp.asarray(np.concatenate([prompt.tokens, prompt.answer_tokens[:-1]])[None])
+  want = _evidence_mass_by_hand(model, seq, prompt, monkeypatch)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  # Another budget from the same calibration and profile (--calibration_from): copied, not
+  # recomputed; a directory calibrated otherwise is refused.
+  other = dataclasses.replace(opts, out=str(tmp_path / "moa75"), budget=0.75, retrieval_heads=0,
+                              calibration_from=opts.out)
+  logged = []
+  pipeline.run(model, other, stages=("calibrate", "profile", "search"), log=logged.append)
+  assert any("copied from" in line for line in logged)
+  assert not any(line.startswith("[moa] profile: done") for line in logged)
+  for name in ("calib_384.npz", "influence_384.npz"):
+    assert open(os.path.join(other.out, name), "rb").read() == open(
+        os.path.join(opts.out, name), "rb").read()
+  assert pipeline.load_plans(other.out)[0].density(384) <= 0.75 + 1e-9
+  with pytest.raises(ValueError, match="calibrated with other options .num_samples"):
+    pipeline.run(model, dataclasses.replace(other, out=str(tmp_path / "x"), num_samples=3),
+                 stages=("search",), log=lambda *_: None)
+  for bad, message in [(4, "retrieval_heads=4 must be in"), (2, "alone use 0.500"),
+                       (1, "kv_retrieval prompts need at least")]:
+    if bad == 1:
+      opts = dataclasses.replace(opts, lengths=(256,), validate_length=256)
+    with pytest.raises(ValueError, match=message):
+      pipeline.check_options(model, dataclasses.replace(opts, retrieval_heads=bad))
+
+
+def _evidence_mass_by_hand(model, seq, prompt, monkeypatch):
+  """[L, K] attention on the evidence from the answer rows, from the q / k the dense
+  model's own attention core receives (an independent path: no profiling model)."""
+  from sparsity_jax.layers import attention
+  seen = []
+  original = attention.DenseAttention.__call__
+
+  def record(self, q, k, v, **kw):
+    seen.append((np.asarray(q[0], np.float64), np.asarray(k[0], np.float64)))
+    return original(self, q, k, v, **kw)
+
+  monkeypatch.setattr(attention.DenseAttention, "__call__", record)
+  model(seq)
+  cfg = model.cfg
+  group = cfg.num_heads // cfg.num_kv_heads
+  rows = np.arange(prompt.length - 1, seq.shape[1])
+  start, end = prompt.evidence
+  out = np.zeros((cfg.num_layers, cfg.num_heads))
+  for layer, (q, k) in enumerate(seen):
+    for n in range(cfg.num_heads):
+      logits = q[rows, n] @ k[:, n // group].T / np.sqrt(q.shape[-1])
+      logits[np.arange(seq.shape[1])[None] > rows[:, None]] = -np.inf
+      p = np.exp(logits - logits.max(-1, keepdims=True))
+      p /= p.sum(-1, keepdims=True)
+      out[layer, n] = p[:, start:end].sum(-1).mean()
+  return out.reshape(cfg.num_layers, cfg.num_kv_heads, group).mean(-1)

@@ -87,3 +87,41 @@ def test_search_bad_input():
                   extend_length=256, num_heads=4)
   with pytest.raises(ValueError, match="extend_length=64"):
     search.search(profiles, budget=0.5, extend_length=64, num_heads=4)
+
+
+def test_full_heads_keep_full_span_and_the_rest_shares_the_budget():
+  """Heads held at full span (retrieval heads) take the rule alpha=0, beta=1 in every
+  Pareto plan; the budget still holds; the free heads are the MILP optimum given them."""
+  rng = np.random.default_rng(np.random.randint(1 << 30))
+  profiles = [random_influence(rng, n) for n in (64, 128)]
+  full = np.zeros((3, 2), bool)
+  full[rng.integers(3), rng.integers(2)] = True
+  plans = search.search(profiles, budget=0.5, extend_length=256, num_heads=4,
+                        max_rules_per_layer=2, num_intervals=1, full_heads=full)
+  free = search.search(profiles, budget=0.5, extend_length=256, num_heads=4,
+                       max_rules_per_layer=2, num_intervals=1)
+  for plan in plans:
+    assert (plan.alpha[full] == 0).all() and (plan.beta[full] == 1).all()
+    assert plan.meta["full_heads"] == 1
+    for n in (64, 128, 256):
+      assert plan.density(n) <= 0.5 + 1e-9
+      assert (plan.capacities(n)[full] == n).all()
+  # Holding a head can only cost influence: every held plan is dominated-or-equal.
+  best_free = min(p.meta["objectives"]["64"] for p in free)
+  assert min(p.meta["objectives"]["64"] for p in plans) >= best_free - 1e-9
+  with pytest.raises(ValueError, match="heads at full span need a mean density"):
+    search.search(profiles, budget=0.3, extend_length=256, num_heads=4,
+                  full_heads=np.ones((3, 2), bool) & (np.arange(2) == 0))
+  with pytest.raises(ValueError, match="full_heads has shape"):
+    search.search(profiles, budget=0.5, extend_length=256, num_heads=4,
+                  full_heads=np.ones((2, 2), bool))
+
+
+def test_retrieval_head_selection():
+  from sparsity_jax.moa import retrieval
+  scores = np.array([[0.1, 0.5], [0.5, 0.05], [0.3, 0.2]])
+  np.testing.assert_array_equal(retrieval.select(scores, 2),
+                                [[False, True], [True, False], [False, False]])
+  assert not retrieval.select(scores, 0).any() and retrieval.select(scores, 6).all()
+  with pytest.raises(ValueError, match="retrieval_heads=7 must be in"):
+    retrieval.select(scores, 7)

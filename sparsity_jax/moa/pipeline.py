@@ -1,15 +1,22 @@
 """The MoA pipeline as resumable stages writing into one output directory.
 
-  calibrate  calib_<N>.npz for every profiled length and the validation length
+  calibrate  calib_<N>.npz for every profiled length and the validation length (the dense
+             model's responses), calib_<N>.json (each response, and whether it is correct
+             for tasks with an answer)
   profile    influence_<N>.npz per profiled length
-  search     plans/plan_<i>.json (Pareto set), search.json
+  search     plans/plan_<i>.json (Pareto set), search.json; with ``retrieval_heads`` > 0
+             first retrieval_heads.json (the dense model's attention on the evidence of
+             retrieval prompts per KV head, and the heads held at full span)
   validate   validate.json (response loss per plan at the unseen length), plan.json
              (the best), plan.png (span heatmap)
   apply      apply.json: the plan loaded into the model, KV-cache bytes and density
              against dense at the validation and extension lengths
 
 Each finished stage writes stages/<stage>.done; ``run`` skips finished stages, so a
-rerun resumes after the last one (``force`` reruns a stage).
+rerun resumes after the last one (``force`` reruns a stage). options.json records the
+options a directory was made with: a run with other options refuses it (``restart``
+starts over). ``check_options`` validates the options against the model before any stage
+runs; ``summary`` describes a finished directory.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from sparsity_jax.evals import long_context as lc
 from sparsity_jax.moa import calibrate as calibrate_lib
 from sparsity_jax.moa import plan as plan_lib
 from sparsity_jax.moa import profile as profile_lib
@@ -38,16 +46,36 @@ class Options:
   lengths: Sequence[int] = (256, 512, 1024)  # Profiled lengths (objectives).
   extend_length: int = 2048  # Budget-only length (>= the longest profiled length).
   validate_length: int = 1536  # Unseen length for choosing among Pareto plans.
-  budget: float = 0.5  # Mean KV-cache density bound at every length.
+  budget: float = 0.5  # Mean KV-cache density bound at every length, in (0, 1].
   sink: int = 64  # Sink tokens every head keeps.
   block_size: int = 64  # Influence aggregation block (and prefill kernel block).
   num_samples: int = 8  # Calibration samples per length.
-  response_len: int = 32  # Dense-model response tokens per sample (the loss targets).
+  response_len: int = 128  # Dense-model response tokens per sample (the loss targets).
   num_rules: int = 2  # Max distinct rules per layer.
   num_intervals: int = 4  # Epsilon grid per secondary objective.
   alpha_interval: int = 0  # Rule-grid alpha step (0: max profiled length / 8).
   lower_ratio: float = 0.0  # Density lower bound as a fraction of the budget.
+  min_cache: int = 128  # Every head keeps at least this many tokens (sink + window).
+  tasks: Sequence[str] = calibrate_lib.DEFAULT_TASKS  # Calibration tasks, mixed.
+  loss_tokens: int = 0  # Profile / validate on the first k response tokens only (0: all).
+  chat: str = "auto"  # Chat template around calibration prompts: auto / true / false.
+  retrieval_heads: int = 0  # KV heads kept at full span (moa.retrieval; 0: the paper's MoA).
+  model: str = ""  # What the model is (path or name): part of the directory's identity.
   seed: int = 0
+  # A finished directory whose calibration and profile to copy (not part of the identity).
+  calibration_from: str = ""
+
+  @property
+  def min_window(self) -> int:
+    """The window floor that keeps sink + window >= min_cache (the official runtime's
+    minimum cache of 128 tokens)."""
+    return max(1, int(self.min_cache) - int(self.sink))
+
+  def to_json(self) -> dict:
+    d = dataclasses.asdict(self)
+    d.pop("out")
+    d.pop("calibration_from")
+    return json.loads(json.dumps(d))  # Tuples -> lists, as read back.
 
 
 def _marker(out, stage):
@@ -69,26 +97,77 @@ def _write_json(path, data):
     json.dump(data, f, indent=1)
 
 
-def stage_calibrate(model, opts: Options, corpus_tokens=None, tokenizer=None) -> dict:
+def dense_model(model):
+  """The same parameters with dense attention: the model calibration answers with (a
+  training run of a sparse core is calibrated as the dense model it approximates)."""
+  from flax import nnx
+
+  from sparsity_jax.models.transformer import TransformerLM
+  attention = model.cfg.attention
+  if (attention.get("kind", "dense") if hasattr(attention, "get") else "dense") == "dense":
+    return model
+  cfg = dataclasses.replace(model.cfg, attention={"kind": "dense"})
+  dense = TransformerLM(cfg, rngs=nnx.Rngs(0))
+  nnx.update(dense, nnx.state(model, nnx.Param))
+  return dense
+
+
+def _chat(opts: Options, tokenizer) -> bool:
+  value = {"true": True, "false": False}.get(str(opts.chat).lower(), "auto")
+  return lc.resolve_chat(tokenizer, value) if tokenizer is not None else False
+
+
+def stage_calibrate(model, opts: Options, documents=None, tokenizer=None, log=print) -> dict:
+  dense = dense_model(model)
+  tok = tokenizer if tokenizer is not None else calibrate_lib.ByteTokenizer()
+  chat = _chat(opts, tokenizer)
+  if documents is None and "document" in opts.tasks:
+    documents = lc.corpus_documents(tokenizer)
+  info = {"lengths": list(opts.lengths) + [opts.validate_length], "chat": chat, "correct": {},
+          "warnings": []}
   for n in list(opts.lengths) + [opts.validate_length]:
-    prompts = calibrate_lib.default_prompts(n, opts.num_samples, seed=opts.seed,
-                                            corpus_tokens=corpus_tokens, tokenizer=tokenizer)
-    tokens, mask = calibrate_lib.calibration_set(model, prompts, length=n,
-                                                 response_len=opts.response_len)
-    calibrate_lib.save(os.path.join(opts.out, f"calib_{n}.npz"), tokens, mask)
-  return {"lengths": list(opts.lengths) + [opts.validate_length]}
+    prompts = calibrate_lib.default_prompts(n, opts.num_samples, response_len=opts.response_len,
+                                            tasks=opts.tasks, seed=opts.seed, tokenizer=tok,
+                                            chat=chat, documents=documents)
+    tokens, mask, responses = calibrate_lib.calibration_set(
+        dense, prompts, length=n, response_len=opts.response_len, eos_id=tok.eos_id)
+    graded = calibrate_lib.grade(prompts, responses, tok)
+    calibrate_lib.save(os.path.join(opts.out, f"calib_{n}.npz"), tokens, mask, graded)
+    answered = [g["correct"] for g in graded if "correct" in g]
+    info["correct"][str(n)] = [int(sum(answered)), len(answered)]
+    log(f"[moa] calibrate {n}: {len(prompts)} samples, dense model correct on "
+        f"{sum(answered)}/{len(answered)} answered prompts")
+    warning = calibrate_lib.check(graded, n)
+    if warning:
+      info["warnings"].append(warning)
+      log(f"[moa] WARNING: {warning}")
+  return info
 
 
 def stage_profile(model, opts: Options) -> dict:
   for n in opts.lengths:
-    samples = calibrate_lib.load(os.path.join(opts.out, f"calib_{n}.npz"))
+    samples = calibrate_lib.load(os.path.join(opts.out, f"calib_{n}.npz"), opts.loss_tokens)
     inf = profile_lib.profile_length(model, samples, length=n, block_size=opts.block_size,
-                                     sink=opts.sink)
+                                     sink=opts.sink, remat=True)
     inf.save(os.path.join(opts.out, f"influence_{n}.npz"))
   return {"lengths": list(opts.lengths)}
 
 
-def stage_search(model, opts: Options) -> dict:
+def stage_search(model, opts: Options, tokenizer=None, log=print) -> dict:
+  full_heads = None
+  if opts.retrieval_heads:
+    from sparsity_jax.moa import retrieval
+    tok = tokenizer if tokenizer is not None else calibrate_lib.ByteTokenizer()
+    n = min(opts.lengths)
+    prompts = retrieval.prompts(tok, n, 2 * opts.num_samples, seed=opts.seed,
+                                chat=_chat(opts, tokenizer))
+    scores = retrieval.needle_attention(dense_model(model), prompts)
+    full_heads = retrieval.select(scores, opts.retrieval_heads)
+    _write_json(os.path.join(opts.out, "retrieval_heads.json"),
+                {"length": n, "prompts": len(prompts), "needle_attention": scores.tolist(),
+                 "full_span": np.argwhere(full_heads).tolist()})
+    log(f"[moa] search: {opts.retrieval_heads} retrieval heads at full span (layer, kv head): "
+        f"{', '.join(f'{l}.{k}' for l, k in np.argwhere(full_heads))}")
   influences = []
   for n in opts.lengths:
     path = os.path.join(opts.out, f"influence_{n}.npz")
@@ -99,7 +178,8 @@ def stage_search(model, opts: Options) -> dict:
   plans = search_lib.search(influences, budget=opts.budget, extend_length=opts.extend_length,
                             num_heads=model.cfg.num_heads, max_rules_per_layer=opts.num_rules,
                             alpha_interval=opts.alpha_interval or None,
-                            lower_ratio=opts.lower_ratio, num_intervals=opts.num_intervals)
+                            lower_ratio=opts.lower_ratio, num_intervals=opts.num_intervals,
+                            min_window=opts.min_window, full_heads=full_heads)
   os.makedirs(os.path.join(opts.out, "plans"), exist_ok=True)
   for old in glob.glob(os.path.join(opts.out, "plans", "plan_*.json")):
     os.remove(old)
@@ -119,10 +199,11 @@ def load_plans(out: str) -> list[plan_lib.Plan]:
 
 def stage_validate(model, opts: Options) -> dict:
   plans = load_plans(opts.out)
-  samples = calibrate_lib.load(os.path.join(opts.out, f"calib_{opts.validate_length}.npz"))
+  samples = calibrate_lib.load(os.path.join(opts.out, f"calib_{opts.validate_length}.npz"),
+                               opts.loss_tokens)
   best, losses = validate_lib.validate(model, plans, samples, length=opts.validate_length,
                                        block_size=opts.block_size)
-  dense_loss = validate_lib.loss_on(model, samples)
+  dense_loss = validate_lib.loss_on(dense_model(model), samples)
   plan_lib.save_plan(plans[best], os.path.join(opts.out, "plan.json"))
   validate_lib.heatmap(plans[best], opts.validate_length, os.path.join(opts.out, "plan.png"))
   info = {"length": opts.validate_length, "losses": losses, "best": best,
@@ -149,23 +230,162 @@ def stage_apply(model, opts: Options) -> dict:
 _RUN = {"calibrate": stage_calibrate, "profile": stage_profile, "search": stage_search,
         "validate": stage_validate, "apply": stage_apply}
 
+_OUTPUTS = ("calib_*.npz", "calib_*.json", "influence_*.npz", "plans", "search.json",
+            "retrieval_heads.json",
+            "validate.json", "plan.json", "plan.png", "apply.json", "stages")
+
+
+def check_options(model, opts: Options, tokenizer=None) -> None:
+  """Raises a ValueError naming the problem if ``opts`` cannot run on ``model`` (budget,
+  lengths against the model's context and block size, calibration prompts that do not fit,
+  a budget no rule can meet). Cheap: runs before any stage."""
+  problems = []
+  if not 0.0 < opts.budget <= 1.0:
+    problems.append(f"budget={opts.budget} must be in (0, 1] (the mean KV-cache fraction)")
+  lengths = [int(n) for n in opts.lengths]
+  max_len = int(model.cfg.max_len)
+  if not lengths:
+    problems.append("no profiled lengths given")
+  elif sorted(set(lengths)) != lengths or lengths[0] < 1:
+    problems.append(f"lengths={lengths} must be positive, distinct and increasing")
+  for n in lengths:
+    if n % opts.block_size:
+      problems.append(f"length {n} is not a multiple of block_size={opts.block_size}")
+  for name, n in [("lengths", max(lengths, default=0)), ("validate_length", opts.validate_length),
+                  ("extend_length", opts.extend_length)]:
+    if n > max_len:
+      problems.append(f"{name} {n} exceeds the model's context of {max_len} tokens")
+  if lengths and (opts.extend_length < max(lengths) or opts.validate_length > opts.extend_length
+                  or opts.validate_length < 1):
+    problems.append(f"need max(lengths)={max(lengths)} <= extend_length={opts.extend_length} "
+                    f"and 0 < validate_length={opts.validate_length} <= extend_length")
+  if lengths and not 1 <= opts.response_len < min(lengths):
+    problems.append(f"response_len={opts.response_len} must be in [1, {min(lengths)}) (the "
+                    "shortest length)")
+  if opts.loss_tokens < 0 or opts.loss_tokens > opts.response_len:
+    problems.append(f"loss_tokens={opts.loss_tokens} must be in [0, response_len]")
+  num_kv = model.cfg.num_layers * model.cfg.num_kv_heads
+  if not 0 <= opts.retrieval_heads < num_kv:
+    problems.append(f"retrieval_heads={opts.retrieval_heads} must be in [0, {num_kv}) (the "
+                    "model's KV heads)")
+  elif opts.retrieval_heads / num_kv >= opts.budget:
+    problems.append(f"retrieval_heads={opts.retrieval_heads} at full span alone use "
+                    f"{opts.retrieval_heads / num_kv:.3f} of the KV cache, not below the "
+                    f"budget {opts.budget}")
+  if opts.sink < 0 or opts.min_cache < 1:
+    problems.append(f"need sink >= 0 and min_cache >= 1, got {opts.sink}, {opts.min_cache}")
+  unknown = [t for t in opts.tasks if t not in lc.TASKS]
+  if unknown or not opts.tasks:
+    problems.append(f"calibration tasks {list(opts.tasks)}: choose from {', '.join(lc.TASKS)}")
+  if str(opts.chat).lower() not in ("auto", "true", "false"):
+    problems.append(f"chat={opts.chat!r} must be auto, true or false")
+  if problems:
+    raise ValueError("MoA options: " + "; ".join(problems))
+  tok = tokenizer if tokenizer is not None else calibrate_lib.ByteTokenizer()
+  chat = _chat(opts, tokenizer)
+  shortest = min(lengths + [opts.validate_length]) + 1 - opts.response_len
+  rng = np.random.default_rng(0)
+  for task in opts.tasks:  # The shortest calibration prompt of each task must fit.
+    if task == "passkey":
+      lc.passkey(tok, shortest, rng, chat=chat)
+    elif task == "kv_retrieval":
+      lc.kv_retrieval(tok, shortest, rng, num_needles=4, chat=chat)
+    elif task == "lines":
+      lc.lines(tok, shortest, rng, chat=chat)
+    else:
+      fixed = sum(len(x) for x in lc.frame(tok, chat)) + (
+          len(lc.encode(tok, lc.DOC_INTRO + lc.DOC_QUESTION)) if chat else 0)
+      if shortest <= fixed:
+        raise ValueError(f"document prompts need more than {fixed} tokens; the shortest "
+                         f"calibration prompt has {shortest}")
+  if opts.retrieval_heads:  # The retrieval-head prompts (full length) must fit too.
+    from sparsity_jax.moa import retrieval
+    retrieval.prompts(tok, min(lengths), 2, seed=opts.seed, chat=chat)
+  rules = search_lib.candidate_rules(lengths[0], lengths[-1], opts.extend_length,
+                                     alpha_interval=opts.alpha_interval or None)
+  for n in lengths + [opts.extend_length]:
+    sparsest = search_lib.rule_densities(rules, opts.sink, n, opts.min_window).min()
+    if sparsest > opts.budget + 1e-9:
+      raise ValueError(f"budget={opts.budget} is infeasible at length {n}: the sparsest rule "
+                       f"keeps {sparsest:.3f} of the KV cache (sink {opts.sink}, min_cache "
+                       f"{opts.min_cache}). Raise the budget or lower --sink / --min_cache.")
+
+
+def check_directory(opts: Options, restart: bool = False, log=print) -> None:
+  """Refuses an --out made with other options; ``restart`` deletes its outputs first."""
+  path = os.path.join(opts.out, "options.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  old.pop("out", None)
+  new = opts.to_json()
+  defaults = Options(out="").to_json()  # An option added later reads as its default.
+  old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
+  diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  if not diff:
+    return
+  if not restart:
+    shown = "; ".join(f"{k}: {old.get(k, '(unset)')!r} there, {new.get(k, '(unset)')!r} now"
+                      for k in diff)
+    raise ValueError(f"{opts.out} was made with other options ({shown}): use another --out, "
+                     "or --restart to delete its results and start over")
+  log(f"[moa] restart: options differ ({', '.join(diff)}); deleting the results in {opts.out}")
+  import shutil
+  for pattern in _OUTPUTS:
+    for p in glob.glob(os.path.join(opts.out, pattern)):
+      shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+
+
+# What the calibrate and profile stages depend on: directories equal on these share them.
+CALIBRATION_KEYS = ("lengths", "validate_length", "sink", "block_size", "num_samples",
+                    "response_len", "tasks", "chat", "model", "seed", "loss_tokens")
+
+
+def copy_calibration(opts: Options, log=print) -> None:
+  """Copies calibrate + profile results from ``opts.calibration_from`` (same model and
+  calibration options; budget, search and retrieval-head options may differ)."""
+  import shutil
+  src = opts.calibration_from
+  path = os.path.join(src, "options.json")
+  if not (os.path.exists(path) and done(src, "calibrate") and done(src, "profile")):
+    raise ValueError(f"--calibration_from={src} is not a MoA directory with finished "
+                     "calibrate and profile stages")
+  with open(path) as f:
+    theirs = {**Options(out="").to_json(), **json.load(f)}
+  ours = opts.to_json()
+  diff = [k for k in CALIBRATION_KEYS if theirs.get(k) != ours.get(k)]
+  if diff:
+    raise ValueError(f"--calibration_from={src} was calibrated with other options ("
+                     + "; ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} now"
+                                 for k in diff) + ")")
+  for pattern in ("calib_*.npz", "calib_*.json", "influence_*.npz"):
+    for f in glob.glob(os.path.join(src, pattern)):
+      shutil.copy2(f, opts.out)
+  for stage in ("calibrate", "profile"):
+    os.makedirs(os.path.join(opts.out, "stages"), exist_ok=True)
+    shutil.copy2(_marker(src, stage), _marker(opts.out, stage))
+  log(f"[moa] calibrate, profile: copied from {src}")
+
 
 def run(model, opts: Options, stages: Sequence[str] = STAGES, *, force: bool = False,
-        corpus_tokens=None, tokenizer=None, log=print) -> dict:
+        restart: bool = False, documents=None, tokenizer=None, log=print) -> dict:
   """Runs the given stages in order, skipping finished ones unless ``force``.
 
-  ``corpus_tokens`` (text for calibration prompts) and ``tokenizer`` (for the retrieval
-  prompts; default bytes) must be in the model's vocabulary.
+  ``tokenizer`` (default bytes) encodes the calibration prompts; ``documents`` (token
+  arrays in the model's vocabulary; default the embedded corpus) feed the 'document'
+  task. Raises before any stage if the options do not fit the model (``check_options``)
+  or differ from those ``opts.out`` was made with (unless ``restart``).
   """
   unknown = [s for s in stages if s not in STAGES]
   if unknown:
     raise ValueError(f"unknown MoA stages {unknown}; stages: {STAGES}")
-  if opts.extend_length < max(opts.lengths) or opts.validate_length > opts.extend_length:
-    raise ValueError(f"need max(lengths)={max(opts.lengths)} <= extend_length="
-                     f"{opts.extend_length} and validate_length={opts.validate_length} <= "
-                     "extend_length")
+  check_options(model, opts, tokenizer)
+  check_directory(opts, restart, log)
   os.makedirs(opts.out, exist_ok=True)
-  _write_json(os.path.join(opts.out, "options.json"), dataclasses.asdict(opts))
+  _write_json(os.path.join(opts.out, "options.json"), {"out": opts.out, **opts.to_json()})
+  if opts.calibration_from and not done(opts.out, "profile"):
+    copy_calibration(opts, log)
   results = {}
   for stage in STAGES:
     if stage not in stages:
@@ -174,9 +394,57 @@ def run(model, opts: Options, stages: Sequence[str] = STAGES, *, force: bool = F
       log(f"[moa] {stage}: already done ({_marker(opts.out, stage)})")
       continue
     start = time.time()
-    kwargs = ({"corpus_tokens": corpus_tokens, "tokenizer": tokenizer}
-              if stage == "calibrate" else {})
+    kwargs = ({"documents": documents, "tokenizer": tokenizer, "log": log}
+              if stage == "calibrate" else
+              {"tokenizer": tokenizer, "log": log} if stage == "search" else {})
     results[stage] = _RUN[stage](model, opts, **kwargs)
     _finish(opts.out, stage, {"seconds": time.time() - start})
     log(f"[moa] {stage}: done in {time.time() - start:.1f}s")
   return results
+
+
+def summary(out: str) -> str:
+  """What a pipeline directory holds: the chosen plan, its density per length, loss vs
+  dense, KV bytes and paths (the parts that exist)."""
+  lines = [f"MoA results in {out}"]
+
+  def read(name):
+    path = os.path.join(out, name)
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      return json.load(f)
+
+  opts, valid, applied = read("options.json"), read("validate.json"), read("apply.json")
+  if opts:
+    lines.append(f"  budget {opts['budget']}, profiled at {opts['lengths']}, validated at "
+                 f"{opts['validate_length']}, budget checked up to {opts['extend_length']}")
+  for n in (opts or {}).get("lengths", []) + [(opts or {}).get("validate_length")]:
+    graded = read(f"calib_{n}.json")
+    answered = [g["correct"] for g in graded or [] if "correct" in g]
+    if answered:
+      lines.append(f"  calibration @{n}: dense model correct on {sum(answered)}/{len(answered)}")
+  heads = read("retrieval_heads.json")
+  if heads and (opts or {}).get("retrieval_heads"):
+    lines.append(f"  retrieval heads at full span: {len(heads['full_span'])} (layer.kv head "
+                 f"{', '.join(f'{l}.{k}' for l, k in heads['full_span'])})")
+  if os.path.exists(os.path.join(out, "plan.json")):
+    plan = plan_lib.load_plan(os.path.join(out, "plan.json"))
+    sizes = sorted({int(n) for n in (opts or {}).get("lengths", [])} | (
+        {int(opts["validate_length"]), int(opts["extend_length"])} if opts else set()))
+    dens = ", ".join(f"{n}: {plan.density(n):.3f}" for n in sizes if n <= plan.max_length)
+    lines.append(f"  chosen plan: {os.path.join(out, 'plan.json')} (plan "
+                 f"{plan.meta.get('plan_id')}, min window {plan.min_window}); density {dens}")
+  if valid:
+    best = valid["losses"][valid["best"]]
+    lines.append(f"  response loss @{valid['length']}: MoA {best:.4f} vs dense "
+                 f"{valid['dense_loss']:.4f} nats/token ({len(valid['losses'])} Pareto plans: "
+                 f"{min(valid['losses']):.4f}-{max(valid['losses']):.4f})")
+  if applied:
+    for n, v in applied.items():
+      if isinstance(v, dict):
+        lines.append(f"  KV cache @{n}: {v['moa_cache_bytes']:,} bytes vs dense "
+                     f"{v['dense_cache_bytes']:,} ({v['ratio']:.3f})")
+  if os.path.exists(os.path.join(out, "plan.png")):
+    lines.append(f"  heatmap: {os.path.join(out, 'plan.png')}")
+  return "\n".join(lines)

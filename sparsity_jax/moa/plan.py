@@ -5,6 +5,11 @@ pattern "query i sees keys i - w < j <= i, plus the first `sink` tokens" with
 
     w(N) = clip(floor(alpha + beta * N), min_window, N)          (``rule_window``)
 
+min_window is the floor that keeps every head's cache at least sink + min_window tokens
+(the pipeline sets it from ``min_cache``, 128 by default like the official runtime's
+minimum cache); a plan refuses lengths past ``max_length``, the longest length its budget
+was checked at.
+
 The same function is used by search (costs and densities), prefill (block
 masks), and decode (ring-buffer sizes), so the pattern is identical everywhere.
 A head's KV cache holds min(N, sink + w(N)) tokens (``rule_capacity``); the
@@ -13,7 +18,7 @@ plan's density at N is the mean of that over N, i.e. the KV-cache fraction.
 plan.json:
   {"version": 1, "num_layers": L, "num_kv_heads": K, "num_heads": n,
    "max_length": N_max,   # longest length the density budget was checked at
-   "min_window": 1,
+   "min_window": 64,      # window floor (min_cache 128 - sink 64)
    "layers": [{"heads": [{"alpha": a, "beta": b, "sink": s}, ...K]}, ...L],
    "meta": {...}}         # free-form provenance (lengths, budget, objective, ...)
 """
@@ -44,6 +49,8 @@ def rule_capacity(alpha, beta, sink, length: int, min_window: int = 1):
 
 def check_length(length: int, max_length: int) -> None:
   """Raises if a plan is used past the longest length its budget was checked at."""
+  if length < 1:
+    raise ValueError(f"MoA plans need a length >= 1, got {length}")
   if length > max_length:
     raise ValueError(
         f"length {length} is beyond the plan's max_length={max_length} (the longest length "
@@ -87,11 +94,13 @@ class Plan:
     return self.alpha.shape[1]
 
   def windows(self, length: int) -> np.ndarray:
-    """[L, K] windows at input length N."""
+    """[L, K] windows at input length N (raises past ``max_length``)."""
+    self.check_length(length)
     return rule_window(self.alpha, self.beta, length, self.min_window)
 
   def capacities(self, length: int) -> np.ndarray:
-    """[L, K] KV-cache tokens per head at length N."""
+    """[L, K] KV-cache tokens per head at length N (raises past ``max_length``)."""
+    self.check_length(length)
     return rule_capacity(self.alpha, self.beta, self.sink, length, self.min_window)
 
   def density(self, length: int) -> float:
@@ -156,11 +165,13 @@ class Plan:
 
 
 def uniform_plan(num_layers: int, num_kv_heads: int, num_heads: int, *, alpha: float = 0.0,
-                 beta: float = 0.5, sink: int = 64, max_length: int, **meta) -> Plan:
+                 beta: float = 0.5, sink: int = 64, max_length: int, min_window: int = 1,
+                 **meta) -> Plan:
   """The same rule for every head (e.g. StreamingLLM: window = beta * N plus sinks)."""
   full = lambda x, dt: np.full((num_layers, num_kv_heads), x, dt)
   return Plan(full(alpha, np.float64), full(beta, np.float64), full(sink, np.int64),
-              num_heads=num_heads, max_length=max_length, meta=dict(meta))
+              num_heads=num_heads, max_length=max_length, min_window=min_window,
+              meta=dict(meta))
 
 
 def save_plan(plan: Plan, path: str) -> None:

@@ -122,9 +122,12 @@ def layer_influence(q_btnh, k_btkh, v_btkh, o_btnh, do_btnh, *, block_size: int,
   return blocks, dist
 
 
-def profiling_model(model: TransformerLM) -> TransformerLM:
-  """The same parameters with the 'moa_profile' core (dense, exposes q, k, v, o, dO)."""
-  cfg = dataclasses.replace(model.cfg, attention={"kind": "moa_profile"}, scan_layers=False)
+def profiling_model(model: TransformerLM, remat: bool = False) -> TransformerLM:
+  """The same parameters with the 'moa_profile' core (dense, exposes q, k, v, o, dO);
+  ``remat`` recomputes each block in the backward pass (memory for one layer's attention
+  matrix instead of all of them: SmolLM2 at 4k tokens needs ~0.6 GB instead of ~18 GB)."""
+  cfg = dataclasses.replace(model.cfg, attention={"kind": "moa_profile"}, scan_layers=False,
+                            remat=remat)
   if model.cfg.scan_layers:
     raise ValueError("profiling needs a model built with scan_layers=False")
   prof = TransformerLM(cfg, rngs=nnx.Rngs(0))
@@ -178,7 +181,8 @@ def capture(prof: TransformerLM, tokens_bt, mask_bt):
 
 
 def profile_length(model: TransformerLM, samples, *, length: int, block_size: int = 64,
-                   sink: int = 64, batch_size: int = 1, take_abs: bool = True) -> Influence:
+                   sink: int = 64, batch_size: int = 1, take_abs: bool = True,
+                   remat: bool = False) -> Influence:
   """Average influence over calibration samples of one length level.
 
   Args:
@@ -187,6 +191,7 @@ def profile_length(model: TransformerLM, samples, *, length: int, block_size: in
     length: input length N (a multiple of block_size).
     block_size: aggregation block (64 in the paper).
     sink: sink tokens every rule keeps (excluded from the distance statistic).
+    remat: recompute blocks in the backward pass (long lengths; same result).
   """
   if not samples:
     raise ValueError(f"no calibration samples of length {length}: run `launch/moa.py "
@@ -197,7 +202,7 @@ def profile_length(model: TransformerLM, samples, *, length: int, block_size: in
     if len(tokens) != length + 1 or len(mask) != length + 1:
       raise ValueError(f"calibration samples for length {length} must have {length + 1} "
                        f"tokens, got {len(tokens)}")
-  prof = profiling_model(model)
+  prof = profiling_model(model, remat=remat)
   cfg = model.cfg
   nq = length // block_size
   blocks = np.zeros((cfg.num_layers, cfg.num_kv_heads, nq, nq))

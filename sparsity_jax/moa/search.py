@@ -74,6 +74,7 @@ class Problem:
   budgets: dict[int, float]
   max_rules_per_layer: int = 2
   lower_ratio: float = 0.0
+  fixed: np.ndarray | None = None  # [L, K] rule index a head must take, -1 where free.
 
   @property
   def shape(self):
@@ -95,6 +96,8 @@ def _model(problem: Problem, objective: int, eps: Mapping[int, float]):
   for l in range(nl):
     for k in range(nk):
       add({xi(l, k, r): 1.0 for r in range(nr)}, 1, 1)
+      if problem.fixed is not None and problem.fixed[l, k] >= 0:
+        add({xi(l, k, int(problem.fixed[l, k])): 1.0}, 1, 1)
   if problem.max_rules_per_layer < nr:
     for l in range(nl):
       for k in range(nk):
@@ -145,6 +148,14 @@ def check_feasible(problem: Problem, rules: np.ndarray) -> None:
           f"density budget {problem.budgets[n]:.3f} is infeasible at length {n}: the sparsest "
           f"candidate rule keeps {dens.min():.3f} of the KV cache (sink + minimum span). Raise "
           "the budget, lower the sink, or add smaller spans (smaller --alpha_interval).")
+    if problem.fixed is not None:
+      held = problem.fixed >= 0
+      least = np.where(held, dens[np.maximum(problem.fixed, 0)], dens.min()).mean()
+      if least > problem.budgets[n] + 1e-9:
+        raise ValueError(
+            f"{int(held.sum())} heads at full span need a mean density of at least "
+            f"{least:.3f} at length {n}, above the budget {problem.budgets[n]:.3f}: keep "
+            "fewer retrieval heads (--retrieval_heads) or raise the budget.")
 
 
 def pareto_sweep(problem: Problem, num_intervals: int = 4,
@@ -182,10 +193,14 @@ def pareto_sweep(problem: Problem, num_intervals: int = 4,
           if not any(dominated(obj, other) for _, other in results)]
 
 
+def shapes_only(influences: Sequence[Influence]) -> tuple[int, int]:
+  return tuple(influences[0].distance.shape[:2])
+
+
 def search(influences: Sequence[Influence], *, budget: float | Mapping[int, float],
            extend_length: int, num_heads: int, max_rules_per_layer: int = 2,
            alpha_interval: int | None = None, num_betas: int = 9, lower_ratio: float = 0.0,
-           num_intervals: int = 4, min_window: int = 1,
+           num_intervals: int = 4, min_window: int = 1, full_heads: np.ndarray | None = None,
            time_limit: float = 60.0) -> list[plan_lib.Plan]:
   """Pareto-optimal plans for the profiled lengths (objectives) and the extension.
 
@@ -194,6 +209,8 @@ def search(influences: Sequence[Influence], *, budget: float | Mapping[int, floa
     budget: KV-cache density bound, one float for every length or {length: bound}.
     extend_length: a longer length where only the budget is enforced.
     num_heads: the model's query heads (recorded in the plan).
+    full_heads: optional bool [L, K]: heads held at full span (the rule alpha=0, beta=1;
+      ``moa.retrieval``), the others searched under what remains of the budget.
   """
   if not influences:
     raise ValueError("no profiles to search: run `launch/moa.py profile` first")
@@ -213,13 +230,24 @@ def search(influences: Sequence[Influence], *, budget: float | Mapping[int, floa
              for n in lengths + [extend_length]}
   rules = candidate_rules(lengths[0], lengths[-1], extend_length, alpha_interval=alpha_interval,
                           num_betas=num_betas)
+  fixed = None
+  if full_heads is not None and np.any(full_heads):
+    full_heads = np.asarray(full_heads, bool)
+    if full_heads.shape != shapes_only(influences):
+      raise ValueError(f"full_heads has shape {full_heads.shape}; the profiles have [layers, "
+                       f"kv heads] = {shapes_only(influences)}")
+    full = np.flatnonzero((rules[:, 0] == 0) & (rules[:, 1] == 1))
+    if not len(full):
+      rules = np.concatenate([rules, [[0.0, 1.0]]])
+      full = [len(rules) - 1]
+    fixed = np.where(full_heads, int(full[0]), -1)
   costs = {}
   for inf in influences:
     cost = rule_costs(inf, rules, min_window)
     total = inf.distance.sum()
     costs[inf.length] = cost / total if total > 0 else cost
   densities = {n: rule_densities(rules, sink, n, min_window) for n in budgets}
-  problem = Problem(costs, densities, budgets, max_rules_per_layer, lower_ratio)
+  problem = Problem(costs, densities, budgets, max_rules_per_layer, lower_ratio, fixed)
   check_feasible(problem, rules)
   plans = []
   for i, (choice, obj) in enumerate(pareto_sweep(problem, num_intervals, time_limit)):
@@ -230,5 +258,6 @@ def search(influences: Sequence[Influence], *, budget: float | Mapping[int, floa
         meta={"plan_id": i, "objectives": {str(n): v for n, v in obj.items()},
               "densities": {str(n): float(densities[n][choice].mean()) for n in budgets},
               "budgets": {str(n): b for n, b in budgets.items()},
-              "profiled_lengths": lengths, "max_rules_per_layer": max_rules_per_layer}))
+              "profiled_lengths": lengths, "max_rules_per_layer": max_rules_per_layer,
+              "full_heads": int(0 if fixed is None else (fixed >= 0).sum())}))
   return plans

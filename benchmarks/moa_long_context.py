@@ -1,0 +1,263 @@
+r"""Dense vs uniform sink + window (StreamingLLM) vs MoA on a pretrained model, long context.
+
+For a pretrained model (default the embedded SmolLM2-135M-Instruct) and one MoA output
+directory per budget (``launch/moa.py all --budget=...``), measures per attention variant
+and prompt length (``sparsity_jax.evals.long_context``, all generated locally):
+
+  passkey       exact match of the greedy answer (first integer of 12 new tokens) and the
+                answer NLL, keys at evenly spread depths;
+  kv_retrieval  the same for multi-key needle retrieval (``--kv_needles`` needles per
+                haystack, one prompt per needle, depths stratified);
+  perplexity    on the first N tokens of long embedded-corpus documents (stdlib sources of
+                the validation split), over all N and over the second half;
+  KV cache      bytes of the decode caches at N + 12, and the plan's density;
+  speed         prefill tokens/s (the shared context, batch 1) and decode tokens/s (batch
+                ``--batch`` questions), medians over the haystacks after the first
+                (which pays the compilation).
+
+Variants: dense; for each --moa_dirs entry (budget b, sink s from its options.json) the
+uniform plan "s sinks + window b*N - s" (KV density exactly b at every N) and the MoA
+plan.json. Prompts are plain text (no chat template: SmolLM2 answers them, it does not
+answer the passkey inside its chat template; docs/results/moa.md).
+
+  python benchmarks/moa_long_context.py --moa_dirs=runs/moa_smollm2_50,runs/moa_smollm2_25 \
+      --lengths=2048,4096 --out=docs/results/moa_smollm2
+
+Writes <out>.json after every cell (a rerun skips finished cells, so the grid can be run in
+pieces: --variants, --lengths), <out>.png (accuracy by density and by key depth) and
+prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from sparsity_jax.checkpoints import load_pretrained
+from sparsity_jax.evals import long_context as lc
+from sparsity_jax.layers import moa as moa_layer
+from sparsity_jax.moa import plan as plan_lib
+from sparsity_jax.moa import validate as validate_lib
+
+TASKS = ("passkey", "kv_retrieval")
+
+
+def variants(model, moa_dirs):
+  """[(name, plan or None, budget, block_size)]: dense, then uniform and MoA per dir.
+
+  A dir may carry a label, ``path:label`` (default "MoA"): the variant is "<label> <budget>";
+  the uniform plan of a budget is listed once.
+  """
+  cfg = model.cfg
+  out = [("dense", None, 1.0, 64)]
+  for entry in moa_dirs:
+    d, _, label = entry.partition(":")
+    with open(os.path.join(d, "options.json")) as f:
+      opts = json.load(f)
+    plan = plan_lib.load_plan(os.path.join(d, "plan.json"))
+    budget, sink = float(opts["budget"]), int(opts["sink"])
+    uniform = plan_lib.uniform_plan(cfg.num_layers, cfg.num_kv_heads, cfg.num_heads,
+                                    alpha=-sink, beta=budget, sink=sink,
+                                    max_length=plan.max_length, min_window=plan.min_window,
+                                    kind="uniform", budget=budget)
+    if f"uniform {budget:.0%}" not in [v[0] for v in out]:
+      out.append((f"uniform {budget:.0%}", uniform, budget, int(opts["block_size"])))
+    out.append((f"{label or 'MoA'} {budget:.0%}", plan, budget, int(opts["block_size"])))
+  return out
+
+
+def documents_of_length(tokenizer, length: int, num: int) -> list[np.ndarray]:
+  docs = lc.corpus_documents(tokenizer, min_tokens=length + 1)
+  if not docs:
+    raise ValueError(f"no corpus document has {length + 1} tokens")
+  picks = np.linspace(0, len(docs) - 1, min(num, len(docs))).round().astype(int)
+  return [docs[i][:length + 1] for i in picks]
+
+
+def median_speed(results, key_s, key_tokens):
+  firsts = [r for r in results if r[key_tokens] > 0][1:]  # After the compiling group.
+  rates = [r[key_tokens] / r[key_s] for r in firsts if r[key_s] > 0]
+  return float(np.median(rates)) if rates else None
+
+
+def run_cell(variant, tok, name, plan, length, args):
+  cell = {"variant": name, "length": length, "started": time.time()}
+  prompts = (lc.make_prompts("passkey", tok, length, args.passkey, seed=args.seed)
+             + lc.make_prompts("kv_retrieval", tok, length, args.kv, seed=args.seed,
+                               needles=args.kv_needles))
+  results = lc.score_prompts(variant, tok, prompts, new_tokens=args.new_tokens,
+                             suffix_len=args.suffix_len, batch_size=args.batch,
+                             log=lambda m: print(f"  [{name} @{length}] {m}", flush=True))
+  for task in TASKS:
+    rows = [r for r in results if r["task"] == task]
+    cell[task] = {**lc.summarize(rows), "rows": [
+        {k: r[k] for k in ("depth", "answer", "output", "correct", "forced", "answer_nll")}
+        for r in rows]}
+  cell["prefill_tok_s"] = median_speed(results, "prefill_s", "prefill_tokens")
+  kv = [r for r in results if r["task"] == "kv_retrieval"]
+  cell["decode_tok_s"] = median_speed(kv, "decode_s", "decode_tokens")
+  cell["decode_batch"] = args.batch
+  if args.docs:
+    nll = lc.document_nll(variant, documents_of_length(tok, length, args.docs))
+    cell["ppl"] = float(np.exp(nll.mean()))
+    cell["ppl_second_half"] = float(np.exp(nll[:, length // 2:].mean()))
+    cell["ppl_docs"] = int(nll.shape[0])
+  n_cache = length + args.new_tokens
+  cell["cache_bytes"] = moa_layer.cache_bytes(variant.init_cache(1, n_cache))
+  cell["density"] = 1.0 if plan is None else plan.density(n_cache)
+  cell["seconds"] = time.time() - cell.pop("started")
+  return cell
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--model", default="smollm2", help="smollm2, a .gguf file or an HF dir.")
+  p.add_argument("--moa_dirs", default="", help="Comma-separated launch/moa.py --out dirs.")
+  p.add_argument("--lengths", default="2048,4096")
+  p.add_argument("--passkey", type=int, default=10, help="Passkey prompts per cell.")
+  p.add_argument("--kv", type=int, default=50, help="Key-value prompts per cell.")
+  p.add_argument("--kv_needles", type=int, default=10, help="Needles (questions) per haystack.")
+  p.add_argument("--docs", type=int, default=4, help="Perplexity documents per cell.")
+  p.add_argument("--new_tokens", type=int, default=12)
+  p.add_argument("--suffix_len", type=int, default=48, help="Question tokens per fork.")
+  p.add_argument("--batch", type=int, default=5, help="Questions decoded together.")
+  p.add_argument("--variants", default="", help="Only these variant names (comma-separated).")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default="docs/results/moa_smollm2")
+  args = p.parse_args()
+  lengths = [int(x) for x in args.lengths.split(",")]
+  model, tok = load_pretrained(args.model)
+  chosen = [v for v in variants(model, [d for d in args.moa_dirs.split(",") if d])
+            if not args.variants or v[0] in args.variants.split(",")]
+  path = args.out + ".json"
+  saved = json.load(open(path)) if os.path.exists(path) else {"cells": []}
+  settings = {k: getattr(args, k) for k in ("passkey", "kv", "kv_needles", "docs",
+                                            "new_tokens", "suffix_len", "seed")}
+  if saved.get("settings", settings) != settings:
+    raise SystemExit(f"{path} was written with other settings {saved['settings']}: use "
+                     "another --out")
+  saved["settings"] = settings
+  done = {(c["variant"], c["length"]) for c in saved["cells"]}
+  with tempfile.TemporaryDirectory() as tmp:
+    for length in lengths:
+      for name, plan, _, block in chosen:
+        if (name, length) in done:
+          print(f"{name} @{length}: done", flush=True)
+          continue
+        if plan is None:
+          variant = model
+        else:
+          plan_path = os.path.join(tmp, name.replace(" ", "_").replace("%", "") + ".json")
+          plan_lib.save_plan(plan, plan_path)
+          variant = validate_lib.with_plan(model, plan_path, block_size=block)
+        cell = run_cell(variant, tok, name, plan, length, args)
+        del variant
+        jax.clear_caches()  # Each variant compiles its own programs: free them.
+        gc.collect()
+        saved["cells"].append(cell)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+          json.dump(saved, f, indent=1)
+        os.replace(path + ".tmp", path)
+        print(f"{name} @{length}: passkey {cell['passkey']['accuracy']:.2f}, kv "
+              f"{cell['kv_retrieval']['accuracy']:.2f}, ppl {cell.get('ppl', float('nan')):.3f}"
+              f" [{cell['seconds']:.0f}s]", flush=True)
+  plot(saved["cells"], args.out + ".png")
+  print(table(saved["cells"]))
+  print()
+  print(answer_kinds(saved["cells"]))
+
+
+def _sorted(cells):
+  """By length, then density (descending), uniform before MoA variants."""
+  rank = lambda c: (c["length"], -round(c["density"], 1), c["variant"] != "dense",
+                    not c["variant"].startswith("uniform"), c["variant"])
+  return sorted(cells, key=rank)
+
+
+def table(cells) -> str:
+  head = ["N", "attention", "KV density", "passkey", "kv retrieval", "answer NLL (pk / kv)",
+          "ppl (all / 2nd half)", "KV bytes", "prefill tok/s", "decode tok/s"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  fmt = lambda x, f: "-" if x is None else format(x, f)
+  for c in _sorted(cells):
+    pk, kv = c["passkey"], c["kv_retrieval"]
+    lines.append("| " + " | ".join([
+        str(c["length"]), c["variant"], f"{c['density']:.3f}",
+        f"{pk['accuracy']:.2f} ({pk['n']})", f"{kv['accuracy']:.2f} ({kv['n']})",
+        f"{pk['answer_nll']:.3f} / {kv['answer_nll']:.3f}",
+        f"{fmt(c.get('ppl'), '.3f')} / {fmt(c.get('ppl_second_half'), '.3f')}",
+        f"{c['cache_bytes']:,}", fmt(c["prefill_tok_s"], ".0f"),
+        fmt(c["decode_tok_s"], ".1f")]) + " |")
+  return "\n".join(lines)
+
+
+def answer_kinds(cells) -> str:
+  """How the greedy answers fail: per cell and task, the fraction right, a wrong number,
+  or no number at all in the new tokens (e.g. "a magical ..."), and accuracy by where the
+  evidence sits (first / second half of the context)."""
+  head = ["N", "attention", "task", "right", "wrong number", "no number",
+          "right, evidence in 1st half", "right, evidence in 2nd half"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for c in _sorted(cells):
+    for task in TASKS:
+      rows = c[task]["rows"]
+      right = np.mean([r["correct"] for r in rows])
+      none = np.mean([lc.first_integer(r["output"]) is None for r in rows])
+      halves = [[r["correct"] for r in rows if (r["depth"] >= 0.5) == h] for h in (0, 1)]
+      lines.append("| " + " | ".join([
+          str(c["length"]), c["variant"], task, f"{right:.2f}", f"{1 - right - none:.2f}",
+          f"{none:.2f}"] + [f"{np.mean(h):.2f} ({len(h)})" if h else "-" for h in halves])
+          + " |")
+  return "\n".join(lines)
+
+
+def plot(cells, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  lengths = sorted({c["length"] for c in cells})
+  fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+  kinds = sorted({c["variant"].rsplit(" ", 1)[0] for c in cells} - {"dense"})
+  markers = iter(["o", "s", "^", "D", "v"])
+  styles = {k: dict(ls="--", marker="x") if k == "uniform" else dict(ls="-", marker=next(markers))
+            for k in kinds}
+  for col, task in enumerate(TASKS):
+    ax = axes[0, col]
+    for color, length in zip(("tab:blue", "tab:red", "tab:green"), lengths):
+      dense = [(c["density"], c[task]["accuracy"]) for c in cells
+               if c["length"] == length and c["variant"] == "dense"]
+      for kind, style in styles.items():
+        pts = sorted(dense + [(c["density"], c[task]["accuracy"]) for c in cells
+                              if c["length"] == length
+                              and c["variant"].rsplit(" ", 1)[0] == kind])
+        if len(pts) > len(dense):
+          ax.plot(*zip(*pts), label=f"{kind} N={length}", color=color, **style)
+    ax.set(xlabel="KV-cache density", ylabel="exact match", ylim=(-0.03, 1.03),
+           title=f"{task}: accuracy by density (dense at 1.0)")
+    ax.legend(fontsize=7)
+    ax = axes[1, col]
+    longest = max(lengths)
+    for c in _sorted(c for c in cells if c["length"] == longest):
+      bins = c[task]["by_depth"]
+      xs = [float(k.split("-")[0]) + 0.1 for k, v in bins.items() if v is not None]
+      ys = [v for v in bins.values() if v is not None]
+      style = styles.get(c["variant"].rsplit(" ", 1)[0], dict(ls="-", marker="s", color="black"))
+      ax.plot(xs, ys, label=c["variant"], **style)
+    ax.set(xlabel="depth of the key in the context", ylabel="exact match", ylim=(-0.03, 1.03),
+           title=f"{task}: by key depth at N={longest}")
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+if __name__ == "__main__":
+  main()

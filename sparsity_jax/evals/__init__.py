@@ -1,0 +1,1 @@
+"""Evaluations: long-context tasks generated locally and their scorers."""
