@@ -31,7 +31,6 @@ def load_config(path_arg: str):
 
 def measure(config_path: str, mesh: dict, steps: int) -> dict:
   import jax
-  import numpy as np
   from sparsity_jax import parallel
   from sparsity_jax.data import pipeline
   from sparsity_jax.train import loop, optimizer, state as state_lib, step as step_lib

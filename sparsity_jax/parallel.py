@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import logging
 import math
 import os
 from collections.abc import Iterator, Sequence

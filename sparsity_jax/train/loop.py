@@ -7,7 +7,6 @@ functions; nothing here parses flags.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
