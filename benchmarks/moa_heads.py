@@ -131,13 +131,13 @@ def plot(result, path):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  panels = [("needle attention (dense)", np.array(result["needle_attention"]), None)]
+  panels = [("needle attention\n(dense model)", np.array(result["needle_attention"]), None)]
   for d, r in result["plans"].items():
     name = os.path.basename(d.rstrip("/"))
     longest = max(r["long_range_share"], key=int)
-    panels.append((f"{name}: influence share beyond the uniform window @{longest}",
+    panels.append((f"{name}:\ninfluence share beyond\nthe uniform window @{longest}",
                    np.array(r["long_range_share"][longest]), (0, 1)))
-    panels.append((f"{name}: MoA span / N @{result['length']}", np.array(r["span"]), (0, 1)))
+    panels.append((f"{name}:\nspan / N @{result['length']}", np.array(r["span"]), (0, 1)))
   fig, axes = plt.subplots(1, len(panels), figsize=(2.3 * len(panels) + 1, 6.5))
   for ax, (title, values, lim) in zip(np.atleast_1d(axes), panels):
     im = ax.imshow(values, aspect="auto", cmap="viridis",
