@@ -80,7 +80,7 @@ def maskable(model: nnx.Module) -> list[Target]:
   """Every weight the forward can mask, in graph order."""
   out = []
   for path, node in nnx.iter_graph(model):
-    if not isinstance(node, nnx.Module) or not path:
+    if not isinstance(node, nnx.Module):
       continue
     for name in INPUT_AXES:
       if isinstance(getattr(node, name, None), nnx.Param):

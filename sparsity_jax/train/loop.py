@@ -375,10 +375,8 @@ def load_model(workdir: str, *, step: int | None = None, attention: dict | None 
   nnx.update(model, state.params)
   # Weight masks are model state but belong to the weights, not to the core: keep them.
   from sparsity_jax.sparsity import WeightMask
-  weight_masks = nnx.State.from_flat_path(
-      [(path, leaf) for path, leaf in nnx.to_flat_state(state.model_state)
-       if isinstance(leaf, WeightMask)])
-  if weight_masks:
+  weight_masks = nnx.filter_state(state.model_state, WeightMask)
+  if jax.tree.leaves(weight_masks):
     nnx.update(model, weight_masks)
   return model
 
