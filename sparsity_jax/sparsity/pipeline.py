@@ -62,7 +62,7 @@ def _with_spec(config: ml_collections.ConfigDict, spec: SparsitySpec):
 
 def _copy_params(dst: TransformerLM, src_params: nnx.State, scanned: bool) -> None:
   """Sets dst's (unscanned) Params from a model's Params, unstacking a scanned stack."""
-  pure = src_params.to_pure_dict()
+  pure = nnx.to_pure_dict(src_params)
   if scanned:
     stacked = pure.pop("layers")
     pure["layers"] = {i: jax.tree.map(lambda a, i=i: a[i], stacked)
