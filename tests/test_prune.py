@@ -113,6 +113,108 @@ def test_wanda_layer_by_layer_feeds_pruned_outputs_forward(pattern):
   assert (t.matrix(got["layers/1/mlp/down"]) != dense_fed).any()
 
 
+# ---- numpy port of zyxxmu/DSnoT @4c029dfa (lib/prune.py::prune_DSnoT) ----
+
+
+def official_reorder(x):
+  """return_reorder_indice: negative entries in order, then positive ones reversed."""
+  n = x.shape[1]
+  cols = np.broadcast_to(np.arange(n, dtype=float), x.shape)
+  pos = np.sort(np.where(x > 0, cols, np.inf), axis=1)[:, ::-1]
+  neg = np.sort(np.where(x < 0, cols, np.inf), axis=1)
+  pos[np.isinf(pos)] = 0
+  neg[np.isinf(neg)] = 0
+  return (pos + neg).astype(int)
+
+
+def official_dsnot_pruned(w_oi, stats, *, sparsity=0.5, prune_n=0, prune_m=0, max_cycle=50,
+                          threshold=0.1, pow_var=1, without_same_sign=True):
+  """prune_DSnoT's weight_mask (True: pruned) for one weight [out, in], initial method wanda."""
+  take, put = np.take_along_axis, np.put_along_axis
+  rows, cols = w_oi.shape
+  metric = w_oi * stats.sum_metric_row[None, :]
+  initial = np.abs(w_oi) * np.sqrt(stats.scaler_row)[None, :]
+  pruned = np.zeros((rows, cols), bool)
+  if prune_n:
+    prune_idx, res_idx = [], []
+    for ii in range(0, cols, prune_m):
+      order = np.argsort(initial[:, ii:ii + prune_m], axis=1) + ii
+      prune_idx.append(order[:, :prune_n])
+      res_idx.append(order[:, prune_n:])
+      put(pruned, order[:, :prune_n], True, axis=1)
+    prune_idx, res_idx = np.concatenate(prune_idx, 1), np.concatenate(res_idx, 1)
+  else:
+    order = np.argsort(initial, axis=-1, kind="stable")
+    k = int(cols * sparsity)
+    prune_idx, res_idx = order[:, :k], order[:, k:]
+    put(pruned, prune_idx, True, axis=1)
+  regrow = metric.copy()
+  put(regrow, res_idx, 0.0, axis=1)
+  error = regrow.sum(axis=1, keepdims=True)
+  sign0 = np.sign(error)
+  regrow = regrow / np.power(stats.var, pow_var)[None, :]
+  regrow_block = np.argsort(regrow, axis=1, kind="stable")
+  ptr_regrow = np.tile([0, cols - 1], (rows, 1))
+  steps = np.tile([1, -1], (rows, 1))
+  update = np.ones((rows, 1), bool)
+  if prune_n:
+    put(initial, prune_idx, np.inf, axis=1)
+    max_value = initial.max(axis=1, keepdims=True) + 1
+  else:
+    wanda = initial.copy()
+    put(wanda, prune_idx, np.inf, axis=1)
+    wanda_res = np.argsort(wanda, axis=1, kind="stable")[:, :cols - prune_idx.shape[1]]
+    pruning_block = take(wanda_res, official_reorder(take(metric, wanda_res, 1)), 1)
+    ptr_prune = np.tile([0, pruning_block.shape[1] - 1], (rows, 1))
+  for _ in range(max_cycle):
+    if not update.any():
+      break
+    side = (error > 0).astype(int)
+    at = take(ptr_regrow, side, 1)
+    grow = take(regrow_block, at, 1)
+    grow_metric = take(metric, grow, 1)
+    put(ptr_regrow, side, at + take(steps, side, 1), axis=1)
+    if prune_n:
+      start = grow - grow % prune_m
+      block = start + np.arange(prune_m)[None, :]
+      cut = start + np.argmin(take(initial, block, 1), axis=1, keepdims=True)
+      update = update & (sign0 == np.sign(error + take(metric, cut, 1) - grow_metric)) & (
+          np.abs(error) > threshold)
+      put(initial, cut, max_value, axis=1)
+    else:
+      p_side = (error < 0).astype(int)
+      at = take(ptr_prune, p_side, 1)
+      cut = take(pruning_block, at, 1)
+      put(ptr_prune, p_side, at + take(steps, p_side, 1), axis=1)
+      after = error + take(metric, cut, 1) - grow_metric
+      update = update & (np.abs(error) > threshold)
+      if not without_same_sign:
+        update = update & (sign0 == np.sign(after))
+    cut_metric = take(metric, cut, 1)
+    put(pruned, cut, update, axis=1)
+    put(pruned, grow, ~update, axis=1)
+    error = error + np.where(update, cut_metric, 0) - np.where(update, grow_metric, 0)
+  return pruned
+
+
+@pytest.mark.parametrize("pattern,same_sign", [("unstructured", False), ("unstructured", True),
+                                               ("2:4", True), ("4:8", True)])
+def test_dsnot_mask_equals_a_port_of_the_official_loop(pattern, same_sign):
+  spec = SparsitySpec(pattern=pattern, sparsity=0.5 if pattern == "unstructured" else None)
+  w, stats = _random_layer(23, d_in=512, d_out=16)
+  initial = masks.keep_for_spec(prune_lib.wanda_scores(w, stats), spec)
+  keep = prune_lib.dsnot(w, initial, stats, nm=spec.nm,
+                         options=prune_lib.DSnoTOptions(same_sign=same_sign))
+  w_oi = w.T.astype(np.float64)
+  if spec.nm:
+    n, m = spec.nm
+    want = official_dsnot_pruned(w_oi, stats, prune_n=m - n, prune_m=m)
+  else:
+    want = official_dsnot_pruned(w_oi, stats, without_same_sign=not same_sign)
+  assert (keep != initial).sum() > 100  # Many swaps happened.
+  np.testing.assert_array_equal(~keep, want.T)
+
+
 def _random_layer(seed, d_in=64, d_out=48):
   rng = np.random.default_rng(seed)
   w = rng.normal(size=(d_in, d_out)).astype(np.float32)
