@@ -52,6 +52,9 @@ _DSNOT_SKIP = flags.DEFINE_string("dsnot_skip", "mlp/", "Weights (regex over the
                                   "block) DSnoT leaves at the initial mask; '' refines all.")
 _DSNOT_CYCLES = flags.DEFINE_integer("dsnot_cycles", 50, "DSnoT's max_cycle_time.")
 _DSNOT_THRESHOLD = flags.DEFINE_float("dsnot_threshold", 0.1, "DSnoT's update_threshold.")
+_DSNOT_SAME_SIGN = flags.DEFINE_bool("dsnot_same_sign", False, "Unstructured DSnoT refuses swaps "
+                                     "that flip the error's sign (the official default is off; "
+                                     "N:M always checks).")
 _OUT = flags.DEFINE_string("out", None, "Workdir to write the pruned model to (our format).")
 _HF_OUT = flags.DEFINE_string("hf_out", None, "Hugging Face directory to write (zeros).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing --out / --hf_out.")
@@ -71,7 +74,8 @@ def main(argv):
   spec = SparsitySpec(targets=_TARGETS.value or DEFAULT_TARGETS, pattern=_PATTERN.value,
                       sparsity=_SPARSITY.value)
   options = prune.DSnoTOptions(max_cycles=_DSNOT_CYCLES.value, threshold=_DSNOT_THRESHOLD.value,
-                               initial=_DSNOT_INITIAL.value, skip=_DSNOT_SKIP.value)
+                               initial=_DSNOT_INITIAL.value, skip=_DSNOT_SKIP.value,
+                               same_sign=_DSNOT_SAME_SIGN.value)
   log = lambda text: print(text, file=sys.stderr, flush=True)
   result = pipeline.prune_model(
       spec=spec, method=_METHOD.value, source=_MODEL.value, workdir=_WORKDIR.value,
