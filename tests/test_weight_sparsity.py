@@ -1,7 +1,5 @@
 """Weight masks as model state: patterns, the masked forward, checkpoints, sharding, errors."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
