@@ -20,6 +20,7 @@ from flax import nnx
 
 from sparsity_jax import axes, parallel
 from sparsity_jax.layers import rope
+from sparsity_jax.sparsity import masks
 
 
 class AttentionCore(nnx.Module):
@@ -291,12 +292,12 @@ class Attention(nnx.Module):
 
   def project_qkv(self, x_bte: jax.Array, positions_bt: jax.Array):
     """q [b,t,n,h], k/v [b,t,k,h] with RoPE applied to q and k."""
-    cast = lambda p: p.get_value().astype(self.dtype)
-    q = jnp.einsum("bte,enh->btnh", x_bte, cast(self.q_proj))
-    k = jnp.einsum("bte,ekh->btkh", x_bte, cast(self.k_proj))
-    v = jnp.einsum("bte,ekh->btkh", x_bte, cast(self.v_proj))
+    cast = lambda name: masks.weight(self, name).astype(self.dtype)  # Masked when sparse.
+    q = jnp.einsum("bte,enh->btnh", x_bte, cast("q_proj"))
+    k = jnp.einsum("bte,ekh->btkh", x_bte, cast("k_proj"))
+    v = jnp.einsum("bte,ekh->btkh", x_bte, cast("v_proj"))
     if self.q_bias is not None:
-      q, k, v = q + cast(self.q_bias), k + cast(self.k_bias), v + cast(self.v_bias)
+      q, k, v = q + cast("q_bias"), k + cast("k_bias"), v + cast("v_bias")
     q = rope.apply_rope(q, positions_bt, self.rope_theta, self.rope_scaling)
     k = rope.apply_rope(k, positions_bt, self.rope_theta, self.rope_scaling)
     q = parallel.constrain(q, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.HEAD_DIM))
@@ -323,4 +324,4 @@ class Attention(nnx.Module):
     o_btnh = parallel.constrain(o_btnh, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.HEAD_DIM))
     b, t, n, h = o_btnh.shape  # One [n*h, e] matrix: no per-call relayout of o_proj.
     return jnp.einsum("btf,fe->bte", o_btnh.reshape(b, t, n * h).astype(self.dtype),
-                      self.o_proj.get_value().reshape(n * h, -1).astype(self.dtype))
+                      masks.weight(self, "o_proj").reshape(n * h, -1).astype(self.dtype))

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparsity_jax import axes, parallel
+from sparsity_jax.sparsity import masks
 
 
 class SwiGLU(nnx.Module):
@@ -21,9 +22,15 @@ class SwiGLU(nnx.Module):
                           logical_axes=(axes.MLP, axes.EMBED))
 
   def __call__(self, x_bte: jax.Array) -> jax.Array:
-    cast = lambda p: p.get_value().astype(self.dtype)
-    gate_btf = jnp.einsum("bte,ef->btf", x_bte, cast(self.gate))
-    up_btf = jnp.einsum("bte,ef->btf", x_bte, cast(self.up))
-    h_btf = parallel.constrain(jax.nn.silu(gate_btf) * up_btf,
-                               (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
-    return jnp.einsum("btf,fe->bte", h_btf, cast(self.down))
+    return self.project_down(self.hidden(x_bte))
+
+  def hidden(self, x_bte: jax.Array) -> jax.Array:
+    """silu(x @ gate) * (x @ up) [b, t, f]: the input of ``down``."""
+    cast = lambda name: masks.weight(self, name).astype(self.dtype)  # Masked when sparse.
+    gate_btf = jnp.einsum("bte,ef->btf", x_bte, cast("gate"))
+    up_btf = jnp.einsum("bte,ef->btf", x_bte, cast("up"))
+    return parallel.constrain(jax.nn.silu(gate_btf) * up_btf,
+                              (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
+
+  def project_down(self, h_btf: jax.Array) -> jax.Array:
+    return jnp.einsum("btf,fe->bte", h_btf, masks.weight(self, "down").astype(self.dtype))

@@ -20,6 +20,8 @@ from sparsity_jax.layers import attention as attention_lib
 from sparsity_jax.layers import rope
 from sparsity_jax.layers.mlp import SwiGLU
 from sparsity_jax.layers.norms import RMSNorm
+from sparsity_jax.sparsity import masks as sparsity_masks
+from sparsity_jax.sparsity import spec as sparsity_spec
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -50,6 +52,10 @@ class ModelConfig:
       default_factory=lambda: FrozenDict({"kind": "dense"}))
   # RoPE frequency scaling, a Hugging Face rope_scaling dict (e.g. Llama 3's); None: none.
   rope_scaling: Mapping[str, Any] | None = None
+  # Weight masks (sparsity_jax.sparsity.SparsitySpec fields: targets, pattern, sparsity);
+  # None: dense. The model is built with all-True masks on the targeted weights (model
+  # state, saved in checkpoints); pruning (launch/prune.py) sets them.
+  weight_sparsity: Mapping[str, Any] | None = None
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim",
@@ -63,6 +69,12 @@ class ModelConfig:
       object.__setattr__(self, "attention", FrozenDict(self.attention))
     if self.rope_scaling is not None and not isinstance(self.rope_scaling, FrozenDict):
       object.__setattr__(self, "rope_scaling", FrozenDict(self.rope_scaling))
+    if self.weight_sparsity is not None:
+      if not self.weight_sparsity:
+        object.__setattr__(self, "weight_sparsity", None)
+      else:
+        spec = sparsity_spec.SparsitySpec.from_mapping(self.weight_sparsity)  # Validates.
+        object.__setattr__(self, "weight_sparsity", FrozenDict(spec.to_dict()))
     if self.head_dim % 2:
       raise ValueError(f"config.model.head_dim={self.head_dim} must be even (RoPE)")
     try:
@@ -84,6 +96,8 @@ class ModelConfig:
           raise ValueError(f"config.model.{key}={values[key]!r}; use one of {sorted(_DTYPES)}")
         values[key] = _DTYPES[values[key]]
     values["attention"] = FrozenDict(values.get("attention") or {"kind": "dense"})
+    if values.get("weight_sparsity") is not None:
+      values["weight_sparsity"] = FrozenDict(values["weight_sparsity"])
     return cls(**values)
 
   def num_params(self) -> int:
@@ -146,6 +160,8 @@ class TransformerLM(nnx.Module):
           nnx.initializers.lecun_normal()(rngs.params(), (cfg.d_model, cfg.vocab_size),
                                           cfg.param_dtype),
           logical_axes=(axes.EMBED, axes.VOCAB))
+    if cfg.weight_sparsity:  # All-True masks beside the targeted weights (model state).
+      sparsity_masks.attach(self, sparsity_spec.SparsitySpec.from_mapping(cfg.weight_sparsity))
 
   def embed_tokens(self, tokens_bt: jax.Array) -> jax.Array:
     check_token_ids(tokens_bt, self.cfg.vocab_size)
@@ -240,7 +256,8 @@ class TransformerLM(nnx.Module):
       logits_btv = jnp.einsum("bte,ve->btv", x_bte, self.embed.get_value().astype(self.cfg.dtype),
                               preferred_element_type=jnp.float32)
     else:
-      logits_btv = jnp.einsum("bte,ev->btv", x_bte, self.lm_head.get_value().astype(self.cfg.dtype),
+      logits_btv = jnp.einsum("bte,ev->btv", x_bte,
+                              sparsity_masks.weight(self, "lm_head").astype(self.cfg.dtype),
                               preferred_element_type=jnp.float32)
     logits_btv = parallel.constrain(logits_btv, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
     return logits_btv if cache is None else (logits_btv, cache)

@@ -372,6 +372,11 @@ def load_model(workdir: str, *, step: int | None = None, attention: dict | None 
     model_config = dataclasses.replace(model_config, attention=dict(attention))
   model = TransformerLM(model_config, rngs=nnx.Rngs(0))
   nnx.update(model, state.params)
+  # Weight masks are model state but belong to the weights, not to the core: keep them.
+  from sparsity_jax.sparsity import WeightMask
+  weight_masks = nnx.filter_state(state.model_state, WeightMask)
+  if jax.tree.leaves(weight_masks):
+    nnx.update(model, weight_masks)
   return model
 
 
