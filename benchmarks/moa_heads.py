@@ -21,7 +21,7 @@ plan with one group of layers restored to full span, and of the dense model with
 cut to the plan's spans (which layers' spans decide retrieval).
 
   python benchmarks/moa_heads.py --moa_dirs=runs/moa_smollm2_50,runs/moa_smollm2_25 \
-      --length=4096 --prompts=6 --out=docs/results/moa_smollm2_heads
+      --length=4096 --prompts=6 --out=runs/moa_heads/moa_smollm2_heads
 """
 
 from __future__ import annotations
@@ -75,18 +75,26 @@ def long_range_share(influence: profile_lib.Influence, budget: float) -> np.ndar
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--model", default="smollm2")
-  p.add_argument("--moa_dirs", required=True)
-  p.add_argument("--length", type=int, default=4096)
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--model", default="smollm2", help="smollm2, a .gguf file or an HF dir.")
+  p.add_argument("--moa_dirs", required=True, help="Comma-separated launch/moa.py --out dirs.")
+  p.add_argument("--length", type=int, default=4096, help="Prompt length for the head maps.")
   p.add_argument("--prompts", type=int, default=6, help="Prompts per task.")
   p.add_argument("--seed", type=int, default=1)
   p.add_argument("--ablate_dir", default="", help="A MoA dir whose plan to ablate by layers.")
   p.add_argument("--ablate_length", type=int, default=2048)
   p.add_argument("--ablate_groups", default="0-9,10-19,20-29")
   p.add_argument("--ablate_prompts", type=int, default=10)
-  p.add_argument("--out", default="docs/results/moa_smollm2_heads")
+  p.add_argument("--out", default="runs/moa_heads/moa_smollm2_heads",
+                 help="Results prefix (<out>.json, <out>.png).")
   args = p.parse_args()
+  needed = [(d, n) for d in args.moa_dirs.split(",") for n in ("options.json", "plan.json")]
+  needed += [(args.ablate_dir, "plan.json")] if args.ablate_dir else []
+  for d, name in needed:  # Before loading the model.
+    if not os.path.exists(os.path.join(d, name)):
+      p.error(f"{d} has no {name} (give finished launch/moa.py --out dirs)")
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   model, tok = load_pretrained(args.model)
   prompts = (lc.make_prompts("passkey", tok, args.length, args.prompts, seed=args.seed)
              + lc.make_prompts("kv_retrieval", tok, args.length, args.prompts,

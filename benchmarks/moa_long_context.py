@@ -21,7 +21,7 @@ plan.json. Prompts are plain text (no chat template: SmolLM2 answers them, it do
 answer the passkey inside its chat template; docs/results/moa.md).
 
   python benchmarks/moa_long_context.py --moa_dirs=runs/moa_smollm2_50,runs/moa_smollm2_25 \
-      --lengths=2048,4096 --out=docs/results/moa_smollm2
+      --lengths=2048,4096 --out=runs/moa_long_context/moa_smollm2
 
 Writes <out>.json after every cell (a rerun skips finished cells, so the grid can be run in
 pieces: --variants, --lengths), <out>.png (accuracy by density and by key depth) and
@@ -117,25 +117,40 @@ def run_cell(variant, tok, name, plan, length, args):
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--model", default="smollm2", help="smollm2, a .gguf file or an HF dir.")
-  p.add_argument("--moa_dirs", default="", help="Comma-separated launch/moa.py --out dirs.")
-  p.add_argument("--lengths", default="2048,4096")
+  p.add_argument("--moa_dirs", default="", help="Comma-separated launch/moa.py --out dirs, "
+                 "each optionally path:label (the variant is then '<label> <budget>').")
+  p.add_argument("--lengths", default="2048,4096", help="Prompt lengths in tokens.")
   p.add_argument("--passkey", type=int, default=10, help="Passkey prompts per cell.")
   p.add_argument("--kv", type=int, default=50, help="Key-value prompts per cell.")
   p.add_argument("--kv_needles", type=int, default=10, help="Needles (questions) per haystack.")
   p.add_argument("--docs", type=int, default=4, help="Perplexity documents per cell.")
-  p.add_argument("--new_tokens", type=int, default=12)
+  p.add_argument("--new_tokens", type=int, default=12, help="Greedy tokens per answer.")
   p.add_argument("--suffix_len", type=int, default=48, help="Question tokens per fork.")
   p.add_argument("--batch", type=int, default=5, help="Questions decoded together.")
   p.add_argument("--variants", default="", help="Only these variant names (comma-separated).")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default="docs/results/moa_smollm2")
+  p.add_argument("--seed", type=int, default=0, help="Prompt seed.")
+  p.add_argument("--out", default="runs/moa_long_context/moa_smollm2",
+                 help="Results prefix (<out>.json, <out>.png); a rerun resumes it.")
   args = p.parse_args()
-  lengths = [int(x) for x in args.lengths.split(",")]
+  try:
+    lengths = [int(x) for x in args.lengths.split(",")]
+  except ValueError:
+    p.error(f"--lengths={args.lengths} must be comma-separated integers")
+  for entry in [d for d in args.moa_dirs.split(",") if d]:  # Before loading the model.
+    d = entry.partition(":")[0]
+    for name in ("options.json", "plan.json"):
+      if not os.path.exists(os.path.join(d, name)):
+        p.error(f"--moa_dirs: {d} has no {name} (give finished launch/moa.py --out dirs)")
   model, tok = load_pretrained(args.model)
-  chosen = [v for v in variants(model, [d for d in args.moa_dirs.split(",") if d])
-            if not args.variants or v[0] in args.variants.split(",")]
+  every = variants(model, [d for d in args.moa_dirs.split(",") if d])
+  unknown = set(args.variants.split(",")) - {v[0] for v in every} if args.variants else set()
+  if unknown:
+    raise SystemExit(f"--variants: no variant named {sorted(unknown)}; variants: "
+                     f"{', '.join(v[0] for v in every)}")
+  chosen = [v for v in every if not args.variants or v[0] in args.variants.split(",")]
   path = args.out + ".json"
   saved = json.load(open(path)) if os.path.exists(path) else {"cells": []}
   settings = {k: getattr(args, k) for k in ("passkey", "kv", "kv_needles", "docs",

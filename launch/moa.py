@@ -19,6 +19,8 @@ models (--chat). absl/JAX INFO lines are off unless --verbosity=0. The work is d
 sparsity_jax.moa.pipeline.
 """
 
+import os
+
 from absl import flags, logging
 
 from sparsity_jax import cli
@@ -71,12 +73,24 @@ def main(argv):
                     "(--workdir= | --model=) --out=")
   sources = [x for x in (FLAGS.workdir, FLAGS.model, FLAGS.hf_dir) if x]
   if len(sources) != 1 or not FLAGS.out:
-    raise UserError("give --out and exactly one of --workdir / --model")
-  if not 0.0 < FLAGS.budget <= 1.0:  # Before loading anything.
+    raise UserError("give --out and exactly one of --workdir / --model (or --hf_dir)")
+  # What can be checked without the model, before loading it.
+  if not 0.0 < FLAGS.budget <= 1.0:
     raise UserError(f"--budget={FLAGS.budget} must be in (0, 1] (the mean KV-cache fraction)")
+  try:
+    lengths = [int(x) for x in FLAGS.lengths]
+  except ValueError:
+    raise UserError(f"--lengths={','.join(FLAGS.lengths)} must be comma-separated integers "
+                    "(token counts, e.g. 2048,4096)") from None
+  if FLAGS.retrieval_heads < 0:
+    raise UserError(f"--retrieval_heads={FLAGS.retrieval_heads} must be >= 0")
+  if FLAGS.calibration_from and not os.path.exists(
+      os.path.join(FLAGS.calibration_from, "options.json")):
+    raise UserError(f"--calibration_from={FLAGS.calibration_from} is not a MoA output "
+                    "directory (no options.json); give a finished --out of launch/moa.py")
   model, tokenizer, documents = _load(FLAGS.workdir, FLAGS.model or FLAGS.hf_dir)
   opts = pipeline.Options(
-      out=FLAGS.out, lengths=[int(x) for x in FLAGS.lengths], extend_length=FLAGS.extend_length,
+      out=FLAGS.out, lengths=lengths, extend_length=FLAGS.extend_length,
       validate_length=FLAGS.validate_length, budget=FLAGS.budget, sink=FLAGS.sink,
       block_size=FLAGS.block_size, num_samples=FLAGS.num_samples,
       response_len=FLAGS.response_len, num_rules=FLAGS.num_rules,

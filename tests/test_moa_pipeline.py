@@ -327,6 +327,8 @@ def test_retrieval_heads_variant_holds_the_most_attending_heads(tmp_path, monkey
     assert open(os.path.join(other.out, name), "rb").read() == open(
         os.path.join(opts.out, name), "rb").read()
   assert pipeline.load_plans(other.out)[0].density(384) <= 0.75 + 1e-9
+  with pytest.raises(ValueError, match="is not a MoA directory with finished"):
+    pipeline.check_options(model, dataclasses.replace(other, calibration_from=str(tmp_path)))
   with pytest.raises(ValueError, match="calibrated with other options .num_samples"):
     pipeline.run(model, dataclasses.replace(other, out=str(tmp_path / "x"), num_samples=3),
                  stages=("search",), log=lambda *_: None)

@@ -281,6 +281,8 @@ def check_options(model, opts: Options, tokenizer=None) -> None:
     problems.append(f"chat={opts.chat!r} must be auto, true or false")
   if problems:
     raise ValueError("MoA options: " + "; ".join(problems))
+  if opts.calibration_from:
+    check_calibration_source(opts)
   tok = tokenizer if tokenizer is not None else calibrate_lib.ByteTokenizer()
   chat = _chat(opts, tokenizer)
   shortest = min(lengths + [opts.validate_length]) + 1 - opts.response_len
@@ -342,10 +344,9 @@ CALIBRATION_KEYS = ("lengths", "validate_length", "sink", "block_size", "num_sam
                     "response_len", "tasks", "chat", "model", "seed", "loss_tokens")
 
 
-def copy_calibration(opts: Options, log=print) -> None:
-  """Copies calibrate + profile results from ``opts.calibration_from`` (same model and
-  calibration options; budget, search and retrieval-head options may differ)."""
-  import shutil
+def check_calibration_source(opts: Options) -> None:
+  """Raises unless ``opts.calibration_from`` is a finished directory calibrated with the
+  same options (budget, search and retrieval-head options may differ)."""
   src = opts.calibration_from
   path = os.path.join(src, "options.json")
   if not (os.path.exists(path) and done(src, "calibrate") and done(src, "profile")):
@@ -359,6 +360,13 @@ def copy_calibration(opts: Options, log=print) -> None:
     raise ValueError(f"--calibration_from={src} was calibrated with other options ("
                      + "; ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} now"
                                  for k in diff) + ")")
+
+
+def copy_calibration(opts: Options, log=print) -> None:
+  """Copies calibrate + profile results from ``opts.calibration_from``."""
+  import shutil
+  check_calibration_source(opts)
+  src = opts.calibration_from
   for pattern in ("calib_*.npz", "calib_*.json", "influence_*.npz"):
     for f in glob.glob(os.path.join(src, pattern)):
       shutil.copy2(f, opts.out)
