@@ -93,6 +93,16 @@ PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
 PASSKEYS = [(68413, 0.25), (27591, 0.75), (90375, 0.5), (41862, 0.1)]
 
 
+def passkeys(n: int) -> list[tuple[int, float]]:
+  """The first n (key, depth) pairs: PASSKEYS, then seeded random keys at depths in [0.05, 0.95]."""
+  import numpy as np
+
+  rng = np.random.default_rng(0)
+  extra = [(int(rng.integers(10000, 100000)), round(float(rng.uniform(0.05, 0.95)), 3))
+           for _ in range(max(0, n - len(PASSKEYS)))]
+  return (PASSKEYS + extra)[:n]
+
+
 # ----------------------------------------------------------------------------- inputs
 
 
@@ -234,9 +244,11 @@ def model_phase(base, tokenizer, tokens, name, args, results, save, log):
   from sparsity_jax.layers import prefill as prefill_layers
   from sparsity_jax.models import generation
 
-  if "ppl" in results.get(name, {}):
+  done = results.get(name, {})
+  prompts = passkeys(args.passkeys)
+  if "ppl" in done and len(done.get("passkey_answers", [])) >= len(prompts):
     return
-  start = time.time()
+  start = time.time() - done.get("model_seconds", 0.0)  # Seconds accumulate over resumes.
   model = base if name == "dense" else with_attention(base, SETTINGS[name])
   t = tokens.shape[1] - 1
   x = jnp.asarray(tokens[:, :-1])
@@ -247,26 +259,35 @@ def model_phase(base, tokenizer, tokens, name, args, results, save, log):
     lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return -jnp.take_along_axis(lp, y[..., None], axis=-1)[..., 0]
 
-  losses = np.asarray(nll(model, x, jnp.asarray(tokens[:, 1:])))
-  row = {"ppl": float(np.exp(losses.mean())), "nll": float(losses.mean())}
-  if name != "dense":
-    stats = prefill_layers.prefill_stats(model)
-    row["model_density"] = stats["density"]
-  log(f"{name}: ppl {row['ppl']:.3f} ({time.time() - start:.0f}s)")
-  hits, prefill_s, answers = [], [], []
-  for key, depth in PASSKEYS[:args.passkeys]:
-    prompt = np.asarray([passkey_prompt(tokenizer, key, depth, args.length)], np.int32)
+  if "ppl" in done:  # Resumed: only the passkey prompts not yet run.
+    row = {}
+  else:
+    losses = np.asarray(nll(model, x, jnp.asarray(tokens[:, 1:])))
+    row = {"ppl": float(np.exp(losses.mean())), "nll": float(losses.mean())}
+    if name != "dense":
+      stats = prefill_layers.prefill_stats(model)
+      row["model_density"] = stats["density"]
+    log(f"{name}: ppl {row['ppl']:.3f} ({time.time() - start:.0f}s)")
+    results.setdefault(name, {}).update(row)
+    save()
+  answers = list(done.get("passkey_answers", []))
+  prefill_s = list(done.get("prefill_s_all", []))
+  # 8 generated tokens must fit the context: at 8192 (SmolLM2's context) prompts are 8184.
+  prompt_len = min(args.length, model.cfg.max_len - 8)
+  for key, depth in prompts[len(answers):]:
+    prompt = np.asarray([passkey_prompt(tokenizer, key, depth, prompt_len)], np.int32)
     timings = {}
     out = generation.generate(model, prompt, 8, timings=timings)
     text = tokenizer.decode(out[0, prompt.shape[1]:].tolist())
     answers.append(text)
-    hits.append(str(key) in text)
     prefill_s.append(timings["prefill_s"])
     log(f"{name}: passkey {key}@{depth}: {text!r} prefill {timings['prefill_s']:.1f}s")
-  if hits:
-    row.update(passkey=float(np.mean(hits)), passkey_hits=int(np.sum(hits)),
-               passkey_answers=answers, prefill_s=float(min(prefill_s)),
-               prefill_s_all=prefill_s)
+    hits = [str(k) in a for (k, _), a in zip(prompts, answers)]
+    # Saved after every prompt: an interrupted run resumes at the next prompt.
+    results.setdefault(name, {}).update(
+        passkey=float(np.mean(hits)), passkey_hits=int(np.sum(hits)), passkey_answers=answers,
+        prefill_s=float(min(prefill_s)), prefill_s_all=prefill_s)
+    save()
   row["model_seconds"] = time.time() - start
   results.setdefault(name, {}).update(row)
   save()
@@ -356,7 +377,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", required=True, help="run directory (created; reruns resume)")
   parser.add_argument("--length", type=int, default=4096)
-  parser.add_argument("--passkeys", type=int, default=2, help=f"prompts (<= {len(PASSKEYS)})")
+  parser.add_argument("--passkeys", type=int, default=2,
+                      help="passkey prompts per model setting (the first 4 fixed, then seeded)")
   parser.add_argument("--settings", default=",".join(MODEL_SETTINGS),
                       help="model-phase settings (comma-separated names; '' for none)")
   parser.add_argument("--recall_settings", default=",".join(RECALL_SETTINGS),
@@ -390,7 +412,7 @@ def main(argv=None):
   if not args.report_only:
     base, tokenizer = load_pretrained("smollm2", scan_layers=True)
     tokens, files = text_window(tokenizer, args.length)
-    meta.update(length=args.length, files=files, passkeys=PASSKEYS[:args.passkeys])
+    meta.update(length=args.length, files=files, passkeys=passkeys(args.passkeys))
     meta.setdefault("commands", []).append(" ".join(sys.argv))
     tokens = tokens[None]
     recall_phase(base, tokens[:, :args.length], split(args.recall_settings), results, save, log)

@@ -3,6 +3,7 @@
 import ml_collections
 
 from sparsity_jax import axes
+from sparsity_jax.sparsity.spec import DEFAULT_TARGETS
 
 
 def parse_arg(arg: str | None, **defaults):
@@ -54,6 +55,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"  # Parameter (and optimizer) dtype.
   c.model.attention = ml_collections.ConfigDict()
   c.model.attention.kind = "dense"  # Attention core; see sparsity_jax.layers.attention_kinds().
+  # Weight masks (sparsity_jax.sparsity.SparsitySpec); pattern '' keeps the model dense.
+  c.model.weight_sparsity = ml_collections.ConfigDict()
+  c.model.weight_sparsity.pattern = ""  # '' (dense), 'unstructured' or 'N:M' (e.g. '2:4').
+  c.model.weight_sparsity.sparsity = 0.0  # Fraction of zeros ('unstructured'; 0 for N:M).
+  c.model.weight_sparsity.targets = DEFAULT_TARGETS  # Regex over weight paths.
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "stdlib"  # 'stdlib' (embedded Python sources) or 'text_files'.
@@ -79,6 +85,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 10  # Steps between metric writes.
   c.train.checkpoint_every = 100  # Steps between checkpoints (also on SIGTERM/SIGINT).
   c.train.keep_checkpoints = 3  # Checkpoints kept in <workdir>/checkpoints.
+  # How the weight masks evolve in training (sparsity_jax.sparsity.training; needs
+  # model.weight_sparsity): 'fixed', 'ste', 'sr_ste' (SR-STE) or 'mdgf' (PGF mask decay).
+  c.train.weight_sparsity = ml_collections.ConfigDict()
+  c.train.weight_sparsity.method = "fixed"
+  c.train.weight_sparsity.dense_steps = 0  # Dense warm-up steps (recomputed masks only).
+  c.train.weight_sparsity.fine_tune_steps = 0  # Final steps with a hard mask (beta = 0).
+  c.train.weight_sparsity.sr_ste_lambda = 2e-4  # SR-STE decay of pruned weights.
+  c.train.weight_sparsity.decay = "exp"  # MDGF beta(t): 'linear' or 'exp'.
+  c.train.weight_sparsity.decay_coef = 1e-4  # MDGF kappa, per step of the sparse phase.
+  c.train.weight_sparsity.structure_decay = ""  # SDGF: '', 'sparsify' or 'fine'.
+  # Fixed masks at a fresh start: 'magnitude' (|w|), 'random' or 'keep' (as built).
+  c.train.weight_sparsity.mask_init = "magnitude"
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 200  # Steps between evaluations (0: only at the end).

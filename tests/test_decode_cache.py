@@ -121,3 +121,25 @@ def test_decoding_past_the_cache_is_never_silent(kind, tmp_path):
     q, k, v = attn.project_qkv(jnp.zeros((1, 8, BASE["d_model"])), positions)
     with pytest.raises(attention_lib.CacheOverflowError):
       attn.core.cached_call(q, k, v, positions_bt=positions, cache=cache[0])
+
+
+def test_generation_with_a_prefill_core_on_loaded_weights():
+  """A core whose state the compiled step does not read (FlexPrefill's recorded stats) on a
+  model built by the loaders: the compiled step's shardings hold None for that argument,
+  and generation must line them up with the arguments (it once raised 'Too few leaves')."""
+  import dataclasses
+
+  from sparsity_jax.checkpoints.loading import build_loaded
+
+  cfg = ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
+                    head_dim=8, mlp_dim=64, max_len=128, scan_layers=True)
+  params = nnx.state(TransformerLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+  prompt = np.random.default_rng(0).integers(0, 64, (1, 64)).astype(np.int32)
+  outs = []
+  for kind in ({"kind": "dense"}, {"kind": "flexprefill", "block_size": 16, "min_budget": 64}):
+    c = dataclasses.replace(cfg, attention=kind)
+    model = build_loaded(lambda c=c: TransformerLM(c, rngs=nnx.Rngs(0)),
+                         lambda m: nnx.update(m, params), None, None)
+    outs.append(generation.generate(model, prompt, 4))
+  # min_budget 64 >= the prompt: FlexPrefill's dense fallback, so the tokens agree.
+  np.testing.assert_array_equal(outs[0], outs[1])

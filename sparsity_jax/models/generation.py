@@ -71,11 +71,17 @@ def _compiled(graphdef, *args):
     if len(_COMPILED) > 64:  # Many shapes (e.g. a benchmark sweep): start over.
       _COMPILED.clear()
     compiled = _step.lower(graphdef, *args).compile()
-    shardings = jax.tree.leaves(compiled.input_shardings[0])
+    # None entries (arguments the executable does not read) stay in the list, so it lines
+    # up with the arguments' leaves.
+    shardings = jax.tree.leaves(compiled.input_shardings[0], is_leaf=lambda x: x is None)
+    if len(shardings) != len(leaves):
+      raise AssertionError(f"compiled step has {len(shardings)} input shardings for "
+                           f"{len(leaves)} arguments")
 
     def call(*call_args, compiled=compiled, shardings=shardings):
       flat, tree = jax.tree.flatten(call_args)
-      flat = [x if x.sharding == s else jax.device_put(x, s) for x, s in zip(flat, shardings)]
+      flat = [x if s is None or x.sharding == s else jax.device_put(x, s)
+              for x, s in zip(flat, shardings)]
       return compiled(*jax.tree.unflatten(tree, flat))
 
     _COMPILED[key] = call

@@ -70,11 +70,9 @@ class ModelConfig:
     if self.rope_scaling is not None and not isinstance(self.rope_scaling, FrozenDict):
       object.__setattr__(self, "rope_scaling", FrozenDict(self.rope_scaling))
     if self.weight_sparsity is not None:
-      if not self.weight_sparsity:
-        object.__setattr__(self, "weight_sparsity", None)
-      else:
-        spec = sparsity_spec.SparsitySpec.from_mapping(self.weight_sparsity)  # Validates.
-        object.__setattr__(self, "weight_sparsity", FrozenDict(spec.to_dict()))
+      spec = sparsity_spec.SparsitySpec.from_mapping(self.weight_sparsity)  # Validates.
+      object.__setattr__(self, "weight_sparsity",
+                         None if spec is None else FrozenDict(spec.to_dict()))
     if self.head_dim % 2:
       raise ValueError(f"config.model.head_dim={self.head_dim} must be even (RoPE)")
     try:

@@ -81,6 +81,11 @@ class SparsitySpec:
     if not values:
       return None
     values = dict(values)
+    if not values.get("pattern", UNSTRUCTURED):  # config_lib's default: pattern '' = dense.
+      return None
+    if values.get("sparsity") in (None, 0, 0.0) and values.get("pattern") not in (None,
+                                                                               UNSTRUCTURED):
+      values.pop("sparsity", None)  # N:M: the level follows from the pattern.
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -52,13 +52,24 @@ def check_workdir_compatible(workdir: str, config_dict: dict) -> None:
     saved = json.load(f)
   diffs = []
   for key in RESUME_KEYS:
-    old, new = _lookup(saved, key), _lookup(config_dict, key)
+    old, new = _comparable(_lookup(saved, key)), _comparable(_lookup(config_dict, key))
     if json.dumps(old, sort_keys=True) != json.dumps(new, sort_keys=True, default=str):
       diffs.append(f"  {key}: workdir has {old!r}, config has {new!r}")
   if diffs:
     raise UserError(
         f"--workdir={workdir} holds a run with a different model or data:\n" + "\n".join(diffs)
         + "\nUse a new --workdir for a new run, or the original config to resume this one.")
+
+
+def _comparable(section):
+  """A config section with the dense model's default weight_sparsity (pattern '') dropped:
+  runs saved before the field existed resume under configs that carry it."""
+  if isinstance(section, dict) and isinstance(section.get("weight_sparsity"), dict):
+    if not section["weight_sparsity"].get("pattern"):
+      section = {k: v for k, v in section.items() if k != "weight_sparsity"}
+  elif isinstance(section, dict) and "weight_sparsity" in section and not section["weight_sparsity"]:
+    section = {k: v for k, v in section.items() if k != "weight_sparsity"}
+  return section
 
 
 def has_checkpoints(workdir: str) -> bool:

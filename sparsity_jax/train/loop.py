@@ -55,7 +55,8 @@ class Experiment:
     self.model_config = ModelConfig.from_config(config.model)
     # Builds the model abstractly (no arrays): every core checks its settings here,
     # e.g. an unknown attention kind fails before anything is written.
-    nnx.eval_shape(lambda: TransformerLM(self.model_config, rngs=nnx.Rngs(0)))
+    abstract_model = nnx.eval_shape(lambda: TransformerLM(self.model_config, rngs=nnx.Rngs(0)))
+    self.mask_schedule = _mask_schedule(config, self.model_config, abstract_model)
     objectives.get(config.objective)  # Fails early on an unknown objective.
     if config.objective == "masked_diffusion" and self.model_config.causal:
       raise ValueError("config.objective='masked_diffusion' needs a bidirectional model: set "
@@ -102,6 +103,22 @@ class Experiment:
     shape = lambda x: (global_batch,) + x.shape[1:]
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, shape(v))
             for k, v in batch.items()}
+
+
+def _mask_schedule(config, model_config, abstract_model):
+  """The MaskSchedule of config.train.weight_sparsity, or None for a dense model."""
+  from sparsity_jax.sparsity import training as sparse_training
+  from sparsity_jax.sparsity.spec import SparsitySpec
+
+  training = sparse_training.SparseTraining.from_mapping(
+      config.train.get("weight_sparsity", None))
+  spec = SparsitySpec.from_mapping(model_config.weight_sparsity)
+  if spec is None:
+    if training != sparse_training.SparseTraining():
+      raise UserError("config.train.weight_sparsity is set but the model is dense: set "
+                      "config.model.weight_sparsity.pattern (e.g. '2:4')")
+    return None
+  return sparse_training.MaskSchedule(abstract_model, spec, training, int(config.train.steps))
 
 
 class Preempted(Exception):
@@ -223,13 +240,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if is_main:
         print(f"Resumed {workdir} from step {last_saved}.", flush=True)
     start = int(iterator.step)
+    schedule_masks = exp.mask_schedule
+    if schedule_masks is not None and last_saved is None:
+      state = _initial_masks(exp, state, shardings, is_main)
+    if schedule_masks is not None and not schedule_masks.training.recomputed:
+      schedule_masks = None  # Fixed masks: the forward's where() masks the gradients too.
     ckpt_lib.write_config(workdir, config_dict, resumed_step=last_saved)
     if is_main:  # Rows past the checkpoint (an interrupted run's) are written again.
       metrics_lib.drop_rows_after(os.path.join(workdir, "metrics.jsonl"), start)
 
     train_step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule,
                                                   objective=config.objective,
-                                                  seed=int(config.seed)),
+                                                  seed=int(config.seed),
+                                                  mask_schedule=schedule_masks),
                          in_shardings=(shardings, exp.batch_sharding),
                          out_shardings=(shardings, None), donate_argnums=(0,))
     eval_step = jit_eval_step(exp, graphdef, shardings)
@@ -302,6 +325,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       checkpointer.close()
   return {"state": state, "graphdef": graphdef, "train_metrics": last_train,
           "eval_metrics": eval_metrics}
+
+
+def _initial_masks(exp: Experiment, state, shardings, is_main: bool):
+  """A fresh start's fixed masks (config.train.weight_sparsity.mask_init); recomputed
+  methods set theirs every step."""
+  from sparsity_jax.sparsity import training as sparse_training
+
+  schedule = exp.mask_schedule
+  how = schedule.training.mask_init
+  if schedule.training.recomputed or how == "keep":
+    return state
+  set_masks = jax.jit(
+      lambda p, s: sparse_training.initial_masks(p, s, schedule.spec, schedule.slots, how,
+                                                 int(exp.config.seed)),
+      out_shardings=shardings.model_state)
+  if is_main:
+    print(f"Weight masks: {schedule.spec.pattern} {schedule.spec.level:.0%} sparsity from "
+          f"{how} scores, fixed for training.", flush=True)
+  return state.replace(model_state=set_masks(state.params, state.model_state))
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:

@@ -26,8 +26,12 @@ def step_rng(seed: int, step: jax.Array) -> jax.Array:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *,
-                    objective: str = "causal_lm", seed: int = 0):
-  """Builds the pure step; the caller jits it once with shardings and donation."""
+                    objective: str = "causal_lm", seed: int = 0, mask_schedule=None):
+  """Builds the pure step; the caller jits it once with shardings and donation.
+
+  ``mask_schedule`` (a sparsity.training.MaskSchedule) recomputes the weight masks every
+  step and routes the gradients through its weight flow (ste / SR-STE / MDGF).
+  """
   loss_terms = objectives.get(objective)
 
   def loss_fn(params, model_state, batch, rng):
@@ -43,10 +47,23 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *,
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     rng = step_rng(seed, state.step)
-    grads, (loss, aux, model_state, tokens) = jax.grad(loss_fn, has_aux=True)(
-        state.params, state.model_state, batch, rng)
+    if mask_schedule is None:
+      grads, (loss, aux, model_state, tokens) = jax.grad(loss_fn, has_aux=True)(
+          state.params, state.model_state, batch, rng)
+    else:
+      prepared = mask_schedule.prepare(state.params, state.step)
+
+      def flowed_loss(params, model_state, batch, rng):
+        return loss_fn(*mask_schedule.forward_state(params, model_state, prepared), batch, rng)
+
+      grads, (loss, aux, model_state, tokens) = jax.grad(flowed_loss, has_aux=True)(
+          state.params, state.model_state, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if mask_schedule is not None:  # The state's masks are those of its weights (as the
+      # official forward recomputes them at inference): evaluation and export see them.
+      model_state = mask_schedule.store_masks(
+          model_state, mask_schedule.hard_masks(params, state.step + 1))
     metrics = {
         "loss": loss,
         "bits_per_byte": loss / math.log(2.0),

@@ -1,0 +1,319 @@
+"""Sparse training: how the masks of ``config.model.weight_sparsity`` evolve while training.
+
+``config.train.weight_sparsity.method`` picks the rule (phases in optimizer steps: ``dense_steps``
+of dense warm-up, the sparse phase, the last ``fine_tune_steps`` of fine-tuning):
+
+  fixed   the masks stay as they are (pruned or loaded, or set once at a fresh start by
+          ``mask_init``); pruned weights get no gradient. Sparse fine-tuning (SquareHead)
+          and static sparse training (Sparse-IFT's static baseline) use it.
+  ste     N:M masks recomputed from |w| every step; the forward uses w * m, the gradient
+          reaches every weight unchanged (straight-through; PGF's ``step`` decay).
+  sr_ste  ste plus ``sr_ste_lambda * (1 - m) * w`` added to the gradient of the pruned
+          weights (SR-STE, Zhou et al. 2021; aojunzz/NM-sparsity ``Sparse``, lambda 2e-4).
+  mdgf    mask-decay gradient flow (PGF, Bambhaniya et al. 2024; ``LinearDecay`` /
+          ``ExponentialDecay`` of abhibambhaniya/progressive_gradient_flow_nm_sparsity):
+          forward w * (m + (1 - m) * beta(t)), beta = max(0, 1 - decay_coef * t) ('linear')
+          or exp(-decay_coef * t) ('exp'), t counted from the start of the sparse phase;
+          straight-through gradient; beta = 0 (plain ste) in the fine-tune phase.
+
+``structure_decay`` (SDGF, PGF's structure decay) makes the N:M pattern of ste / mdgf change
+over equal frames of the sparse phase: 'sparsify' dense -> (M-1):M -> M/2:M -> ... -> N:M,
+'fine' 8N:8M -> 4N:4M -> 2N:2M -> N:M; as in the official schedule the final N:M starts with
+the fine-tune phase, so it needs ``fine_tune_steps`` > 0.
+
+The recomputed masks are written to the model state every step (checkpoints, evaluation and
+export see the current hard mask; evaluation always runs the hard-masked model, also while
+mdgf's beta > 0). Gradients come from a ``custom_vjp`` on each masked weight:
+:func:`weight_flow` (forward ``w * scale``, backward ``g + decay * w``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sparsity_jax.sparsity import masks as masks_lib
+from sparsity_jax.sparsity.spec import SparsitySpec, SparsitySpecError
+
+METHODS = ("fixed", "ste", "sr_ste", "mdgf")
+RECOMPUTED = ("ste", "sr_ste", "mdgf")
+DECAYS = ("linear", "exp")
+STRUCTURE_DECAYS = ("", "sparsify", "fine")
+MASK_INITS = ("keep", "magnitude", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseTraining:
+  """``config.train.weight_sparsity`` (see the module docstring); validated on creation."""
+
+  method: str = "fixed"
+  dense_steps: int = 0
+  fine_tune_steps: int = 0
+  sr_ste_lambda: float = 2e-4
+  decay: str = "exp"
+  decay_coef: float = 1e-4
+  structure_decay: str = ""
+  # How a fixed mask is set at a fresh start from random weights: 'magnitude' (|w| of the
+  # initial weights, per output / N:M groups), 'random' (uniform), 'keep' (leave as built).
+  mask_init: str = "magnitude"
+
+  def __post_init__(self):
+    def fail(msg):
+      raise SparsitySpecError(f"config.train.weight_sparsity.{msg}")
+    if self.method not in METHODS:
+      fail(f"method={self.method!r}; use one of {', '.join(METHODS)}")
+    if self.decay not in DECAYS:
+      fail(f"decay={self.decay!r}; use 'linear' or 'exp'")
+    if self.structure_decay not in STRUCTURE_DECAYS:
+      fail(f"structure_decay={self.structure_decay!r}; use '', 'sparsify' or 'fine'")
+    if self.mask_init not in MASK_INITS:
+      fail(f"mask_init={self.mask_init!r}; use one of {', '.join(MASK_INITS)}")
+    for name in ("dense_steps", "fine_tune_steps"):
+      if int(getattr(self, name)) < 0:
+        fail(f"{name}={getattr(self, name)} must be >= 0")
+    if self.sr_ste_lambda < 0 or self.decay_coef < 0:
+      fail("sr_ste_lambda and decay_coef must be >= 0")
+    if self.method == "fixed" and (self.dense_steps or self.structure_decay):
+      fail("dense_steps and structure_decay need a recomputed mask (method ste, sr_ste or "
+           "mdgf); method='fixed' keeps the mask it starts with")
+    if self.structure_decay and self.method == "sr_ste":
+      fail("structure_decay is PGF's SDGF, used with method 'ste' or 'mdgf', not 'sr_ste'")
+
+  @classmethod
+  def from_mapping(cls, values: Mapping[str, Any] | None) -> "SparseTraining":
+    values = dict(values or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise SparsitySpecError(f"config.train.weight_sparsity has unknown fields {unknown}; "
+                              f"known: {sorted(known)}")
+    return cls(**values)
+
+  @property
+  def recomputed(self) -> bool:
+    return self.method in RECOMPUTED
+
+
+# ---------------------------------------------------------------------------- gradient flow
+
+
+@jax.custom_vjp
+def weight_flow(w: jax.Array, scale: jax.Array, decay: jax.Array) -> jax.Array:
+  """Forward ``w * scale``; backward ``dL/dw = g + decay * w`` (g: the gradient reaching the
+  output), no gradient to ``scale`` or ``decay``.
+
+  ste: scale = m, decay = 0; SR-STE: scale = m, decay = lambda (1 - m); MDGF: scale =
+  m + (1 - m) beta, decay = 0 (m: the 0/1 mask). All three arrays have w's shape (or
+  broadcast to it).
+  """
+  return w * scale.astype(w.dtype)
+
+
+def _flow_fwd(w, scale, decay):
+  return weight_flow(w, scale, decay), (w, scale, decay)
+
+
+def _flow_bwd(res, g):
+  w, scale, decay = res
+  dw = g + (decay * w).astype(g.dtype)
+  return dw, jnp.zeros_like(scale), jnp.zeros_like(decay)
+
+
+weight_flow.defvjp(_flow_fwd, _flow_bwd)
+
+
+# ---------------------------------------------------------------------------- schedules
+
+
+def structure_frames(spec: SparsitySpec, training: SparseTraining,
+                     total_steps: int) -> list[tuple[int, int, int]]:
+  """[(first step, n, m), ...] of the sparse phase's N:M patterns, in order.
+
+  Without structure decay: one frame, the spec's N:M from ``dense_steps``. With it, PGF's
+  schedule (``SparseLinear.__init__``): K frames of (total - dense - fine_tune) / K steps,
+  frame i starting at dense + int(i * size) with 'sparsify' patterns (M-1):M, M/2:M,
+  M/4:M, ..., N:M (K = log2(M/N)) or 'fine' 8N:8M, 4N:4M, 2N:2M, N:M (K = 3); the last
+  pattern starts at the fine-tune phase.
+  """
+  n, m = spec.nm
+  dense = int(training.dense_steps)
+  if not training.structure_decay:
+    return [(dense, n, m)]
+  if training.structure_decay == "sparsify":
+    k = math.log2(m / n)
+    if k != int(k) or k < 1:
+      raise SparsitySpecError(f"structure_decay='sparsify' needs M/N a power of two >= 2 "
+                              f"(got {n}:{m}); use e.g. 1:8, 2:8 or 2:4")
+    k = int(k)
+    patterns = [(m - 1, m)] + [(m // 2 ** i, m) for i in range(1, k + 1)]
+  else:
+    k = 3
+    patterns = [(8 * n, 8 * m), (4 * n, 4 * m), (2 * n, 2 * m), (n, m)]
+  if not training.fine_tune_steps:
+    raise SparsitySpecError("structure_decay reaches the final N:M at the fine-tune phase "
+                            "(as the official schedule): set config.train.weight_sparsity."
+                            "fine_tune_steps > 0")
+  span = total_steps - dense - int(training.fine_tune_steps)
+  if span < k:
+    raise SparsitySpecError(f"structure_decay needs at least {k} steps between dense_steps and "
+                            f"fine_tune_steps (have {span} of train.steps={total_steps})")
+  size = span / k
+  return [(dense + int(i * size), pn, pm) for i, (pn, pm) in enumerate(patterns)]
+
+
+def mask_decay(training: SparseTraining, step: jax.Array, total_steps: int) -> jax.Array:
+  """beta(step) of mdgf (0 for the other methods and in the fine-tune phase)."""
+  if training.method != "mdgf":
+    return jnp.zeros((), jnp.float32)
+  t = (step - int(training.dense_steps)).astype(jnp.float32)
+  coef = float(training.decay_coef)
+  beta = (jnp.maximum(0.0, 1.0 - coef * t) if training.decay == "linear"
+          else jnp.exp(-coef * t))
+  fine_tune = step >= total_steps - int(training.fine_tune_steps)
+  return jnp.where(fine_tune, 0.0, beta)
+
+
+# ---------------------------------------------------------------------------- masks (jnp)
+
+
+def nm_keep_jnp(scores: jax.Array, n: int, m: int) -> jax.Array:
+  """jnp twin of masks.nm_keep: the n highest of every m consecutive entries along axis -2
+  (ties: the lower index is pruned first)."""
+  *lead, d_in, d_out = scores.shape
+  grouped = scores.reshape(*lead, d_in // m, m, d_out)
+  order = jnp.argsort(grouped, axis=-2, stable=True)
+  ranks = jnp.argsort(order, axis=-2, stable=True)
+  return (ranks >= m - n).reshape(scores.shape)
+
+
+def per_output_keep_jnp(scores: jax.Array, sparsity: float) -> jax.Array:
+  """jnp twin of masks.per_output_keep."""
+  d_in = scores.shape[-2]
+  ranks = jnp.argsort(jnp.argsort(scores, axis=-2, stable=True), axis=-2, stable=True)
+  return ranks >= int(d_in * sparsity)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+  param_path: tuple
+  mask_path: tuple
+  lead: int
+  d_in: int
+  d_out: int
+  shape: tuple
+
+
+class MaskSchedule:
+  """The per-step masks and weight flows of a model's masked weights (built once, outside
+  jit, from the model's abstract structure)."""
+
+  def __init__(self, model: nnx.Module, spec: SparsitySpec, training: SparseTraining,
+               total_steps: int):
+    self.spec, self.training, self.total_steps = spec, training, int(total_steps)
+    if training.recomputed and spec.nm is None:
+      raise SparsitySpecError(
+          f"config.train.weight_sparsity.method={training.method!r} recomputes N:M masks; "
+          "set config.model.weight_sparsity.pattern to N:M (e.g. '2:4'), or use method='fixed' "
+          "for unstructured masks")
+    if training.dense_steps + training.fine_tune_steps > self.total_steps:
+      raise SparsitySpecError(
+          f"config.train.weight_sparsity: dense_steps + fine_tune_steps = "
+          f"{training.dense_steps + training.fine_tune_steps} exceed train.steps={total_steps}")
+    self.frames = structure_frames(spec, training, total_steps) if training.recomputed else []
+    for t in masks_lib.masked(model):
+      for _, n, m in self.frames:
+        if t.d_in % m:
+          raise SparsitySpecError(f"the N:M schedule uses {n}:{m}, but M={m} does not divide "
+                                  f"the input dimension {t.d_in} of {t.key}")
+    self.slots = [
+        _Slot(t.path, t.path[:-1] + (t.name + masks_lib.MASK_SUFFIX,), t.lead, t.d_in, t.d_out,
+              t.shape) for t in masks_lib.masked(model)]
+    if not self.slots:
+      raise SparsitySpecError("config.train.weight_sparsity applies to masked weights, and the "
+                              "model has none: set config.model.weight_sparsity")
+
+  def _matrix(self, slot: _Slot, x):
+    return x.reshape(slot.shape[:slot.lead] + (slot.d_in, slot.d_out))
+
+  def keep(self, slot: _Slot, w: jax.Array, step: jax.Array) -> jax.Array:
+    """Hard mask of one weight at ``step`` (all True in the dense phase)."""
+    scores = self._matrix(slot, jnp.abs(w.astype(jnp.float32)))
+    branches = [lambda s: jnp.ones(s.shape, jnp.bool_)]
+    branches += [lambda s, n=n, m=m: nm_keep_jnp(s, n, m) for _, n, m in self.frames]
+    starts = jnp.asarray([f[0] for f in self.frames], jnp.int32)
+    index = jnp.sum(step >= starts).astype(jnp.int32)  # 0: dense phase.
+    return jax.lax.switch(index, branches, scores).reshape(slot.shape)
+
+  def hard_masks(self, params: nnx.State, step: jax.Array) -> list[jax.Array]:
+    """The hard mask of every slot (self.slots' order) for ``params`` at ``step``."""
+    flat = dict(nnx.to_flat_state(params))
+    return [jax.lax.stop_gradient(self.keep(slot, flat[slot.param_path].get_value(), step))
+            for slot in self.slots]
+
+  def prepare(self, params: nnx.State, step: jax.Array):
+    """Per masked weight: (hard mask, forward scale, gradient decay) at ``step``."""
+    beta = mask_decay(self.training, step, self.total_steps)
+    lam = float(self.training.sr_ste_lambda) if self.training.method == "sr_ste" else 0.0
+    out = {}
+    for slot, keep in zip(self.slots, self.hard_masks(params, step)):
+      pruned = (~keep).astype(jnp.float32)
+      out[slot] = (keep, 1.0 - pruned * (1.0 - beta), lam * pruned)
+    return out
+
+  def forward_state(self, params: nnx.State, model_state: nnx.State, prepared):
+    """Params with the flow applied and model state whose masks are all True (the flow has
+    masked already; a second, hard mask would stop the straight-through gradient)."""
+    flat_p = dict(nnx.to_flat_state(params))
+    flat_s = dict(nnx.to_flat_state(model_state))
+    for slot, (keep, scale, decay) in prepared.items():
+      var = flat_p[slot.param_path]
+      flat_p[slot.param_path] = var.replace(weight_flow(var.get_value(), scale, decay))
+      mask = flat_s[slot.mask_path]
+      flat_s[slot.mask_path] = mask.replace(jnp.ones(keep.shape, jnp.bool_))
+    return (nnx.from_flat_state(list(flat_p.items())),
+            nnx.from_flat_state(list(flat_s.items())))
+
+  def store_masks(self, model_state: nnx.State, keeps: list[jax.Array]) -> nnx.State:
+    """model_state with each slot's mask set to ``keeps`` (self.slots' order)."""
+    flat = dict(nnx.to_flat_state(model_state))
+    for slot, keep in zip(self.slots, keeps):
+      flat[slot.mask_path] = flat[slot.mask_path].replace(keep)
+    return nnx.from_flat_state(list(flat.items()))
+
+  def pattern_at(self, step: int) -> str:
+    """The N:M pattern in force at ``step`` ('dense' before the sparse phase)."""
+    current = "dense"
+    for start, n, m in self.frames:
+      if step >= start:
+        current = f"{n}:{m}"
+    return current
+
+
+def initial_masks(params: nnx.State, model_state: nnx.State, spec: SparsitySpec,
+                  schedule_slots, how: str, seed: int) -> nnx.State:
+  """model_state with fresh-start fixed masks: per spec from |w| ('magnitude') or uniform
+  random scores ('random'); 'keep' returns model_state unchanged."""
+  if how == "keep":
+    return model_state
+  flat_p = dict(nnx.to_flat_state(params))
+  flat_s = dict(nnx.to_flat_state(model_state))
+  key = jax.random.key(seed)
+  for i, slot in enumerate(schedule_slots):
+    w = flat_p[slot.param_path].get_value()
+    if how == "magnitude":
+      scores = jnp.abs(w.astype(jnp.float32))
+    else:
+      scores = jax.random.uniform(jax.random.fold_in(key, i), w.shape)
+    scores = scores.reshape(slot.shape[:slot.lead] + (slot.d_in, slot.d_out))
+    keep = (nm_keep_jnp(scores, *spec.nm) if spec.nm
+            else per_output_keep_jnp(scores, spec.level)).reshape(slot.shape)
+    flat_s[slot.mask_path] = flat_s[slot.mask_path].replace(keep)
+  return nnx.from_flat_state(list(flat_s.items()))
+

@@ -1,0 +1,255 @@
+"""Sparse training: SR-STE, PGF's MDGF / SDGF and fixed masks, against their formulas and
+small numpy ports of the official code."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from support import make_tiny_config
+from sparsity_jax.models import ModelConfig, TransformerLM
+from sparsity_jax.sparsity import SparsitySpec, SparsitySpecError, masks
+from sparsity_jax.sparsity import training as st
+from sparsity_jax.train import loop
+from sparsity_jax.train import objectives
+
+BASE = dict(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
+            mlp_dim=64, max_len=32)
+
+
+def tiny(pattern="2:4"):
+  cfg = ModelConfig(**BASE, weight_sparsity={"pattern": pattern})
+  return TransformerLM(cfg, rngs=nnx.Rngs(0))
+
+
+# ---- numpy ports of the official code ----
+
+
+def official_sr_ste(weight, grad_output, n, m, decay=2e-4):
+  """aojunzz/NM-sparsity devkit/sparse_ops/sparse_ops.py ``Sparse``: forward and backward of a
+  torch [out, in] weight (groups of m along the flattened rows)."""
+  group = weight.size // m
+  temp = np.abs(weight).reshape(group, m)
+  index = np.argsort(temp, axis=1, kind="stable")[:, :m - n]
+  w_b = np.ones(temp.shape)
+  np.put_along_axis(w_b, index, 0, axis=1)
+  w_b = w_b.reshape(weight.shape)
+  return weight * w_b, grad_output + decay * (1 - w_b) * weight, w_b
+
+
+def official_structure_decay(n, m, dense, fine_tune, total):
+  """PGF ``SparseLinear.__init__``'s structure_decay_config (epochs -> 'N:M')."""
+  frames = int(math.log2(m / n))
+  size = (total - dense - fine_tune) / frames
+  return {int(dense) + int(i * size): f"{(m - 1) if i == 0 else int(m / 2 ** i)}:{m}"
+          for i in range(frames + 1)}
+
+
+def official_decay(kind, coef, step):
+  """PGF ``LinearDecay`` / ``ExponentialDecay``'s mask_decay_value."""
+  return max(1.0 - coef * step, 0.0) if kind == "linear" else math.exp(-coef * step)
+
+
+# ---- the flow, masks and schedules ----
+
+
+def test_weight_flow_forward_and_gradient_equal_their_formulas():
+  rng = np.random.default_rng(0)
+  w, g = rng.normal(size=(2, 8, 6)), rng.normal(size=(2, 8, 6))
+  m = rng.random((2, 8, 6)) < 0.5
+  for beta, lam in ((0.0, 2e-4), (0.3, 0.0), (0.0, 0.0)):
+    scale = m + (1 - m) * beta
+    decay = lam * (1 - m)
+    out, vjp = jax.vjp(lambda x: st.weight_flow(x, jnp.asarray(scale), jnp.asarray(decay)),
+                       jnp.asarray(w))
+    np.testing.assert_allclose(out, w * scale, rtol=1e-6)
+    np.testing.assert_allclose(vjp(jnp.asarray(g))[0], g + decay * w, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_sr_ste_step_equals_the_official_sparse_function(dtype):
+  """Our mask, forward weight and gradient of one q_proj-like weight equal the official
+  ``Sparse`` applied to the torch layout [out, in]."""
+  model = tiny("2:4")
+  spec = SparsitySpec(pattern="2:4")
+  sched = st.MaskSchedule(model, spec, st.SparseTraining(method="sr_ste"), 10)
+  params = nnx.state(model, nnx.Param)
+  slot = next(s for s in sched.slots if s.param_path[-1] == "up")
+  rng = np.random.default_rng(1)
+  w = rng.normal(size=slot.shape).astype(np.float32)  # [d_in, d_out]
+  g = rng.normal(size=slot.shape).astype(np.float32)
+  flat = dict(nnx.to_flat_state(params))
+  flat[slot.param_path] = flat[slot.param_path].replace(jnp.asarray(w, dtype))
+  params = nnx.from_flat_state(list(flat.items()))
+  keep, scale, decay = sched.prepare(params, jnp.asarray(3))[slot]
+  wq = np.asarray(jnp.asarray(w, dtype).astype(jnp.float32))
+  ref_out, ref_grad, ref_mask = official_sr_ste(wq.T, g.T, 2, 4)
+  np.testing.assert_array_equal(np.asarray(keep), ref_mask.T.astype(bool))
+  out, vjp = jax.vjp(lambda x: st.weight_flow(x, scale, decay), jnp.asarray(wq))
+  np.testing.assert_allclose(out, ref_out.T, rtol=1e-6)
+  np.testing.assert_allclose(vjp(jnp.asarray(g))[0], ref_grad.T, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 8), (4, 8)])
+def test_jnp_masks_equal_the_numpy_builders(n, m):
+  scores = np.random.default_rng(n + m).normal(size=(3, 32, 12)).round(1)  # Ties too.
+  np.testing.assert_array_equal(st.nm_keep_jnp(jnp.asarray(scores), n, m),
+                                masks.nm_keep(scores, n, m))
+  np.testing.assert_array_equal(st.per_output_keep_jnp(jnp.asarray(scores), 0.7),
+                                masks.per_output_keep(scores, 0.7))
+
+
+@pytest.mark.parametrize("n,m,dense,fine_tune,total", [(1, 8, 10, 10, 100), (2, 4, 0, 5, 40),
+                                                        (1, 16, 7, 3, 60), (2, 8, 0, 1, 9)])
+def test_sdgf_frames_follow_the_official_schedule(n, m, dense, fine_tune, total):
+  training = st.SparseTraining(method="ste", dense_steps=dense, fine_tune_steps=fine_tune,
+                               structure_decay="sparsify")
+  frames = st.structure_frames(SparsitySpec(pattern=f"{n}:{m}"), training, total)
+  ours = {start: f"{fn}:{fm}" for start, fn, fm in frames}
+  assert ours == official_structure_decay(n, m, dense, fine_tune, total)
+  assert frames[-1] == (total - fine_tune, n, m)
+
+
+def test_sdgf_masks_in_the_train_step_follow_the_frames():
+  model = tiny("1:8")
+  training = st.SparseTraining(method="ste", dense_steps=2, fine_tune_steps=2,
+                               structure_decay="sparsify")
+  sched = st.MaskSchedule(model, SparsitySpec(pattern="1:8"), training, 14)
+  params = nnx.state(model, nnx.Param)
+  # Frames of (14 - 2 - 2) / 3 steps from step 2: 7:8 at 2, 4:8 at 5, 2:8 at 8, 1:8 at 12.
+  expect = {0: 8, 1: 8, 2: 7, 4: 7, 5: 4, 7: 4, 8: 2, 11: 2, 12: 1, 13: 1}  # Kept of 8.
+  hard = jax.jit(lambda p, step: [sched.prepare(p, step)[slot][0] for slot in sched.slots])
+  for step, kept in expect.items():
+    for slot, keep in zip(sched.slots, hard(params, jnp.asarray(step))):
+      grouped = np.asarray(keep).reshape(slot.shape[:slot.lead] + (slot.d_in // 8, 8, slot.d_out))
+      assert (grouped.sum(axis=-2) == kept).all(), (step, slot.param_path)
+    assert sched.pattern_at(step) == ("dense" if kept == 8 else f"{kept}:8")
+
+
+def test_fine_structure_decay_runs_8n_8m_down_to_n_m():
+  model = tiny("1:4")  # d_in 32 and 64: 8:32 groups fit.
+  training = st.SparseTraining(method="mdgf", fine_tune_steps=4, structure_decay="fine")
+  sched = st.MaskSchedule(model, SparsitySpec(pattern="1:4"), training, 16)
+  assert [(n, m) for _, n, m in sched.frames] == [(8, 32), (4, 16), (2, 8), (1, 4)]
+  assert sched.frames[-1][0] == 12
+
+
+@pytest.mark.parametrize("kind,coef", [("linear", 0.05), ("exp", 0.1)])
+def test_mdgf_decay_follows_the_official_values(kind, coef):
+  training = st.SparseTraining(method="mdgf", decay=kind, decay_coef=coef, dense_steps=5,
+                               fine_tune_steps=10)
+  for step in (5, 6, 12, 24, 29):
+    beta = float(st.mask_decay(training, jnp.asarray(step), 40))
+    assert beta == pytest.approx(official_decay(kind, coef, step - 5), rel=1e-5, abs=1e-7)
+  assert float(st.mask_decay(training, jnp.asarray(30), 40)) == 0.0  # Fine-tune: hard mask.
+  assert float(st.mask_decay(st.SparseTraining(method="sr_ste"), jnp.asarray(3), 40)) == 0.0
+
+
+# ---- the train step ----
+
+
+def _train_step_grads(method, **fields):
+  model = tiny("2:4")
+  training = st.SparseTraining(method=method, **fields)
+  sched = st.MaskSchedule(model, SparsitySpec(pattern="2:4"), training, 20)
+  graphdef, params, rest = nnx.split(model, nnx.Param, nnx.Not(nnx.Intermediate))
+  tokens = jax.random.randint(jax.random.key(3), (2, 17), 0, BASE["vocab_size"])
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+           "weights": jnp.ones((2, 16), jnp.float32)}
+  loss_terms = objectives.get("causal_lm")
+
+  def loss(p, s):
+    total, weight = loss_terms(nnx.merge(graphdef, p, s), batch, jax.random.key(0))
+    return total / weight
+
+  step = jnp.asarray(4)
+  prepared = sched.prepare(params, step)
+  grads = jax.jit(jax.grad(lambda p: loss(*sched.forward_state(p, rest, prepared))))(params)
+  return sched, params, rest, prepared, grads, loss
+
+
+@pytest.mark.parametrize("method,fields", [("sr_ste", {}), ("ste", {}),
+                                           ("mdgf", {"decay_coef": 0.1})])
+def test_train_step_gradients_equal_the_method_formula(method, fields):
+  """dL/dw = dL/dw~ (at w~ = w * scale, taken by plain autodiff on w~) + decay * w."""
+  sched, params, rest, prepared, grads, loss = _train_step_grads(method, **fields)
+  flat = dict(nnx.to_flat_state(params))
+  scaled = dict(flat)
+  for slot, (_, scale, _) in prepared.items():
+    scaled[slot.param_path] = flat[slot.param_path].replace(flat[slot.param_path].get_value() * scale)
+  scaled_state = nnx.from_flat_state(list(scaled.items()))
+  ones = sched.forward_state(params, rest, prepared)[1]
+  plain = dict(nnx.to_flat_state(jax.jit(jax.grad(lambda p: loss(p, ones)))(scaled_state)))
+  got = dict(nnx.to_flat_state(grads))
+  lam = 2e-4 if method == "sr_ste" else 0.0
+  for slot, (keep, scale, decay) in prepared.items():
+    w = flat[slot.param_path].get_value()
+    expect = plain[slot.param_path].get_value() + lam * (1 - keep) * w
+    np.testing.assert_allclose(got[slot.param_path].get_value(), expect, rtol=2e-5, atol=1e-7)
+    # Straight-through: pruned weights do get the task gradient.
+    pruned_grad = np.abs(np.where(np.asarray(keep), 0, got[slot.param_path].get_value()))
+    assert pruned_grad.max() > 1e-6
+    if method == "mdgf":
+      beta = math.exp(-0.1 * 4)
+      np.testing.assert_allclose(scale, np.where(keep, 1.0, beta), rtol=1e-6)
+
+
+def test_training_keeps_valid_nm_masks_of_the_final_weights(tmp_path):
+  """A run with SR-STE ends with valid 2:4 masks in its checkpoint; evaluation uses them."""
+  config = make_tiny_config(**{"model.weight_sparsity.pattern": "2:4",
+                               "train.weight_sparsity.method": "sr_ste", "train.steps": 2,
+                               "train.checkpoint_every": 2})
+  out = loop.train_and_evaluate(config, str(tmp_path / "run"))
+  state = out["state"]
+  for path, mask in nnx.to_flat_state(nnx.filter_state(state.model_state, masks.WeightMask)):
+    keep = np.asarray(mask.get_value())
+    assert keep.mean() == 0.5
+  model = loop.load_model(str(tmp_path / "run"))
+  rep = masks.report(model, SparsitySpec(pattern="2:4"))
+  assert rep["global"]["nm_valid"] and rep["global"]["mask_sparsity"] == 0.5
+  # The checkpoint's masks are those of the final weights (recomputed from |w|).
+  for t in masks.masked(model):
+    np.testing.assert_array_equal(
+        np.asarray(t.mask.get_value()),
+        masks.nm_keep(np.abs(t.matrix(np.asarray(t.param.get_value()))), 2, 4).reshape(t.shape))
+
+
+def test_fixed_masks_start_from_the_initial_weights_magnitude():
+  cfg = ModelConfig(**BASE, weight_sparsity={"pattern": "unstructured", "sparsity": 0.75})
+  model = TransformerLM(cfg, rngs=nnx.Rngs(0))
+  spec = SparsitySpec(sparsity=0.75)
+  sched = st.MaskSchedule(model, spec, st.SparseTraining(), 10)
+  _, params, rest = nnx.split(model, nnx.Param, nnx.Not(nnx.Intermediate))
+  for how in ("magnitude", "random"):
+    nnx.update(model, st.initial_masks(params, rest, spec, sched.slots, how, seed=0))
+    for t in masks.masked(model):
+      keep = t.matrix(np.asarray(t.mask.get_value()))
+      assert ((~keep).sum(axis=-2) == int(t.d_in * 0.75)).all()  # Per output, exactly.
+      if how == "magnitude":
+        np.testing.assert_array_equal(
+            keep, masks.per_output_keep(np.abs(t.matrix(np.asarray(t.param.get_value()))), 0.75))
+
+
+@pytest.mark.parametrize("model_fields,train_fields,message", [
+    ({}, {"method": "sr_ste"}, "model is dense"),
+    ({"pattern": "unstructured", "sparsity": 0.5}, {"method": "sr_ste"}, "recomputes N:M"),
+    ({"pattern": "2:4"}, {"method": "srste"}, "use one of"),
+    ({"pattern": "2:4"}, {"method": "ste", "structure_decay": "sparsify"}, "fine_tune_steps > 0"),
+    ({"pattern": "3:8"}, {"method": "ste", "structure_decay": "sparsify", "fine_tune_steps": 1},
+     "power of two"),
+    ({"pattern": "2:4"}, {"method": "fixed", "dense_steps": 3}, "recomputed mask"),
+    ({"pattern": "2:4"}, {"method": "ste", "dense_steps": 30}, "exceed train.steps"),
+    ({"pattern": "2:4"}, {"decay": "cosine"}, "'linear' or 'exp'"),
+    ({"pattern": "1:8"}, {"method": "ste", "structure_decay": "fine", "fine_tune_steps": 1},
+     "does not divide"),
+])
+def test_bad_sparse_training_configs_raise_one_clear_error(model_fields, train_fields, message):
+  overrides = {f"model.weight_sparsity.{k}": v for k, v in model_fields.items()}
+  overrides.update({f"train.weight_sparsity.{k}": v for k, v in train_fields.items()})
+  overrides["train.steps"] = 20
+  config = make_tiny_config(**overrides)
+  with pytest.raises(Exception, match=message):
+    loop.Experiment(config, load_data=False)
