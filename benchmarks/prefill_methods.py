@@ -392,8 +392,6 @@ def main(argv=None):
     if name not in SETTINGS:
       parser.error(f"unknown setting {name!r}; known: {', '.join(SETTINGS)}")
 
-  import numpy as np
-
   from sparsity_jax.checkpoints import load_pretrained
 
   os.makedirs(args.out, exist_ok=True)

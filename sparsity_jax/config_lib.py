@@ -35,6 +35,18 @@ def base_config() -> ml_collections.ConfigDict:
   # Hugging Face directory. Its architecture replaces model's architecture fields.
   c.pretrained = ""
 
+  # A workdir to start from (its newest checkpoint's weights and masks; the optimizer
+  # starts fresh), e.g. a pruned model of launch/prune.py; its config.model replaces this
+  # config's model section. '' starts from config.pretrained or random weights.
+  c.init_from = ""
+  # Distillation from the dense model of the starting weights (SquareHead: h_sq = 1);
+  # inactive while h_sq = h_kl = 0. See sparsity_jax.train.distill.
+  c.distill = ml_collections.ConfigDict()
+  c.distill.h_ce = 1.0  # Cross-entropy weight.
+  c.distill.h_sq = 0.0  # Per-layer normalized hidden-state MSE weight (SquareHead).
+  c.distill.h_kl = 0.0  # KL(teacher || student) weight.
+  c.distill.temperature = 1.0  # KL temperature.
+
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = 260  # Byte tokenizer: 256 bytes + PAD, BOS, EOS, MASK.
   c.model.num_layers = 4  # Transformer blocks.

@@ -11,13 +11,14 @@ from flax import nnx
 
 from support import make_tiny_config
 from sparsity_jax.models import ModelConfig, TransformerLM
-from sparsity_jax.sparsity import SparsitySpec, SparsitySpecError, masks
+from sparsity_jax.sparsity import SparsitySpec, masks
 from sparsity_jax.sparsity import training as st
 from sparsity_jax.train import loop
 from sparsity_jax.train import objectives
 
-BASE = dict(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
-            mlp_dim=64, max_len=32)
+# As tests/test_weight_sparsity.py: the same shapes reuse its compiled init ops.
+BASE = dict(vocab_size=260, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
+            mlp_dim=64, max_len=64)
 
 
 def tiny(pattern="2:4"):
@@ -151,10 +152,10 @@ def test_mdgf_decay_follows_the_official_values(kind, coef):
 # ---- the train step ----
 
 
-def _train_step_grads(method, **fields):
+def test_train_step_gradients_equal_the_method_formula():
+  """For SR-STE, STE and MDGF: dL/dw = dL/dw~ (at w~ = w * scale, by plain autodiff on w~)
+  + decay * w; one compiled gradient serves all three (scale and decay are arguments)."""
   model = tiny("2:4")
-  training = st.SparseTraining(method=method, **fields)
-  sched = st.MaskSchedule(model, SparsitySpec(pattern="2:4"), training, 20)
   graphdef, params, rest = nnx.split(model, nnx.Param, nnx.Not(nnx.Intermediate))
   tokens = jax.random.randint(jax.random.key(3), (2, 17), 0, BASE["vocab_size"])
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
@@ -165,36 +166,37 @@ def _train_step_grads(method, **fields):
     total, weight = loss_terms(nnx.merge(graphdef, p, s), batch, jax.random.key(0))
     return total / weight
 
-  step = jnp.asarray(4)
-  prepared = sched.prepare(params, step)
-  grads = jax.jit(jax.grad(lambda p: loss(*sched.forward_state(p, rest, prepared))))(params)
-  return sched, params, rest, prepared, grads, loss
+  base = st.MaskSchedule(model, SparsitySpec(pattern="2:4"), st.SparseTraining(method="ste"), 20)
 
+  @jax.jit
+  def flowed_grads(p, keeps, scales, decays):
+    prepared = {slot: v for slot, v in zip(base.slots, zip(keeps, scales, decays))}
+    return jax.grad(lambda q: loss(*base.forward_state(q, rest, prepared)))(p)
 
-@pytest.mark.parametrize("method,fields", [("sr_ste", {}), ("ste", {}),
-                                           ("mdgf", {"decay_coef": 0.1})])
-def test_train_step_gradients_equal_the_method_formula(method, fields):
-  """dL/dw = dL/dw~ (at w~ = w * scale, taken by plain autodiff on w~) + decay * w."""
-  sched, params, rest, prepared, grads, loss = _train_step_grads(method, **fields)
+  ones = base.forward_state(params, rest, base.prepare(params, jnp.asarray(0)))[1]
+  plain_grad = jax.jit(jax.grad(lambda p: loss(p, ones)))
   flat = dict(nnx.to_flat_state(params))
-  scaled = dict(flat)
-  for slot, (_, scale, _) in prepared.items():
-    scaled[slot.param_path] = flat[slot.param_path].replace(flat[slot.param_path].get_value() * scale)
-  scaled_state = nnx.from_flat_state(list(scaled.items()))
-  ones = sched.forward_state(params, rest, prepared)[1]
-  plain = dict(nnx.to_flat_state(jax.jit(jax.grad(lambda p: loss(p, ones)))(scaled_state)))
-  got = dict(nnx.to_flat_state(grads))
-  lam = 2e-4 if method == "sr_ste" else 0.0
-  for slot, (keep, scale, decay) in prepared.items():
-    w = flat[slot.param_path].get_value()
-    expect = plain[slot.param_path].get_value() + lam * (1 - keep) * w
-    np.testing.assert_allclose(got[slot.param_path].get_value(), expect, rtol=2e-5, atol=1e-7)
-    # Straight-through: pruned weights do get the task gradient.
-    pruned_grad = np.abs(np.where(np.asarray(keep), 0, got[slot.param_path].get_value()))
-    assert pruned_grad.max() > 1e-6
-    if method == "mdgf":
-      beta = math.exp(-0.1 * 4)
-      np.testing.assert_allclose(scale, np.where(keep, 1.0, beta), rtol=1e-6)
+  for method, fields in (("sr_ste", {}), ("ste", {}), ("mdgf", {"decay_coef": 0.1})):
+    sched = st.MaskSchedule(model, SparsitySpec(pattern="2:4"),
+                            st.SparseTraining(method=method, **fields), 20)
+    prepared = sched.prepare(params, jnp.asarray(4))
+    keeps, scales, decays = (list(x) for x in zip(*(prepared[s] for s in sched.slots)))
+    got = dict(nnx.to_flat_state(flowed_grads(params, keeps, scales, decays)))
+    scaled = dict(flat)
+    for slot, scale in zip(sched.slots, scales):
+      scaled[slot.param_path] = flat[slot.param_path].replace(
+          flat[slot.param_path].get_value() * scale)
+    plain = dict(nnx.to_flat_state(plain_grad(nnx.from_flat_state(list(scaled.items())))))
+    lam = 2e-4 if method == "sr_ste" else 0.0
+    for slot, keep, scale in zip(sched.slots, keeps, scales):
+      w = flat[slot.param_path].get_value()
+      expect = plain[slot.param_path].get_value() + lam * (1 - keep) * w
+      np.testing.assert_allclose(got[slot.param_path].get_value(), expect, rtol=2e-5, atol=1e-7)
+      # Straight-through: pruned weights do get the task gradient.
+      pruned_grad = np.abs(np.where(np.asarray(keep), 0, got[slot.param_path].get_value()))
+      assert pruned_grad.max() > 1e-6, (method, slot.param_path)
+      if method == "mdgf":
+        np.testing.assert_allclose(scale, np.where(keep, 1.0, math.exp(-0.1 * 4)), rtol=1e-6)
 
 
 def test_training_keeps_valid_nm_masks_of_the_final_weights(tmp_path):
@@ -252,4 +254,88 @@ def test_bad_sparse_training_configs_raise_one_clear_error(model_fields, train_f
   overrides["train.steps"] = 20
   config = make_tiny_config(**overrides)
   with pytest.raises(Exception, match=message):
+    loop.Experiment(config, load_data=False)
+
+
+# ---- SquareHead sparse fine-tuning ----
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_hidden_states_are_the_block_outputs_hf_style(scan):
+  cfg = ModelConfig(**{**BASE, "scan_layers": scan})
+  model = TransformerLM(cfg, rngs=nnx.Rngs(1))
+  tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, BASE["vocab_size"])
+  logits, hidden = nnx.jit(lambda m, x: m.forward_with_hidden(x))(model, tokens)
+  np.testing.assert_allclose(logits, nnx.jit(lambda m, x: m(x))(model, tokens), rtol=1e-5,
+                             atol=1e-5)
+  assert hidden.shape == (BASE["num_layers"], 2, 12, BASE["d_model"])
+  # Block 1's output by hand; the last entry is the final norm of the last block's output.
+  pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+  x = model.embed_tokens(tokens)
+  if scan:
+    graphdef, state = nnx.split(model.layers)
+    first = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
+  else:
+    first = model.layers[0]
+  np.testing.assert_allclose(hidden[0], nnx.jit(lambda b, x: b(x, pos))(first, x), rtol=1e-5,
+                             atol=1e-5)
+  logits_again = jnp.einsum("bte,ve->btv", hidden[-1], model.embed.get_value())
+  np.testing.assert_allclose(logits_again, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_squarehead_loss_equals_its_formula():
+  from sparsity_jax.train import distill
+
+  rng = np.random.default_rng(5)
+  s, t = rng.normal(size=(3, 2, 5, 4)), rng.normal(size=(3, 2, 5, 4))
+  w = np.ones((2, 5))
+  w[1, 3:] = 0
+  got = distill.normalized_mse(jnp.asarray(s), jnp.asarray(t), jnp.asarray(w))
+  sel = w.astype(bool)
+  for layer in range(3):
+    ss, tt = s[layer][sel], t[layer][sel]
+    expect = np.mean((ss - tt) ** 2) / (np.mean(tt ** 2) + distill.EPS)
+    assert float(got[layer]) == pytest.approx(expect, rel=1e-5)
+  ls, lt = rng.normal(size=(2, 5, 7)), rng.normal(size=(2, 5, 7))
+  temp = 2.0
+  p = np.exp(lt / temp) / np.exp(lt / temp).sum(-1, keepdims=True)
+  q = np.exp(ls / temp) / np.exp(ls / temp).sum(-1, keepdims=True)
+  kl = (p * (np.log(p) - np.log(q))).sum(-1)
+  expect = (kl * w).sum() / w.sum() * temp ** 2
+  got = distill.kl_divergence(jnp.asarray(ls), jnp.asarray(lt), jnp.asarray(w), temp)
+  assert float(got) == pytest.approx(expect, rel=1e-5)
+
+
+def test_squarehead_fine_tune_of_a_pruned_run_keeps_its_mask(tmp_path):
+  """A pruned workdir (50% magnitude) -> fine-tune with init_from + SquareHead: the masks
+  never change, the loss holds the distillation terms, and the teacher is the dense model
+  of the pruned run's weights (so at the start the student differs from it)."""
+  from sparsity_jax.sparsity import pipeline
+  from sparsity_jax.sparsity import prune as prune_lib
+
+  one = jax.devices()[:1]  # One device: this test is about the recipe, not sharding.
+  spec = SparsitySpec(sparsity=0.5)
+  config = make_tiny_config(**{"model.weight_sparsity": spec.to_dict()})
+  exp = loop.Experiment(config, load_data=False, devices=one)
+  model = exp.make_model()
+  prune_lib.magnitude(model, spec)
+  pruned = str(tmp_path / "pruned")
+  pipeline.save_workdir(pruned, config, model)  # What launch/prune.py --out writes.
+  before = {t.key: np.asarray(t.mask.get_value()) for t in masks.masked(loop.load_model(pruned))}
+  config = make_tiny_config(**{"init_from": pruned, "distill.h_sq": 1.0, "distill.h_kl": 0.5,
+                               "train.steps": 2, "eval.num_batches": 1})
+  out = loop.train_and_evaluate(config, str(tmp_path / "ft"), devices=one)
+  metrics = out["train_metrics"]
+  assert metrics["distill_nmse"] > 0 and metrics["distill_kl"] >= 0
+  assert metrics["loss"] == pytest.approx(metrics["distill_ce"] + metrics["distill_nmse"]
+                                          + 0.5 * metrics["distill_kl"], rel=1e-4)
+  after = loop.load_model(str(tmp_path / "ft"))
+  for t in masks.masked(after):
+    np.testing.assert_array_equal(np.asarray(t.mask.get_value()), before[t.key])
+  assert masks.report(after)["global"]["mask_sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_distillation_without_a_teacher_is_refused():
+  config = make_tiny_config(**{"distill.h_sq": 1.0})
+  with pytest.raises(Exception, match="needs a teacher"):
     loop.Experiment(config, load_data=False)

@@ -210,7 +210,17 @@ class TransformerLM(nnx.Module):
       positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     return self._run_stack(x_bte, positions_bt, None)
 
-  def _run_stack(self, x_bte, positions_bt, cache, *, last_only: bool = False):
+  def forward_with_hidden(self, tokens_bt: jax.Array):
+    """Logits and the hidden states of every block, as Hugging Face's
+    ``output_hidden_states`` minus the embeddings: [L, b, t, e], entry l the output of
+    block l + 1, the last one after the final norm (what distillation losses such as
+    SquareHead compare)."""
+    b, t = tokens_bt.shape
+    positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    return self._run_stack(self.embed_tokens(tokens_bt), positions_bt, None, collect=True)
+
+  def _run_stack(self, x_bte, positions_bt, cache, *, last_only: bool = False,
+                 collect: bool = False):
     def block_fn(graphdef, params, other, x, layer_cache):
       # Functional form of one block so that scan/remat see plain pytrees. The block's
       # non-Param state (e.g. k-means centroids) may change and is returned.
@@ -226,13 +236,14 @@ class TransformerLM(nnx.Module):
 
       def scan_body(x, xs):
         y, new_other, new_cache = block_fn(graphdef, xs[0], xs[1], x, xs[2])
-        return y, (new_other, new_cache)
+        return y, (new_other, new_cache, y if collect else None)
 
-      x_bte, (new_other, cache) = jax.lax.scan(scan_body, x_bte, (params, other, cache))
+      x_bte, (new_other, cache, hidden) = jax.lax.scan(scan_body, x_bte,
+                                                       (params, other, cache))
       if jax.tree.leaves(new_other):
         nnx.update(self.layers, new_other)
     else:
-      new_caches = []
+      new_caches, hidden = [], []
       for i, block in enumerate(self.layers):
         layer_cache = None if cache is None else cache[i]
         if self.cfg.remat:
@@ -245,7 +256,9 @@ class TransformerLM(nnx.Module):
         else:
           x_bte, layer_cache = block(x_bte, positions_bt, layer_cache)
         new_caches.append(layer_cache)
+        hidden.append(x_bte)
       cache = None if cache is None else new_caches
+      hidden = jnp.stack(hidden) if collect else None
     if last_only:
       x_bte = x_bte[:, -1:]
     x_bte = self.final_norm(x_bte)
@@ -258,6 +271,8 @@ class TransformerLM(nnx.Module):
                               sparsity_masks.weight(self, "lm_head").astype(self.cfg.dtype),
                               preferred_element_type=jnp.float32)
     logits_btv = parallel.constrain(logits_btv, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
+    if collect:  # The last block's entry is its normed output (as HF's hidden_states).
+      return logits_btv, hidden.at[-1].set(x_bte)
     return logits_btv if cache is None else (logits_btv, cache)
 
 

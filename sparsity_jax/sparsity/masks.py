@@ -143,6 +143,14 @@ def set_mask(target: Target, keep) -> None:
     target.mask.set_value(keep)
 
 
+def all_kept(state: nnx.State) -> nnx.State:
+  """``state`` with every WeightMask set to all True (the dense model of the same weights,
+  e.g. a distillation teacher)."""
+  flat = [(path, var.replace(jnp.ones(var.get_value().shape, jnp.bool_))
+           if isinstance(var, WeightMask) else var) for path, var in nnx.to_flat_state(state)]
+  return nnx.from_flat_state(flat)
+
+
 def bake(model: nnx.Module) -> None:
   """Zeros the masked-out weights in place (for an export that has no masks)."""
   for t in masked(model):

@@ -29,6 +29,7 @@ from sparsity_jax.data import corpus, pipeline
 from sparsity_jax.errors import UserError, WorkdirError
 from sparsity_jax.models import ModelConfig, TransformerLM
 from sparsity_jax.train import checkpoint as ckpt_lib
+from sparsity_jax.train import distill as distill_lib
 from sparsity_jax.train import metrics as metrics_lib
 from sparsity_jax.train import objectives
 from sparsity_jax.train import optimizer as optim
@@ -58,6 +59,14 @@ class Experiment:
     abstract_model = nnx.eval_shape(lambda: TransformerLM(self.model_config, rngs=nnx.Rngs(0)))
     self.mask_schedule = _mask_schedule(config, self.model_config, abstract_model)
     objectives.get(config.objective)  # Fails early on an unknown objective.
+    self.distill = distill_lib.Distill.from_mapping(config.get("distill", None))
+    if self.distill.active:
+      if not (config.get("init_from") or config.get("pretrained")):
+        raise ValueError("config.distill needs a teacher: set config.init_from (a workdir, e.g. "
+                         "a pruned model) or config.pretrained; the teacher is the dense model "
+                         "of those weights")
+      if config.objective != "causal_lm":
+        raise ValueError("config.distill needs config.objective='causal_lm'")
     if config.objective == "masked_diffusion" and self.model_config.causal:
       raise ValueError("config.objective='masked_diffusion' needs a bidirectional model: set "
                        "config.model.causal=False")
@@ -211,6 +220,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     from sparsity_jax.train import from_pretrained
     ckpt = open_pretrained(config.pretrained)
     config = from_pretrained.config_with_pretrained(config, ckpt)
+  init_from = config.get("init_from", "")
+  if init_from:
+    config = config_with_init_from(config, init_from)
   config_dict = json.loads(config.to_json_best_effort())
   exp = Experiment(config, devices=devices)  # Validates config and data; writes nothing.
   ckpt_lib.check_workdir_compatible(workdir, config_dict)
@@ -223,7 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     schedule = optim.learning_rate_schedule(tcfg)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=tcfg.keep_checkpoints)
     last_saved = checkpointer.latest_step()
-    if ckpt is not None and last_saved is None:
+    if ckpt is not None and last_saved is None and not init_from:
       graphdef, state, shardings = from_pretrained.create_train_state(ckpt, exp.make_model, tx,
                                                                       exp.mesh, exp.rules)
     else:
@@ -240,8 +252,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if is_main:
         print(f"Resumed {workdir} from step {last_saved}.", flush=True)
     start = int(iterator.step)
+    init_state = None
+    if init_from and (last_saved is None or exp.distill.active):
+      init_state = _restore_into(init_from, shardings)
+    if init_from and last_saved is None:
+      # Own buffers: the step donates the state, and the teacher keeps init_state's.
+      state = state.replace(params=jax.tree.map(jnp.copy, init_state.params),
+                            model_state=jax.tree.map(jnp.copy, init_state.model_state))
+      if is_main:
+        print(f"Started from {init_from} (step {init_state.step}): weights and masks; fresh "
+              "optimizer.", flush=True)
+    teacher_args = ()
+    if exp.distill.active:
+      teacher = (init_state.params if init_state is not None
+                 else _pretrained_params(ckpt, exp, shardings))
+      teacher_args = (teacher,)
+      if is_main:
+        print(f"Distillation (SquareHead) from the dense model of "
+              f"{init_from or config.pretrained}: {exp.distill}.", flush=True)
     schedule_masks = exp.mask_schedule
-    if schedule_masks is not None and last_saved is None:
+    if schedule_masks is not None and last_saved is None and not init_from:
       state = _initial_masks(exp, state, shardings, is_main)
     if schedule_masks is not None and not schedule_masks.training.recomputed:
       schedule_masks = None  # Fixed masks: the forward's where() masks the gradients too.
@@ -252,8 +282,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     train_step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule,
                                                   objective=config.objective,
                                                   seed=int(config.seed),
-                                                  mask_schedule=schedule_masks),
-                         in_shardings=(shardings, exp.batch_sharding),
+                                                  mask_schedule=schedule_masks,
+                                                  distill=exp.distill if teacher_args else None),
+                         in_shardings=(shardings, exp.batch_sharding)
+                         + ((shardings.params,) if teacher_args else ()),
                          out_shardings=(shardings, None), donate_argnums=(0,))
     eval_step = jit_eval_step(exp, graphdef, shardings)
     writer = metrics_lib.MetricWriter(workdir, purge_step=start + 1)
@@ -289,7 +321,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       with _Preemption() as preemption:
         for step in range(start, int(tcfg.steps)):
           batch = exp.put_batch(next(iterator), config.data.batch_size)
-          state, device_metrics = train_step(state, batch)
+          state, device_metrics = train_step(state, batch, *teacher_args)
           if pending is not None:
             fetch(pending)  # Step n-1's metrics, after step n is dispatched.
           pending = (step, device_metrics)
@@ -325,6 +357,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       checkpointer.close()
   return {"state": state, "graphdef": graphdef, "train_metrics": last_train,
           "eval_metrics": eval_metrics}
+
+
+def config_with_init_from(config: ml_collections.ConfigDict,
+                          init_from: str) -> ml_collections.ConfigDict:
+  """A copy of ``config`` whose model section is that of the workdir ``init_from`` (its
+  weights and masks will be loaded into it)."""
+  saved = load_workdir_config(init_from)
+  if not ckpt_lib.has_checkpoints(init_from):
+    raise WorkdirError(f"config.init_from={init_from} holds no checkpoint to start from")
+  out = ml_collections.ConfigDict(config.to_dict())
+  out.model = ml_collections.ConfigDict(saved.model.to_dict())
+  out.init_from = init_from
+  return out
+
+
+def _restore_into(workdir: str, shardings) -> state_lib.TrainState:
+  """Step, params and model state of ``workdir``'s newest checkpoint, placed on this run's
+  shardings."""
+  _, _, restored, _, step = restore_workdir(workdir, load_data=False)
+  return state_lib.TrainState(
+      step=step, params=jax.device_put(restored.params, shardings.params),
+      model_state=jax.device_put(restored.model_state, shardings.model_state), opt_state=None)
+
+
+def _pretrained_params(ckpt, exp: Experiment, shardings):
+  """The pretrained checkpoint's parameters, on the run's parameter shardings."""
+  model = nnx.eval_shape(exp.make_model)
+  ckpt.load_params_into(model, mesh=exp.mesh, rules=exp.rules)
+  return jax.device_put(state_lib.split_model(model)[1], shardings.params)
 
 
 def _initial_masks(exp: Experiment, state, shardings, is_main: bool):

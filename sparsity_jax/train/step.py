@@ -10,6 +10,8 @@ import optax
 from flax import nnx
 
 from sparsity_jax.layers.attention import AuxLoss
+from sparsity_jax.sparsity import masks as masks_lib
+from sparsity_jax.train import distill as distill_lib
 from sparsity_jax.train import objectives
 from sparsity_jax.train.state import TrainState
 
@@ -26,37 +28,53 @@ def step_rng(seed: int, step: jax.Array) -> jax.Array:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *,
-                    objective: str = "causal_lm", seed: int = 0, mask_schedule=None):
+                    objective: str = "causal_lm", seed: int = 0, mask_schedule=None,
+                    distill=None):
   """Builds the pure step; the caller jits it once with shardings and donation.
 
   ``mask_schedule`` (a sparsity.training.MaskSchedule) recomputes the weight masks every
   step and routes the gradients through its weight flow (ste / SR-STE / MDGF).
+  ``distill`` (an active train.distill.Distill) makes the step
+  ``train_step(state, batch, teacher_params)``: the loss is SquareHead's against the dense
+  model of ``teacher_params`` (the same architecture, every weight mask off).
   """
   loss_terms = objectives.get(objective)
+  if distill is not None and objective != "causal_lm":
+    raise ValueError(f"config.distill needs config.objective='causal_lm' (got {objective!r})")
 
-  def loss_fn(params, model_state, batch, rng):
+  def loss_fn(params, model_state, batch, rng, teacher=None):
     # Fresh Variable objects at this trace level, so layers may update their state here.
     model_state = jax.tree.map(lambda x: x, model_state)
     model = nnx.merge(graphdef, params, model_state)
-    loss_sum, weight = loss_terms(model, batch, rng)
+    parts = {}
+    if teacher is None:
+      loss_sum, weight = loss_terms(model, batch, rng)
+    else:
+      loss_sum, weight, parts = distill_lib.squarehead_loss(model, batch, *teacher, distill)
     loss = loss_sum / jnp.maximum(weight, 1.0)
     aux = sum((jnp.sum(x) for x in jax.tree.leaves(nnx.pop(model, AuxLoss))),
               jnp.zeros((), jnp.float32))
     new_model_state = nnx.state(model, nnx.Not(nnx.Param))
-    return loss + aux, (loss, aux, new_model_state, weight)
+    return loss + aux, (loss, aux, new_model_state, weight, parts)
 
-  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+  def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params=None):
     rng = step_rng(seed, state.step)
+    teacher = None
+    if distill is not None:
+      model = nnx.merge(graphdef, teacher_params, masks_lib.all_kept(state.model_state))
+      model.eval()
+      teacher = jax.lax.stop_gradient(model.forward_with_hidden(batch["inputs"]))
     if mask_schedule is None:
-      grads, (loss, aux, model_state, tokens) = jax.grad(loss_fn, has_aux=True)(
-          state.params, state.model_state, batch, rng)
+      grads, (loss, aux, model_state, tokens, parts) = jax.grad(loss_fn, has_aux=True)(
+          state.params, state.model_state, batch, rng, teacher)
     else:
       prepared = mask_schedule.prepare(state.params, state.step)
 
       def flowed_loss(params, model_state, batch, rng):
-        return loss_fn(*mask_schedule.forward_state(params, model_state, prepared), batch, rng)
+        return loss_fn(*mask_schedule.forward_state(params, model_state, prepared), batch, rng,
+                       teacher)
 
-      grads, (loss, aux, model_state, tokens) = jax.grad(flowed_loss, has_aux=True)(
+      grads, (loss, aux, model_state, tokens, parts) = jax.grad(flowed_loss, has_aux=True)(
           state.params, state.model_state, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -66,12 +84,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *,
           model_state, mask_schedule.hard_masks(params, state.step + 1))
     metrics = {
         "loss": loss,
-        "bits_per_byte": loss / math.log(2.0),
+        "bits_per_byte": parts.get("ce", loss) / math.log(2.0),  # CE only when distilling.
         "aux_loss": aux,
         "grad_norm": global_norm(grads),
         "param_norm": global_norm(params),
         "learning_rate": schedule(state.step),
         "tokens": tokens,
+        **{f"distill_{k}": v for k, v in parts.items()},
     }
     new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
                               opt_state=opt_state)
