@@ -68,11 +68,12 @@ def main(argv):
     raise UserError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  from sparsity_jax.sparsity import DEFAULT_TARGETS, SparsitySpec
+  from sparsity_jax.sparsity import DEFAULT_TARGETS
+  from sparsity_jax.sparsity import spec as spec_lib
   from sparsity_jax.sparsity import pipeline, prune
 
-  spec = SparsitySpec(targets=_TARGETS.value or DEFAULT_TARGETS, pattern=_PATTERN.value,
-                      sparsity=_SPARSITY.value)
+  spec = spec_lib.from_flags(targets=_TARGETS.value or DEFAULT_TARGETS, pattern=_PATTERN.value,
+                            sparsity=_SPARSITY.value)
   options = prune.DSnoTOptions(max_cycles=_DSNOT_CYCLES.value, threshold=_DSNOT_THRESHOLD.value,
                                initial=_DSNOT_INITIAL.value, skip=_DSNOT_SKIP.value,
                                same_sign=_DSNOT_SAME_SIGN.value)

@@ -125,3 +125,5 @@ def test_retrieval_head_selection():
   assert not retrieval.select(scores, 0).any() and retrieval.select(scores, 6).all()
   with pytest.raises(ValueError, match="retrieval_heads=7 must be in"):
     retrieval.select(scores, 7)
+  with pytest.raises(ValueError, match="NaN or inf"):
+    retrieval.select(np.where(scores > 0.4, np.nan, scores), 2)

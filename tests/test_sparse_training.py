@@ -339,3 +339,88 @@ def test_distillation_without_a_teacher_is_refused():
   config = make_tiny_config(**{"distill.h_sq": 1.0})
   with pytest.raises(Exception, match="needs a teacher"):
     loop.Experiment(config, load_data=False)
+
+
+# ---- RigL (Sparse-IFT's dynamic masks) ----
+
+
+def official_rigl_update(w, mask, dense_grad, drop_fraction, density):
+  """cbsparse dynamic.py ``drop_minimum`` + rigl.py ``update_mask`` + ``grow_maximum`` on a
+  tensor whose pruned weights are zero (torch's sort on distinct scores)."""
+  score = np.abs(w * mask).ravel()
+  n_ones = int(mask.sum())
+  n_keep = n_ones - int(drop_fraction * n_ones)
+  dropped = np.zeros(w.size, bool)
+  dropped[np.argsort(-score, kind="stable")[:n_keep]] = True
+  n_grow = max(int(density * w.size - dropped.sum()), 0)
+  grow_score = np.abs(dense_grad).ravel() * ~dropped
+  grown = np.zeros(w.size, bool)
+  grown[np.argsort(-grow_score, kind="stable")[:n_grow]] = True
+  return (dropped | grown).reshape(w.shape), grown.reshape(w.shape)
+
+
+@pytest.mark.parametrize("density,fraction", [(0.25, 0.3), (0.5, 0.1), (0.1, 0.25)])
+def test_rigl_drop_and_grow_equal_the_official_update(density, fraction):
+  from sparsity_jax.sparsity import rigl
+
+  rng = np.random.default_rng(int(density * 100))
+  w, g = rng.normal(size=(24, 16)), rng.normal(size=(24, 16))
+  mask = np.zeros(w.size, bool)
+  mask[rng.choice(w.size, int(density * w.size), replace=False)] = True
+  mask = mask.reshape(w.shape)
+  keep, grown = rigl.drop_grow(jnp.asarray(w), jnp.asarray(mask), jnp.asarray(g),
+                               jnp.asarray(fraction), density)
+  ref_keep, ref_grown = official_rigl_update(w, mask, g, fraction, density)
+  np.testing.assert_array_equal(keep, ref_keep)
+  np.testing.assert_array_equal(grown, ref_grown)
+  assert int(np.sum(keep)) == int(density * w.size)  # The density is kept.
+
+
+def test_rigl_schedule_follows_cbsparse():
+  from sparsity_jax.sparsity import rigl
+
+  due = [int(n) for n in range(0, 400) if rigl.update_due(jnp.asarray(n), 100, 300)]
+  assert due == [100, 200]
+  for n in (0, 100, 150, 299):
+    expect = 0.3 * (math.cos(math.pi * n / 300) * 0.5 + 0.5)
+    assert float(rigl.drop_fraction(jnp.asarray(n), 0.3, 300)) == pytest.approx(expect, abs=1e-6)
+
+
+def test_rigl_update_zeroes_grown_weights_and_their_adam_moments():
+  import optax
+
+  cfg = ModelConfig(**BASE, weight_sparsity={"pattern": "unstructured", "sparsity": 0.75})
+  model = TransformerLM(cfg, rngs=nnx.Rngs(0))
+  spec = SparsitySpec(sparsity=0.75)
+  training = st.SparseTraining(method="rigl", rigl_every=1, rigl_end=1.0, mask_init="random")
+  sched = st.MaskSchedule(model, spec, training, 10)
+  _, params, rest = nnx.split(model, nnx.Param, nnx.Not(nnx.Intermediate))
+  rest = st.initial_masks(params, rest, spec, sched.slots, "random", seed=0)
+  tx = optax.adam(1e-3)
+  opt_state = tx.init(params)
+  opt_state = jax.tree.map(lambda x: x + 1.0 if x.ndim else x, opt_state)  # Nonzero moments.
+  grads = jax.tree.map(lambda x: jnp.asarray(np.random.default_rng(x.size).normal(size=x.shape),
+                                             x.dtype), params)
+  prepared = sched.prepare(params, jnp.asarray(3), rest)
+  new_params, new_opt, keeps = jax.jit(sched.after_update)(params, opt_state, grads, prepared,
+                                                           jnp.asarray(3))
+  flat_new = dict(nnx.to_flat_state(new_params))
+  mu = dict(nnx.to_flat_state(new_opt[0].mu))
+  changed = 0
+  for slot, keep in zip(sched.slots, keeps):
+    old = np.asarray(prepared[slot][0])
+    keep = np.asarray(keep)
+    assert keep.sum() == old.sum()  # Same density.
+    grown = keep & ~old
+    changed += int(grown.sum())
+    assert (np.asarray(flat_new[slot.param_path].get_value())[grown] == 0).all()
+    assert (np.asarray(mu[slot.param_path].get_value())[grown] == 0).all()
+    zeroed = np.asarray(mu[slot.param_path].get_value()) == 0
+    assert not (zeroed & ~keep).any()  # Only grown (kept) weights are reset; a dropped
+    # weight that is grown again counts as grown, as in cbsparse.
+  assert changed > 0
+  # Not due (rigl_every=4 at step 3 -> 4 steps done is due; step 4 -> 5 is not).
+  late = st.MaskSchedule(model, spec, st.SparseTraining(method="rigl", rigl_every=4), 10)
+  _, _, same = late.after_update(params, opt_state, grads, prepared, jnp.asarray(4))
+  for slot, keep in zip(sched.slots, same):
+    np.testing.assert_array_equal(keep, prepared[slot][0])

@@ -182,6 +182,7 @@ def test_masks_shard_like_their_weights_on_a_2x2x2_mesh():
     ({"pattern": "2:4", "sparsity": 0.7}, "contradicts pattern"),
     ({"targets": "mlp/(", "sparsity": 0.5}, "not a regular expression"),
     ({"sparsity": 0.5, "level": 2}, "unknown fields ['level']"),
+    ({"sparsity": "half"}, "must be a number"),
 ])
 def test_bad_specs_raise_one_clear_error(fields, message):
   with pytest.raises(SparsitySpecError) as info:
@@ -201,3 +202,12 @@ def test_bad_targets_raise_one_clear_error():
   config.model.weight_sparsity = {"pattern": "3:2"}
   with pytest.raises(UserError, match="N=3 is larger than M=2"):
     loop.Experiment(config, load_data=False)
+
+
+def test_launcher_spec_errors_name_the_flags():
+  from sparsity_jax.sparsity import spec as spec_lib
+  with pytest.raises(SparsitySpecError, match=r"^--sparsity=1.5 must be in \[0, 1\)"):
+    spec_lib.from_flags(pattern="unstructured", sparsity=1.5)
+  with pytest.raises(SparsitySpecError, match="--pattern='unstructured' needs a sparsity level "
+                                              r"\(--sparsity"):
+    spec_lib.from_flags(pattern="unstructured", sparsity=None)

@@ -75,6 +75,9 @@ def select(scores: np.ndarray, num: int) -> np.ndarray:
   if not 0 <= num <= scores.size:
     raise ValueError(f"retrieval_heads={num} must be in [0, {scores.size}] (the model's KV "
                      "heads)")
+  if not np.isfinite(scores).all():
+    raise ValueError("retrieval scores hold NaN or inf (a profile of a diverged model?); "
+                     "recompute them with the dense model")
   order = np.argsort(-scores.ravel(), kind="stable")[:num]
   chosen = np.zeros(scores.size, bool)
   chosen[order] = True

@@ -44,6 +44,10 @@ class SparsitySpec:
     except re.error as e:
       raise SparsitySpecError(f"weight_sparsity.targets={self.targets!r} is not a regular "
                               f"expression ({e})") from None
+    if self.sparsity is not None and (isinstance(self.sparsity, bool) or
+                                      not isinstance(self.sparsity, (int, float))):
+      raise SparsitySpecError(f"weight_sparsity.sparsity={self.sparsity!r} must be a number "
+                              "(the fraction of zeros, e.g. 0.5)")
     if self.pattern == UNSTRUCTURED:
       if self.sparsity is None:
         raise SparsitySpecError("weight_sparsity.pattern='unstructured' needs a sparsity level "
@@ -107,3 +111,15 @@ def parse_nm(pattern: str) -> tuple[int, int]:
     raise SparsitySpecError(f"weight sparsity pattern {pattern!r}: N={n} is larger than M={m}; "
                             "N:M keeps N weights of every M (e.g. '2:4')")
   return n, m
+
+
+def from_flags(**fields) -> SparsitySpec:
+  """A spec from a launcher's --targets / --pattern / --sparsity flags; errors name the
+  flags (``--sparsity=...``) instead of the config fields."""
+  try:
+    return SparsitySpec(**fields)
+  except SparsitySpecError as e:
+    message = str(e)
+    for field in ("targets", "pattern", "sparsity"):
+      message = message.replace(f"weight_sparsity.{field}", f"--{field}")
+    raise SparsitySpecError(message) from None

@@ -15,6 +15,9 @@ of dense warm-up, the sparse phase, the last ``fine_tune_steps`` of fine-tuning)
           forward w * (m + (1 - m) * beta(t)), beta = max(0, 1 - decay_coef * t) ('linear')
           or exp(-decay_coef * t) ('exp'), t counted from the start of the sparse phase;
           straight-through gradient; beta = 0 (plain ste) in the fine-tune phase.
+  rigl    unstructured masks updated every ``rigl_every`` steps by RigL's drop (smallest
+          |w|) and grow (largest dense gradient) with a cosine-annealed drop fraction, as
+          Sparse-IFT's dynamic sparse training (``sparsity.rigl``); fixed in between.
 
 ``structure_decay`` (SDGF, PGF's structure decay) makes the N:M pattern of ste / mdgf change
 over equal frames of the sparse phase: 'sparsify' dense -> (M-1):M -> M/2:M -> ... -> N:M,
@@ -41,7 +44,7 @@ from flax import nnx
 from sparsity_jax.sparsity import masks as masks_lib
 from sparsity_jax.sparsity.spec import SparsitySpec, SparsitySpecError
 
-METHODS = ("fixed", "ste", "sr_ste", "mdgf")
+METHODS = ("fixed", "ste", "sr_ste", "mdgf", "rigl")
 RECOMPUTED = ("ste", "sr_ste", "mdgf")
 DECAYS = ("linear", "exp")
 STRUCTURE_DECAYS = ("", "sparsify", "fine")
@@ -62,6 +65,9 @@ class SparseTraining:
   # How a fixed mask is set at a fresh start from random weights: 'magnitude' (|w| of the
   # initial weights, per output / N:M groups), 'random' (uniform), 'keep' (leave as built).
   mask_init: str = "magnitude"
+  rigl_every: int = 100  # RigL: steps between mask updates (cbsparse frequency).
+  rigl_drop_fraction: float = 0.3  # RigL: initial drop fraction, cosine-annealed to 0.
+  rigl_end: float = 0.75  # RigL: no updates after this fraction of train.steps.
 
   def __post_init__(self):
     def fail(msg):
@@ -82,6 +88,12 @@ class SparseTraining:
     if self.method == "fixed" and (self.dense_steps or self.structure_decay):
       fail("dense_steps and structure_decay need a recomputed mask (method ste, sr_ste or "
            "mdgf); method='fixed' keeps the mask it starts with")
+    if self.rigl_every < 1 or not 0 <= self.rigl_drop_fraction < 1 or not 0 < self.rigl_end <= 1:
+      fail("rigl_every must be >= 1, rigl_drop_fraction in [0, 1), rigl_end in (0, 1]")
+    if self.method == "rigl" and (self.dense_steps or self.structure_decay or
+                                  self.fine_tune_steps):
+      fail("method='rigl' has no dense, structure-decay or fine-tune phases (its updates stop "
+           "at rigl_end)")
     if self.structure_decay and self.method == "sr_ste":
       fail("structure_decay is PGF's SDGF, used with method 'ste' or 'mdgf', not 'sr_ste'")
 
@@ -199,7 +211,7 @@ def per_output_keep_jnp(scores: jax.Array, sparsity: float) -> jax.Array:
   return ranks >= int(d_in * sparsity)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, order=True)  # Ordered: a dict key in jitted pytrees.
 class _Slot:
   param_path: tuple
   mask_path: tuple
@@ -216,6 +228,9 @@ class MaskSchedule:
   def __init__(self, model: nnx.Module, spec: SparsitySpec, training: SparseTraining,
                total_steps: int):
     self.spec, self.training, self.total_steps = spec, training, int(total_steps)
+    if training.method == "rigl" and spec.nm is not None:
+      raise SparsitySpecError("config.train.weight_sparsity.method='rigl' updates unstructured "
+                              "masks; set config.model.weight_sparsity.pattern='unstructured'")
     if training.recomputed and spec.nm is None:
       raise SparsitySpecError(
           f"config.train.weight_sparsity.method={training.method!r} recomputes N:M masks; "
@@ -256,12 +271,19 @@ class MaskSchedule:
     return [jax.lax.stop_gradient(self.keep(slot, flat[slot.param_path].get_value(), step))
             for slot in self.slots]
 
-  def prepare(self, params: nnx.State, step: jax.Array):
-    """Per masked weight: (hard mask, forward scale, gradient decay) at ``step``."""
+  def current_masks(self, model_state: nnx.State) -> list[jax.Array]:
+    flat = dict(nnx.to_flat_state(model_state))
+    return [flat[slot.mask_path].get_value() for slot in self.slots]
+
+  def prepare(self, params: nnx.State, step: jax.Array, model_state: nnx.State | None = None):
+    """Per masked weight: (hard mask, forward scale, gradient decay) at ``step``; RigL
+    reads its masks from ``model_state`` (straight-through: the dense gradient)."""
     beta = mask_decay(self.training, step, self.total_steps)
     lam = float(self.training.sr_ste_lambda) if self.training.method == "sr_ste" else 0.0
+    keeps = (self.current_masks(model_state) if self.training.method == "rigl"
+             else self.hard_masks(params, step))
     out = {}
-    for slot, keep in zip(self.slots, self.hard_masks(params, step)):
+    for slot, keep in zip(self.slots, keeps):
       pruned = (~keep).astype(jnp.float32)
       out[slot] = (keep, 1.0 - pruned * (1.0 - beta), lam * pruned)
     return out
@@ -278,6 +300,49 @@ class MaskSchedule:
       flat_s[slot.mask_path] = mask.replace(jnp.ones(keep.shape, jnp.bool_))
     return (nnx.from_flat_state(list(flat_p.items())),
             nnx.from_flat_state(list(flat_s.items())))
+
+  def update_grads(self, grads: nnx.State, prepared) -> nnx.State:
+    """The gradients the optimizer sees: RigL's pruned weights get none (cbsparse's
+    backward mask); the other methods pass every gradient."""
+    if self.training.method != "rigl":
+      return grads
+    flat = dict(nnx.to_flat_state(grads))
+    for slot, (keep, _, _) in prepared.items():
+      var = flat[slot.param_path]
+      flat[slot.param_path] = var.replace(jnp.where(keep, var.get_value(), 0))
+    return nnx.from_flat_state(list(flat.items()))
+
+  def after_update(self, params: nnx.State, opt_state, grads: nnx.State, prepared,
+                   step: jax.Array):
+    """(params, opt_state, masks) after the optimizer update of ``step``: recomputed N:M
+    masks of the new weights, or RigL's drop / grow when an update is due (grown weights
+    and their optimizer moments zeroed)."""
+    if self.training.method != "rigl":
+      return params, opt_state, self.hard_masks(params, step + 1)
+    from sparsity_jax.sparsity import rigl
+
+    t = self.training
+    end = int(t.rigl_end * self.total_steps)
+    done = step + 1
+    fraction = rigl.drop_fraction(done, float(t.rigl_drop_fraction), max(end, 1))
+    flat_p, flat_g = dict(nnx.to_flat_state(params)), dict(nnx.to_flat_state(grads))
+    keeps, grown = [], {}
+    for slot in self.slots:
+      keep = prepared[slot][0]
+      new_keep, new = rigl.drop_grow_stacked(
+          flat_p[slot.param_path].get_value(), keep, flat_g[slot.param_path].get_value(),
+          fraction, 1.0 - self.spec.level, slot.lead)
+      keeps.append(new_keep)
+      grown[slot.param_path] = new
+    zeros = nnx.from_flat_state([
+        (path, var.replace(grown.get(path, jnp.zeros(var.get_value().shape, jnp.bool_))))
+        for path, var in flat_p.items()])
+    new_params = jax.tree.map(lambda x, z: jnp.where(z, jnp.zeros((), x.dtype), x), params, zeros)
+    new_opt = rigl.zero_matching(opt_state, jax.tree.structure(params), zeros)
+    due = rigl.update_due(done, int(t.rigl_every), end)
+    pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(due, a, b), new, old)
+    return (pick(new_params, params), pick(new_opt, opt_state),
+            pick(keeps, [prepared[slot][0] for slot in self.slots]))
 
   def store_masks(self, model_state: nnx.State, keeps: list[jax.Array]) -> nnx.State:
     """model_state with each slot's mask set to ``keeps`` (self.slots' order)."""

@@ -273,7 +273,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     schedule_masks = exp.mask_schedule
     if schedule_masks is not None and last_saved is None and not init_from:
       state = _initial_masks(exp, state, shardings, is_main)
-    if schedule_masks is not None and not schedule_masks.training.recomputed:
+    if schedule_masks is not None and schedule_masks.training.method == "fixed":
       schedule_masks = None  # Fixed masks: the forward's where() masks the gradients too.
     ckpt_lib.write_config(workdir, config_dict, resumed_step=last_saved)
     if is_main:  # Rows past the checkpoint (an interrupted run's) are written again.

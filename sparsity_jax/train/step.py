@@ -68,7 +68,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *,
       grads, (loss, aux, model_state, tokens, parts) = jax.grad(loss_fn, has_aux=True)(
           state.params, state.model_state, batch, rng, teacher)
     else:
-      prepared = mask_schedule.prepare(state.params, state.step)
+      prepared = mask_schedule.prepare(state.params, state.step, state.model_state)
 
       def flowed_loss(params, model_state, batch, rng):
         return loss_fn(*mask_schedule.forward_state(params, model_state, prepared), batch, rng,
@@ -76,12 +76,16 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *,
 
       grads, (loss, aux, model_state, tokens, parts) = jax.grad(flowed_loss, has_aux=True)(
           state.params, state.model_state, batch, rng)
+    dense_grads = grads
+    if mask_schedule is not None:
+      grads = mask_schedule.update_grads(grads, prepared)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if mask_schedule is not None:  # The state's masks are those of its weights (as the
-      # official forward recomputes them at inference): evaluation and export see them.
-      model_state = mask_schedule.store_masks(
-          model_state, mask_schedule.hard_masks(params, state.step + 1))
+      # official forward recomputes them at inference), or RigL's updated ones.
+      params, opt_state, keeps = mask_schedule.after_update(params, opt_state, dense_grads,
+                                                            prepared, state.step)
+      model_state = mask_schedule.store_masks(model_state, keeps)
     metrics = {
         "loss": loss,
         "bits_per_byte": parts.get("ce", loss) / math.log(2.0),  # CE only when distilling.
