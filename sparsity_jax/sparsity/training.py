@@ -381,3 +381,33 @@ def initial_masks(params: nnx.State, model_state: nnx.State, spec: SparsitySpec,
     flat_s[slot.mask_path] = flat_s[slot.mask_path].replace(keep)
   return nnx.from_flat_state(list(flat_s.items()))
 
+
+
+# ---------------------------------------------------------------------------- run set-up
+
+
+def schedule_from_config(config, model_config, abstract_model) -> MaskSchedule | None:
+  """The MaskSchedule of ``config.train.weight_sparsity`` for a model (None when dense)."""
+  training = SparseTraining.from_mapping(config.train.get("weight_sparsity", None))
+  spec = SparsitySpec.from_mapping(model_config.weight_sparsity)
+  if spec is None:
+    if training != SparseTraining():
+      raise SparsitySpecError("config.train.weight_sparsity is set but the model is dense: set "
+                              "config.model.weight_sparsity.pattern (e.g. '2:4')")
+    return None
+  return MaskSchedule(abstract_model, spec, training, int(config.train.steps))
+
+
+def with_initial_masks(schedule: MaskSchedule, state, shardings, seed: int, *, log: bool):
+  """A fresh start's train state with masks set by ``mask_init`` (fixed and RigL masks;
+  the recomputed methods set theirs every step)."""
+  how = schedule.training.mask_init
+  if schedule.training.recomputed or how == "keep":
+    return state
+  set_masks = jax.jit(
+      lambda p, s: initial_masks(p, s, schedule.spec, schedule.slots, how, seed),
+      out_shardings=shardings.model_state)
+  if log:
+    print(f"Weight masks: {schedule.spec.pattern} {schedule.spec.level:.0%} sparsity from "
+          f"{how} scores ({schedule.training.method}).", flush=True)
+  return state.replace(model_state=set_masks(state.params, state.model_state))

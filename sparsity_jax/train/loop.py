@@ -28,6 +28,7 @@ from sparsity_jax import parallel
 from sparsity_jax.data import corpus, pipeline
 from sparsity_jax.errors import UserError, WorkdirError
 from sparsity_jax.models import ModelConfig, TransformerLM
+from sparsity_jax.sparsity import training as sparse_training
 from sparsity_jax.train import checkpoint as ckpt_lib
 from sparsity_jax.train import distill as distill_lib
 from sparsity_jax.train import metrics as metrics_lib
@@ -57,7 +58,8 @@ class Experiment:
     # Builds the model abstractly (no arrays): every core checks its settings here,
     # e.g. an unknown attention kind fails before anything is written.
     abstract_model = nnx.eval_shape(lambda: TransformerLM(self.model_config, rngs=nnx.Rngs(0)))
-    self.mask_schedule = _mask_schedule(config, self.model_config, abstract_model)
+    self.mask_schedule = sparse_training.schedule_from_config(config, self.model_config,
+                                                              abstract_model)
     objectives.get(config.objective)  # Fails early on an unknown objective.
     self.distill = distill_lib.Distill.from_mapping(config.get("distill", None))
     if self.distill.active:
@@ -112,22 +114,6 @@ class Experiment:
     shape = lambda x: (global_batch,) + x.shape[1:]
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, shape(v))
             for k, v in batch.items()}
-
-
-def _mask_schedule(config, model_config, abstract_model):
-  """The MaskSchedule of config.train.weight_sparsity, or None for a dense model."""
-  from sparsity_jax.sparsity import training as sparse_training
-  from sparsity_jax.sparsity.spec import SparsitySpec
-
-  training = sparse_training.SparseTraining.from_mapping(
-      config.train.get("weight_sparsity", None))
-  spec = SparsitySpec.from_mapping(model_config.weight_sparsity)
-  if spec is None:
-    if training != sparse_training.SparseTraining():
-      raise UserError("config.train.weight_sparsity is set but the model is dense: set "
-                      "config.model.weight_sparsity.pattern (e.g. '2:4')")
-    return None
-  return sparse_training.MaskSchedule(abstract_model, spec, training, int(config.train.steps))
 
 
 class Preempted(Exception):
@@ -272,7 +258,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
               f"{init_from or config.pretrained}: {exp.distill}.", flush=True)
     schedule_masks = exp.mask_schedule
     if schedule_masks is not None and last_saved is None and not init_from:
-      state = _initial_masks(exp, state, shardings, is_main)
+      state = sparse_training.with_initial_masks(schedule_masks, state, shardings,
+                                                 int(config.seed), log=is_main)
     if schedule_masks is not None and schedule_masks.training.method == "fixed":
       schedule_masks = None  # Fixed masks: the forward's where() masks the gradients too.
     ckpt_lib.write_config(workdir, config_dict, resumed_step=last_saved)
@@ -386,25 +373,6 @@ def _pretrained_params(ckpt, exp: Experiment, shardings):
   model = nnx.eval_shape(exp.make_model)
   ckpt.load_params_into(model, mesh=exp.mesh, rules=exp.rules)
   return jax.device_put(state_lib.split_model(model)[1], shardings.params)
-
-
-def _initial_masks(exp: Experiment, state, shardings, is_main: bool):
-  """A fresh start's fixed masks (config.train.weight_sparsity.mask_init); recomputed
-  methods set theirs every step."""
-  from sparsity_jax.sparsity import training as sparse_training
-
-  schedule = exp.mask_schedule
-  how = schedule.training.mask_init
-  if schedule.training.recomputed or how == "keep":
-    return state
-  set_masks = jax.jit(
-      lambda p, s: sparse_training.initial_masks(p, s, schedule.spec, schedule.slots, how,
-                                                 int(exp.config.seed)),
-      out_shardings=shardings.model_state)
-  if is_main:
-    print(f"Weight masks: {schedule.spec.pattern} {schedule.spec.level:.0%} sparsity from "
-          f"{how} scores, fixed for training.", flush=True)
-  return state.replace(model_state=set_masks(state.params, state.model_state))
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
