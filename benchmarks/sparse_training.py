@@ -1,7 +1,7 @@
 r"""Sparse training from scratch on the tiny byte LM: dense vs fixed masks, STE, SR-STE,
 PGF's MDGF and SDGF at 2:4 and 1:8, and Sparse-IFT's Sparse Wide at equal FLOPs.
 
-  python benchmarks/sparse_training.py --out=runs/sparse_training [--steps=600] \
+  python benchmarks/sparse_training.py --out=runs/sparse_training [--steps=300] \
       [--variants=NAME,...] [--update_docs]
 
 Every variant trains ``configs/lm_tiny.py`` (0.8M parameters, 4 layers, byte tokens, seq
@@ -208,7 +208,7 @@ def plot(results: dict, path: str) -> None:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", required=True, help="run directory (reruns resume)")
-  parser.add_argument("--steps", type=int, default=600)
+  parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                       help="comma-separated variant names")
   parser.add_argument("--update_docs", action="store_true")

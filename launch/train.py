@@ -14,6 +14,13 @@ fixes the architecture fields of config.model, and --config supplies everything 
 (data, train, eval, mesh, dtypes, attention core). --init_from_hf=DIR is the older name
 of --model=DIR.
 
+Sparse weights: --config.model.weight_sparsity.pattern=2:4 (or =unstructured with
+.sparsity=0.5) masks the block weights; --config.train.weight_sparsity.method=fixed | ste |
+sr_ste | mdgf | rigl says how the masks evolve (sparsity_jax/sparsity/training.py).
+--config.init_from=DIR starts from a run's (e.g. a pruned model's) weights and masks with a
+fresh optimizer; add --config.distill.h_sq=1 for SquareHead distillation from those weights
+with the masks off (sparsity_jax/train/distill.py).
+
 Rerunning the same command resumes from the workdir's latest checkpoint. For several
 processes on one machine (or hosts without auto-detection) pass --coordinator_address,
 --num_processes and --process_id; on TPU pods jax.distributed discovers them.

@@ -39,8 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
   # starts fresh), e.g. a pruned model of launch/prune.py; its config.model replaces this
   # config's model section. '' starts from config.pretrained or random weights.
   c.init_from = ""
-  # Distillation from the dense model of the starting weights (SquareHead: h_sq = 1);
-  # inactive while h_sq = h_kl = 0. See sparsity_jax.train.distill.
+  # Distillation from the starting weights with every mask off (SquareHead: h_sq = 1);
+  # dense-trained weights if init_from is a pruned model. Inactive while h_sq = h_kl = 0.
   c.distill = ml_collections.ConfigDict()
   c.distill.h_ce = 1.0  # Cross-entropy weight.
   c.distill.h_sq = 0.0  # Per-layer normalized hidden-state MSE weight (SquareHead).
@@ -70,7 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Weight masks (sparsity_jax.sparsity.SparsitySpec); pattern '' keeps the model dense.
   c.model.weight_sparsity = ml_collections.ConfigDict()
   c.model.weight_sparsity.pattern = ""  # '' (dense), 'unstructured' or 'N:M' (e.g. '2:4').
-  c.model.weight_sparsity.sparsity = 0.0  # Fraction of zeros ('unstructured'; 0 for N:M).
+  # Fraction of zeros ('unstructured', per output; leave 0 for N:M).
+  c.model.weight_sparsity.sparsity = 0.0
   c.model.weight_sparsity.targets = DEFAULT_TARGETS  # Regex over weight paths.
 
   c.data = ml_collections.ConfigDict()
@@ -98,7 +99,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 100  # Steps between checkpoints (also on SIGTERM/SIGINT).
   c.train.keep_checkpoints = 3  # Checkpoints kept in <workdir>/checkpoints.
   # How the weight masks evolve in training (sparsity_jax.sparsity.training; needs
-  # model.weight_sparsity): 'fixed', 'ste', 'sr_ste' (SR-STE) or 'mdgf' (PGF mask decay).
+  # model.weight_sparsity): 'fixed', 'ste', 'sr_ste' (SR-STE), 'mdgf' (PGF mask decay) or
+  # 'rigl' (RigL drop / grow, Sparse-IFT's dynamic sparse training).
   c.train.weight_sparsity = ml_collections.ConfigDict()
   c.train.weight_sparsity.method = "fixed"
   c.train.weight_sparsity.dense_steps = 0  # Dense warm-up steps (recomputed masks only).
@@ -106,9 +108,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.weight_sparsity.sr_ste_lambda = 2e-4  # SR-STE decay of pruned weights.
   c.train.weight_sparsity.decay = "exp"  # MDGF beta(t): 'linear' or 'exp'.
   c.train.weight_sparsity.decay_coef = 1e-4  # MDGF kappa, per step of the sparse phase.
-  c.train.weight_sparsity.structure_decay = ""  # SDGF: '', 'sparsify' or 'fine'.
-  # Fixed masks at a fresh start: 'magnitude' (|w|), 'random' or 'keep' (as built).
+  # SDGF (PGF structure decay, with 'ste' or 'mdgf'): '', 'sparsify' or 'fine'.
+  c.train.weight_sparsity.structure_decay = ""
+  # Fixed / RigL masks at a fresh start: 'magnitude' (|w|) or 'random', per output
+  # (floor(d_in * sparsity) pruned per output) or per N:M group; 'keep' (init_from's).
   c.train.weight_sparsity.mask_init = "magnitude"
+  c.train.weight_sparsity.rigl_every = 100  # RigL: steps between mask updates.
+  c.train.weight_sparsity.rigl_drop_fraction = 0.3  # RigL: initial drop fraction (cosine).
+  c.train.weight_sparsity.rigl_end = 0.75  # RigL: last update at this fraction of steps.
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 200  # Steps between evaluations (0: only at the end).

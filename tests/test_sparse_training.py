@@ -247,6 +247,11 @@ def test_fixed_masks_start_from_the_initial_weights_magnitude():
     ({"pattern": "2:4"}, {"decay": "cosine"}, "'linear' or 'exp'"),
     ({"pattern": "1:8"}, {"method": "ste", "structure_decay": "fine", "fine_tune_steps": 1},
      "does not divide"),
+    ({"pattern": "unstructured"}, {}, "keeps every weight"),
+    ({"pattern": "4:4"}, {}, "keeps every weight"),
+    ({"pattern": "unstructured", "sparsity": 0.5}, {"method": "rigl"}, "no mask update"),
+    ({"pattern": "2:4"}, {"method": "rigl", "rigl_every": 2}, "updates unstructured"),
+    ({"pattern": "unstructured", "sparsity": 0.5}, {"mask_init": "keep"}, "'keep' keeps"),
 ])
 def test_bad_sparse_training_configs_raise_one_clear_error(model_fields, train_fields, message):
   overrides = {f"model.weight_sparsity.{k}": v for k, v in model_fields.items()}
@@ -424,3 +429,30 @@ def test_rigl_update_zeroes_grown_weights_and_their_adam_moments():
   _, _, same = late.after_update(params, opt_state, grads, prepared, jnp.asarray(4))
   for slot, keep in zip(sched.slots, same):
     np.testing.assert_array_equal(keep, prepared[slot][0])
+
+
+def test_init_from_refuses_what_it_would_silently_replace(tmp_path):
+  """A missing run, a model setting init_from's model contradicts, other data tokens: one
+  clear error each (the model section would otherwise be replaced without a word)."""
+  import json
+  import os
+
+  from sparsity_jax.errors import UserError
+
+  with pytest.raises(UserError, match="config.init_from=.* is not a run directory"):
+    loop.config_with_init_from(make_tiny_config(), str(tmp_path / "missing"))
+  run = tmp_path / "pruned"
+  os.makedirs(run / "checkpoints" / "0")
+  saved = make_tiny_config(**{"model.weight_sparsity.pattern": "unstructured",
+                              "model.weight_sparsity.sparsity": 0.5})
+  (run / "config.json").write_text(json.dumps(saved.to_dict()))
+  ok = loop.config_with_init_from(make_tiny_config(), str(run))
+  assert ok.model.weight_sparsity.sparsity == 0.5 and ok.init_from == str(run)
+  with pytest.raises(UserError, match=r"model.weight_sparsity: .*'2:4'"):
+    loop.config_with_init_from(make_tiny_config(**{"model.weight_sparsity.pattern": "2:4"}),
+                               str(run))
+  with pytest.raises(UserError, match="model.num_layers: 3 here, 2 in init_from"):
+    loop.config_with_init_from(make_tiny_config(**{"model.num_layers": 3}), str(run))
+  with pytest.raises(UserError, match="data.tokenizer='bytes'.*'pretrained'"):
+    loop.config_with_init_from(
+        make_tiny_config(**{"data.tokenizer": "pretrained", "pretrained": "smollm2"}), str(run))

@@ -95,7 +95,13 @@ class SparsitySpec:
     if unknown:
       raise SparsitySpecError(f"config.model.weight_sparsity has unknown fields {unknown}; "
                               f"known: {sorted(known)}")
-    return cls(**values)
+    spec = cls(**values)
+    if spec.level == 0.0:  # A config asking for masks that remove nothing is a mistake.
+      raise SparsitySpecError(
+          f"config.model.weight_sparsity.pattern={spec.pattern!r} with sparsity 0 keeps every "
+          "weight: set weight_sparsity.sparsity (e.g. 0.5) or an N:M pattern with N < M, or "
+          "pattern='' for a dense model")
+    return spec
 
 
 def parse_nm(pattern: str) -> tuple[int, int]:

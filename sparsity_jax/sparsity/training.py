@@ -20,7 +20,8 @@ of dense warm-up, the sparse phase, the last ``fine_tune_steps`` of fine-tuning)
           Sparse-IFT's dynamic sparse training (``sparsity.rigl``); fixed in between.
 
 ``structure_decay`` (SDGF, PGF's structure decay) makes the N:M pattern of ste / mdgf change
-over equal frames of the sparse phase: 'sparsify' dense -> (M-1):M -> M/2:M -> ... -> N:M,
+over equal frames of the sparse phase: 'sparsify' (M-1):M -> M/2:M -> ... -> N:M (after the
+dense phase, if ``dense_steps`` > 0),
 'fine' 8N:8M -> 4N:4M -> 2N:2M -> N:M; as in the official schedule the final N:M starts with
 the fine-tune phase, so it needs ``fine_tune_steps`` > 0.
 
@@ -33,6 +34,7 @@ mdgf's beta > 0). Gradients come from a ``custom_vjp`` on each masked weight:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -62,8 +64,9 @@ class SparseTraining:
   decay: str = "exp"
   decay_coef: float = 1e-4
   structure_decay: str = ""
-  # How a fixed mask is set at a fresh start from random weights: 'magnitude' (|w| of the
-  # initial weights, per output / N:M groups), 'random' (uniform), 'keep' (leave as built).
+  # How a fixed or RigL mask is set at a fresh start: 'magnitude' (|w| of the initial
+  # weights, per output / N:M groups), 'random' (uniform), 'keep' (as loaded by init_from;
+  # refused on a fresh model, whose masks keep everything).
   mask_init: str = "magnitude"
   rigl_every: int = 100  # RigL: steps between mask updates (cbsparse frequency).
   rigl_drop_fraction: float = 0.3  # RigL: initial drop fraction, cosine-annealed to 0.
@@ -387,7 +390,12 @@ def initial_masks(params: nnx.State, model_state: nnx.State, spec: SparsitySpec,
 
 
 def schedule_from_config(config, model_config, abstract_model) -> MaskSchedule | None:
-  """The MaskSchedule of ``config.train.weight_sparsity`` for a model (None when dense)."""
+  """The MaskSchedule of ``config.train.weight_sparsity`` for a model (None when dense).
+
+  Refuses settings that would silently train something else (a RigL run with no update,
+  'keep' masks on a fresh start) and warns when MDGF's mask decay has not finished by the
+  last step.
+  """
   training = SparseTraining.from_mapping(config.train.get("weight_sparsity", None))
   spec = SparsitySpec.from_mapping(model_config.weight_sparsity)
   if spec is None:
@@ -395,7 +403,31 @@ def schedule_from_config(config, model_config, abstract_model) -> MaskSchedule |
       raise SparsitySpecError("config.train.weight_sparsity is set but the model is dense: set "
                               "config.model.weight_sparsity.pattern (e.g. '2:4')")
     return None
-  return MaskSchedule(abstract_model, spec, training, int(config.train.steps))
+  steps = int(config.train.steps)
+  if steps < 1:
+    raise SparsitySpecError(f"config.train.steps={steps}: sparse training needs at least one step")
+  if training.mask_init == "keep" and training.method in ("fixed", "rigl") and not config.get(
+      "init_from"):
+    raise SparsitySpecError("config.train.weight_sparsity.mask_init='keep' keeps the masks a "
+                            "model starts with, and a fresh model's keep everything: use "
+                            "'magnitude' or 'random', or start from a pruned run (init_from)")
+  if training.method == "rigl":
+    end = int(training.rigl_end * steps)
+    if not [n for n in range(training.rigl_every, end, training.rigl_every)]:
+      raise SparsitySpecError(
+          f"RigL with rigl_every={training.rigl_every} and rigl_end={training.rigl_end} makes no "
+          f"mask update in {steps} steps (updates at multiples of rigl_every below "
+          f"{end}): lower config.train.weight_sparsity.rigl_every")
+  if training.method == "mdgf" and not training.fine_tune_steps:
+    last = steps - 1 - int(training.dense_steps)
+    beta = float(mask_decay(training, jnp.asarray(steps - 1), steps + 1))
+    if beta > 0.1:
+      logging.getLogger(__name__).warning(
+          "MDGF: beta is still %.2f at the last step (decay_coef %g x %d sparse steps), so "
+          "training runs nearly dense while evaluation uses the hard mask; raise "
+          "config.train.weight_sparsity.decay_coef or set fine_tune_steps", beta,
+          training.decay_coef, last)
+  return MaskSchedule(abstract_model, spec, training, steps)
 
 
 def with_initial_masks(schedule: MaskSchedule, state, shardings, seed: int, *, log: bool):

@@ -193,7 +193,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ``pretrained`` (or ``config.pretrained``) starts from the weights of a pretrained
   model: ``smollm2``, a .gguf file or a Hugging Face directory; its architecture then
   fixes that of ``config.model`` (see train.from_pretrained.config_with_pretrained), and
-  a resumed run ignores it.
+  a resumed run ignores it. ``config.init_from`` (a workdir) starts from that run's
+  weights and masks instead, with its model section (:func:`config_with_init_from`);
+  ``config.distill`` adds SquareHead distillation from those weights with every mask off;
+  ``config.train.weight_sparsity`` sets how masks evolve (sparsity.training: fixed, STE,
+  SR-STE, MDGF / SDGF, RigL).
 
   Returns {'state', 'graphdef', 'train_metrics' (last step), 'eval_metrics' (final)}.
   """
@@ -207,7 +211,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt = open_pretrained(config.pretrained)
     config = from_pretrained.config_with_pretrained(config, ckpt)
   init_from = config.get("init_from", "")
-  if init_from:
+  if init_from and ckpt_lib.has_checkpoints(workdir):
+    # Resuming: the run's own checkpoint holds everything but a distillation teacher.
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model = load_workdir_config(workdir).model
+  elif init_from:
     config = config_with_init_from(config, init_from)
   config_dict = json.loads(config.to_json_best_effort())
   exp = Experiment(config, devices=devices)  # Validates config and data; writes nothing.
@@ -240,6 +248,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     start = int(iterator.step)
     init_state = None
     if init_from and (last_saved is None or exp.distill.active):
+      _check_init_from(init_from, "the distillation teacher's weights" if last_saved else
+                       "the starting weights")
       init_state = _restore_into(init_from, shardings)
     if init_from and last_saved is None:
       # Own buffers: the step donates the state, and the teacher keeps init_state's.
@@ -346,13 +356,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           "eval_metrics": eval_metrics}
 
 
+def _check_init_from(init_from: str, what: str) -> None:
+  if not os.path.isfile(os.path.join(init_from, "config.json")):
+    raise WorkdirError(f"config.init_from={init_from} is not a run directory (no config.json), "
+                       f"and {what} come from it: point it at a workdir, e.g. "
+                       "launch/prune.py's --out")
+  if not ckpt_lib.has_checkpoints(init_from):
+    raise WorkdirError(f"config.init_from={init_from} holds no checkpoint to start from")
+
+
 def config_with_init_from(config: ml_collections.ConfigDict,
                           init_from: str) -> ml_collections.ConfigDict:
   """A copy of ``config`` whose model section is that of the workdir ``init_from`` (its
-  weights and masks will be loaded into it)."""
+  weights and masks will be loaded into it).
+
+  Raises UserError when ``config`` sets a model field (away from base_config's default)
+  that ``init_from``'s model contradicts, or reads other data tokens than it was trained
+  on: a silent replacement would train something else than the command says.
+  """
+  from sparsity_jax import config_lib
+
+  _check_init_from(init_from, "the starting weights")
   saved = load_workdir_config(init_from)
-  if not ckpt_lib.has_checkpoints(init_from):
-    raise WorkdirError(f"config.init_from={init_from} holds no checkpoint to start from")
+  default = config_lib.base_config().model.to_dict()
+  mine, theirs = config.model.to_dict(), saved.model.to_dict()
+  conflicts = [f"model.{k}: {mine[k]!r} here, {theirs.get(k)!r} in init_from"
+               for k in sorted(mine) if mine[k] != default.get(k) and mine[k] != theirs.get(k)]
+  if conflicts:
+    raise UserError(f"config.init_from={init_from} fixes the model, and this config sets it "
+                    f"otherwise ({'; '.join(conflicts)}); drop those settings or use "
+                    "init_from's own config")
+  if (config.data.get("tokenizer", "bytes") != saved.data.get("tokenizer", "bytes") or
+      (saved.data.get("tokenizer") == "pretrained" and
+       config.get("pretrained") != saved.get("pretrained"))):
+    raise UserError(f"config.init_from={init_from} was trained on data.tokenizer="
+                    f"{saved.data.get('tokenizer', 'bytes')!r} (pretrained="
+                    f"{saved.get('pretrained', '')!r}); this config reads "
+                    f"{config.data.get('tokenizer', 'bytes')!r} (pretrained="
+                    f"{config.get('pretrained', '')!r}): use the same data settings")
   out = ml_collections.ConfigDict(config.to_dict())
   out.model = ml_collections.ConfigDict(saved.model.to_dict())
   out.init_from = init_from
