@@ -24,7 +24,8 @@ is there, so an interrupted run resumes):
     different depths in repeated filler sentences), greedy generation of 8 tokens through
     the KV cache (sparse prefill, dense decode); correct if the key is generated;
   * prefill seconds: ``generation.generate``'s ``prefill_s`` (prompt through the caches,
-    first token ready, compilation excluded), the minimum over the passkey prompts;
+    first token ready, compilation excluded), the minimum over the first two passkey
+    prompts (TIMED_PROMPTS);
   * in-model density: the cores' recorded density on the perplexity window (each layer's
     pattern from its own, sparse-model, activations).
 
@@ -85,6 +86,10 @@ MODEL_SETTINGS = ["dense", "flexprefill g0.95", "flexprefill g0.9", "vertical_sl
                   "pbs t0.9", "pbs t0.7", "anchor S512 th12", "anchor S512 th8"]
 RECALL_SETTINGS = [name for name in SETTINGS if name not in ("dense", "anchor S2048 th12")]
 RECALL_ROW_STRIDE = 4  # Recall over every 4th query row (the last row included).
+# Prefill seconds: the faster of the first two prompts. Every setting runs them in one
+# pass, side by side; prompts added by a later rerun (--passkeys raised) count for
+# accuracy only, as the machine's load may have changed in between.
+TIMED_PROMPTS = 2
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 PASSKEY_HEAD = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
@@ -286,7 +291,7 @@ def model_phase(base, tokenizer, tokens, name, args, results, save, log):
     # Saved after every prompt: an interrupted run resumes at the next prompt.
     results.setdefault(name, {}).update(
         passkey=float(np.mean(hits)), passkey_hits=int(np.sum(hits)), passkey_answers=answers,
-        prefill_s=float(min(prefill_s)), prefill_s_all=prefill_s)
+        prefill_s=float(min(prefill_s[:TIMED_PROMPTS])), prefill_s_all=prefill_s)
     save()
   row["model_seconds"] = time.time() - start
   results.setdefault(name, {}).update(row)
@@ -300,7 +305,15 @@ def method_of(name: str) -> str:
   return name.split()[0]
 
 
+def timed(row: dict) -> dict:
+  """The row with prefill_s recomputed from its first TIMED_PROMPTS prompts."""
+  if row.get("prefill_s_all"):
+    row = dict(row, prefill_s=float(min(row["prefill_s_all"][:TIMED_PROMPTS])))
+  return row
+
+
 def table(results: dict, length: int) -> str:
+  results = {name: timed(row) for name, row in results.items()}
   dense = results.get("dense", {})
   lines = [
       "| setting | density | recall | min-layer recall | perplexity | passkey | prefill s "
