@@ -4,10 +4,7 @@ import os
 import sys
 
 # Must happen before jax is imported anywhere: sharded tests build 2x2x2 meshes in-process.
-# Test shapes are tiny: compiling dominates, and LLVM's optimisation passes cost more than
-# they save (about a third of the suite's CPU time); results stay exact IEEE float.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                      "--xla_backend_optimization_level=0")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 TESTS = os.path.dirname(os.path.abspath(__file__))

@@ -204,7 +204,7 @@ def test_training_keeps_valid_nm_masks_of_the_final_weights(tmp_path):
   config = make_tiny_config(**{"model.weight_sparsity.pattern": "2:4",
                                "train.weight_sparsity.method": "sr_ste", "train.steps": 2,
                                "train.checkpoint_every": 2})
-  out = loop.train_and_evaluate(config, str(tmp_path / "run"))
+  out = loop.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
   state = out["state"]
   for path, mask in nnx.to_flat_state(nnx.filter_state(state.model_state, masks.WeightMask)):
     keep = np.asarray(mask.get_value())
