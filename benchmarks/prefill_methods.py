@@ -143,19 +143,6 @@ def passkey_prompt(tokenizer, key: int, depth: float, length: int) -> list[int]:
 # ----------------------------------------------------------------------------- models
 
 
-def with_attention(base, attention: dict):
-  """``base`` (a loaded TransformerLM) with another attention core, sharing its params."""
-  from flax import nnx
-
-  from sparsity_jax.checkpoints.loading import build_loaded
-  from sparsity_jax.models import TransformerLM
-
-  cfg = dataclasses.replace(base.cfg, attention=attention)
-  params = nnx.state(base, nnx.Param)
-  return build_loaded(lambda: TransformerLM(cfg, rngs=nnx.Rngs(0)),
-                      lambda m: nnx.update(m, params), None, None)
-
-
 def capture_layers(model, tokens):
   """[(q [1, t, n, h], k [1, t, k, h])] per layer of the dense model on ``tokens`` [1, t]."""
   import jax
@@ -254,6 +241,8 @@ def model_phase(base, tokenizer, tokens, name, args, results, save, log):
   if "ppl" in done and len(done.get("passkey_answers", [])) >= len(prompts):
     return
   start = time.time() - done.get("model_seconds", 0.0)  # Seconds accumulate over resumes.
+  from sparsity_jax.checkpoints.loading import with_attention
+
   model = base if name == "dense" else with_attention(base, SETTINGS[name])
   t = tokens.shape[1] - 1
   x = jnp.asarray(tokens[:, :-1])

@@ -226,3 +226,25 @@ def test_scores_on_hand_written_outputs():
   no_prefix = dataclasses.replace(cwe, answer_prefix="")
   assert score(no_prefix, "1. apple\n2. river\n3. stone\n4. wolf") == 0.0  # No tag.
   assert score(no_prefix, "<answer>\n1. apple\n2. river\n3. stone\n4. wolf") == 1.0
+
+
+@pytest.mark.parametrize("name", ["bytes", "smollm2"])
+@pytest.mark.parametrize("task", frontier.EXTRA_TASKS)
+def test_needle_tasks_fit_hold_their_evidence_and_score(name, task, request):
+  """passkey / kv_retrieval (ours, for small models): exact length, the needle inside,
+  the reference scores 1 and another number 0, deterministic per seed."""
+  tok = _tokenizer(name, request)
+  seed = int(np.random.randint(1 << 30))
+  length = LENGTHS[name][0]
+  samples = frontier.make_samples(task, tok, length, num_samples=3, seed=seed)
+  for s in samples:
+    msg = f"{task} {name} seed={seed}"
+    assert len(s.tokens) == length, msg
+    assert s.meta["evidence"][0] in decode(tok, s.tokens) and s.gold in s.meta["evidence"][0], msg
+    assert frontier.score(s, frontier.reference_output(s)) == 1.0, msg
+    assert frontier.score(s, f" {int(s.gold) + 1}.") == 0.0, msg
+    assert frontier.score(s, f" {s.gold}. Remember it.") == 1.0, msg
+    assert s.max_new_tokens <= 24, msg
+  again = frontier.make_samples(task, tok, length, num_samples=3, seed=seed)
+  assert [a.gold for a in again] == [s.gold for s in samples]
+  assert len({s.gold for s in samples}) > 1

@@ -152,6 +152,17 @@ def build_loaded(make_model: Callable[[], TransformerLM],
   return nnx.merge(graphdef, params, rest)
 
 
+def with_attention(model: TransformerLM, attention: dict) -> TransformerLM:
+  """``model`` with another attention core (``config.model.attention``), sharing its
+  parameters (no copy): e.g. one loaded checkpoint evaluated under several sparse cores."""
+  import dataclasses
+
+  cfg = dataclasses.replace(model.cfg, attention=dict(attention))
+  params = nnx.state(model, nnx.Param)
+  return build_loaded(lambda: TransformerLM(cfg, rngs=nnx.Rngs(0)),
+                      lambda m: nnx.update(m, params), None, None)
+
+
 class Checkpoint(abc.ABC):
   """A pretrained model on disk: architecture, weights and tokenizer, any format."""
 

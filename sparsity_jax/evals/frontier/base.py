@@ -156,6 +156,7 @@ class Writer:
 
   def __init__(self, tokenizer, chat: bool, explain: bool):
     self.tokenizer = tokenizer
+    self.chat = chat
     self.explain = explain
     self.answer_prefix = "" if explain else ANSWER_OPEN
     self._cache: dict[str, np.ndarray] = {}

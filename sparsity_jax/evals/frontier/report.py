@@ -1,0 +1,252 @@
+"""Report of a Sparse Frontier grid: tables, the significance test, a FLOPs model, plots.
+
+``summarize(rows)`` aggregates the per-sample rows of ``runner.run_grid`` into cells
+(setting, task, length): mean score, mean compression, and a one-sided paired test of "the
+setting scores lower than dense on the same prompts". The released code of the paper has no
+test; we use the exact sign test on the paired per-sample scores (scipy's ``binomtest`` on
+the prompts where the two differ, alternative 'dense better'), at ``alpha = 0.05``: a cell
+*retains* dense performance when that test does not reject. ``max_compression`` is then, per
+method and task, the largest compression among the retaining settings (the paper's Fig. 3).
+
+FLOPs (``flops``) follow the paper's accounting (appendix D) for one model: the linear
+layers (2 x non-embedding parameters per token, plus the output layer per generated token),
+attention as 4 n h FLOPs per computed (query, key) pair and layer, and each method's indexing
+cost (the estimate of Vertical-Slash / FlexPrefill from its last queries, block top-k's
+pooled scores, SnapKV's observation window, Quest's page bounds per decode step).
+
+``write_report(rows, out)`` writes report.md, summary.json and plots (score vs compression
+per task, prefill and decode separately; score vs FLOPs) into ``out``.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+ALPHA = 0.05
+
+
+def sign_test(dense: Sequence[float], other: Sequence[float]) -> float:
+  """One-sided exact sign test p-value of "dense scores higher" on paired scores."""
+  from scipy import stats
+
+  d = np.asarray(dense, float) - np.asarray(other, float)
+  worse, better = int(np.sum(d > 1e-12)), int(np.sum(d < -1e-12))
+  if worse == 0:
+    return 1.0
+  return float(stats.binomtest(worse, worse + better, 0.5, alternative="greater").pvalue)
+
+
+def summarize(rows: Sequence[dict], alpha: float = ALPHA) -> list[dict]:
+  """One dict per (setting, task, length) cell: score, n, compression, p, retains."""
+  cells: dict[tuple, dict[int, dict]] = collections.defaultdict(dict)
+  for r in rows:
+    cells[(r["setting"], r["task"], int(r["length"]))][int(r["index"])] = r
+  dense_name = next((r["setting"] for r in rows if r["phase"] == "dense"), None)
+  out = []
+  for (setting, task, length), by_index in sorted(cells.items()):
+    first = next(iter(by_index.values()))
+    scores = [by_index[i]["score"] for i in sorted(by_index)]
+    cell = {"setting": setting, "kind": first["kind"], "phase": first["phase"], "task": task,
+            "length": length, "n": len(scores), "score": float(np.mean(scores)),
+            "compression": float(np.mean([r["compression"] for r in by_index.values()])),
+            "sparsity": float(np.mean([r["sparsity"] for r in by_index.values()])),
+            "prompt_tokens": float(np.mean([r["prompt_tokens"] for r in by_index.values()])),
+            "new_tokens": float(np.mean([r["new_tokens"] for r in by_index.values()])),
+            "seconds": float(np.mean([r["seconds"] for r in by_index.values()]))}
+    dense = cells.get((dense_name, task, length), {})
+    paired = sorted(set(dense) & set(by_index))
+    if first["phase"] != "dense" and paired:
+      cell["p_value"] = sign_test([dense[i]["score"] for i in paired],
+                                  [by_index[i]["score"] for i in paired])
+      cell["retains"] = cell["p_value"] >= alpha
+    out.append(cell)
+  return out
+
+
+def max_compression(cells: Sequence[dict]) -> dict:
+  """{(kind, task, length): the largest mean compression of a retaining setting (1.0 when
+  none retains)}."""
+  best: dict[tuple, float] = {}
+  for c in cells:
+    if c["phase"] == "dense":
+      continue
+    key = (c["kind"], c["task"], c["length"])
+    best.setdefault(key, 1.0)
+    if c.get("retains"):
+      best[key] = max(best[key], c["compression"])
+  return best
+
+
+# ---- FLOPs -------------------------------------------------------------------------------
+
+
+def flops(model_cfg, cell: dict, attention: dict) -> dict:
+  """Estimated FLOPs of one generation of a cell: {'prefill', 'decode', 'total'}.
+
+  ``model_cfg``: the ModelConfig (layers, widths, heads); ``attention``: the setting's dict.
+  """
+  L, d, n, k, h = (model_cfg.num_layers, model_cfg.d_model, model_cfg.num_heads,
+                   model_cfg.num_kv_heads, model_cfg.head_dim)
+  linear = 2 * L * (d * (n + 2 * k) * h + n * h * d + 3 * d * model_cfg.mlp_dim)
+  head = 2 * d * model_cfg.vocab_size
+  t, new = cell["prompt_tokens"], cell["new_tokens"]
+  kind = attention.get("kind", "dense")
+  pair = 4 * n * h * L
+  pairs = t * (t + 1) / 2
+  prefill_kept = 1.0 - cell["sparsity"] if cell["phase"] == "prefill" else 1.0
+  index = 0.0
+  if kind in ("vertical_slash", "flexprefill"):
+    last = attention.get("last_q", 256 if kind == "vertical_slash" else attention.get(
+        "block_size", 128))
+    index = 2 * n * h * L * last * t
+  elif kind == "block_topk":
+    b = attention.get("block_size", 16)
+    index = 2 * n * h * L * (t / b) ** 2 / 2 + 2 * L * n * h * t  # Pooled scores + pooling.
+  elif kind in ("snapkv", "ada_snapkv"):
+    index = 2 * n * h * L * min(attention.get("window", 256), t) * t
+  prefill = t * linear + head + pair * prefill_kept * pairs + index
+  read = 1.0 - cell["sparsity"] if cell["phase"] == "decode" else 1.0
+  steps = max(new - 1, 0)  # The first new token comes out of the prefill.
+  context = t + steps / 2  # Mean keys before a decode step.
+  per_step = linear + head + pair * read * context
+  if kind == "quest":
+    per_step += 2 * 2 * n * h * L * context / attention.get("page_size", 16)
+  decode = steps * per_step
+  return {"prefill": prefill, "decode": decode, "total": prefill + decode}
+
+
+# ---- writing -----------------------------------------------------------------------------
+
+
+def _fmt_p(p):
+  return "" if p is None else ("<0.001" if p < 1e-3 else f"{p:.3f}")
+
+
+def markdown(cells: Sequence[dict], settings_order: Sequence[str]) -> str:
+  """Tables: score per setting x (task, length) with compression and the test."""
+  by = {(c["setting"], c["task"], c["length"]): c for c in cells}
+  columns = sorted({(c["task"], c["length"]) for c in cells})
+  lines = ["| setting | phase | " + " | ".join(f"{t} @ {n}" for t, n in columns) + " |",
+           "|---|---|" + "---|" * len(columns)]
+  for s in settings_order:
+    row = [s, next((c["phase"] for c in cells if c["setting"] == s), "")]
+    for t, n in columns:
+      c = by.get((s, t, n))
+      if c is None:
+        row.append("")
+        continue
+      text = f"{c['score']:.2f}"
+      if c["phase"] != "dense":
+        mark = "" if c.get("retains", True) else " ✗"
+        text += f" ({c['compression']:.1f}x{mark})"
+      row.append(text)
+    lines.append("| " + " | ".join(row) + " |")
+  lines.append("")
+  lines.append("Score: mean over the cell's prompts (exact match; IoU for story_filtering); "
+               "(Nx): mean compression; ✗: significantly worse than dense (one-sided sign "
+               f"test on the paired prompts, p < {ALPHA}).")
+  return "\n".join(lines)
+
+
+def write_report(rows: Sequence[dict], out: str, *, model_cfg=None,
+                 settings: dict | None = None, title: str = "Sparse Frontier grid") -> str:
+  """Writes report.md, summary.json and PNG plots into ``out``; returns report.md's path."""
+  cells = summarize(rows)
+  order = list(settings) if settings else sorted({c["setting"] for c in cells})
+  best = max_compression(cells)
+  if model_cfg is not None and settings:
+    for c in cells:
+      c["flops"] = flops(model_cfg, c, settings.get(c["setting"], {}))
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "summary.json"), "w") as f:
+    json.dump({"cells": cells, "max_compression": [
+        {"kind": k, "task": t, "length": n, "compression": v} for (k, t, n), v in
+        sorted(best.items())]}, f, indent=1)
+  plots = _plots(cells, out)
+  text = [f"# {title}", "", markdown(cells, order), "",
+          "## Maximum compression that keeps dense performance", "",
+          "| method | task | length | max compression |", "|---|---|---|---|"]
+  text += [f"| {k} | {t} | {n} | {v:.1f}x |" for (k, t, n), v in sorted(best.items())]
+  text += ["", "## Cells", "", "| setting | task | length | n | score | compression | p |",
+           "|---|---|---|---|---|---|---|"]
+  text += [f"| {c['setting']} | {c['task']} | {c['length']} | {c['n']} | {c['score']:.3f} | "
+           f"{c['compression']:.2f} | {_fmt_p(c.get('p_value'))} |" for c in cells]
+  text += [""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
+  path = os.path.join(out, "report.md")
+  with open(path, "w") as f:
+    f.write("\n".join(text) + "\n")
+  return path
+
+
+def _plots(cells: Sequence[dict], out: str) -> list[str]:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  paths = []
+  tasks = sorted({c["task"] for c in cells})
+  for length in sorted({c["length"] for c in cells}):
+    for phase in ("prefill", "decode"):
+      here = [c for c in cells if c["length"] == length and c["phase"] == phase]
+      if not here:
+        continue
+      cols = min(len(tasks), 3)
+      rows_n = math.ceil(len(tasks) / cols)
+      fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 3.2 * rows_n), squeeze=False)
+      for ax, task in zip(axes.ravel(), tasks):
+        dense = [c for c in cells if c["task"] == task and c["length"] == length
+                 and c["phase"] == "dense"]
+        if dense:
+          ax.axhline(dense[0]["score"], color="k", ls="--", lw=1, label="dense")
+        for kind in sorted({c["kind"] for c in here}):
+          pts = sorted((c["compression"], c["score"], c.get("retains", True)) for c in here
+                       if c["task"] == task and c["kind"] == kind)
+          if not pts:
+            continue
+          x, y, keep = zip(*pts)
+          line, = ax.plot(x, y, marker="o", label=kind)
+          bad = [(a, b) for a, b, r in pts if not r]
+          if bad:
+            ax.scatter(*zip(*bad), marker="x", s=60, color=line.get_color(), zorder=3)
+        ax.set_xscale("log")
+        ax.set_title(task)
+        ax.set_xlabel("compression (x)")
+        ax.set_ylabel("score")
+        ax.set_ylim(-0.05, 1.05)
+      for ax in axes.ravel()[len(tasks):]:
+        ax.axis("off")
+      axes.ravel()[0].legend(fontsize=7)
+      fig.suptitle(f"{phase} methods, {length} tokens (x: significantly below dense)")
+      fig.tight_layout()
+      path = os.path.join(out, f"{phase}_{length}.png")
+      fig.savefig(path, dpi=110)
+      plt.close(fig)
+      paths.append(path)
+  if any("flops" in c for c in cells):
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    per_setting = collections.defaultdict(list)
+    for c in cells:
+      per_setting[(c["setting"], c["phase"], c["length"])].append(c)
+    for (setting, phase, length), cs in sorted(per_setting.items()):
+      x = np.mean([c["flops"]["total"] for c in cs])
+      y = np.mean([c["score"] for c in cs])
+      marker = {"dense": "*", "prefill": "o", "decode": "s"}[phase]
+      ax.scatter(x, y, marker=marker, s=60 if phase == "dense" else 30)
+      ax.annotate(f"{setting} @{length}", (x, y), fontsize=6)
+    ax.set_xscale("log")
+    ax.set_xlabel("FLOPs per generation (model + attention + indexing)")
+    ax.set_ylabel("mean score over tasks")
+    ax.set_title("score vs FLOPs (one model size)")
+    fig.tight_layout()
+    path = os.path.join(out, "flops.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+  return paths

@@ -1,0 +1,125 @@
+"""The Sparse Frontier runner and report: a tiny grid end to end, resuming, the test."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+from support import ROOT, subprocess_env
+
+from sparsity_jax.data.tokenizer import ByteTokenizer
+from sparsity_jax.evals.frontier import report, runner
+from sparsity_jax.models import ModelConfig, TransformerLM, generation
+
+SETTINGS = {
+    "dense": {"kind": "dense"},
+    "quest_64": {"kind": "quest", "token_budget": 64, "page_size": 16},
+    "vertical_slash_64": {"kind": "vertical_slash", "vertical_size": 64, "slash_size": 64,
+                          "last_q": 64},
+    "snapkv_96": {"kind": "snapkv", "token_capacity": 96, "window": 32, "local_window": 16},
+}
+GRID = dict(tasks=["passkey"], lengths=[700], num_samples=2, seed=5, task_options={},
+            progress=False, log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  cfg = ModelConfig(vocab_size=260, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
+                    head_dim=8, mlp_dim=64, max_len=2048, scan_layers=True)
+  return TransformerLM(cfg, rngs=nnx.Rngs(0)), ByteTokenizer()
+
+
+@pytest.fixture
+def counted(monkeypatch):
+  calls = []
+  real = generation.generate
+
+  def generate(*args, **kwargs):
+    calls.append(1)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(generation, "generate", generate)
+  return calls
+
+
+def test_tiny_grid_runs_resumes_and_reports(tiny, tmp_path, counted):
+  model, tok = tiny
+  out = str(tmp_path / "grid")
+  settings = runner.parse_settings(SETTINGS)
+  rows = runner.run_grid(model, tok, settings=settings, out=out, **GRID)
+  assert len(rows) == len(counted) == len(SETTINGS) * 2
+  by = {(r["setting"], r["index"]): r for r in rows}
+  for r in rows:
+    assert r["score"] in (0.0, 1.0) and r["prompt_tokens"] == 700
+  assert by[("dense", 0)]["compression"] == 1.0
+  for name in ("quest_64", "vertical_slash_64", "snapkv_96"):  # Each really compressed.
+    assert by[(name, 0)]["compression"] > 1.5, by[(name, 0)]
+  assert by[("quest_64", 0)]["phase"] == "decode" and by[("vertical_slash_64", 0)][
+      "phase"] == "prefill"
+
+  # Rerun: nothing to do. Interrupted (last row torn, one row lost): only that one redone.
+  counted.clear()
+  runner.run_grid(model, tok, settings=settings, out=out, **GRID)
+  assert counted == []
+  path = os.path.join(out, "results.jsonl")
+  lines = open(path).read().splitlines()
+  with open(path, "w") as f:
+    f.write("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
+  rows = runner.run_grid(model, tok, settings=settings, out=out, **GRID)
+  assert len(counted) == 1 and len(rows) == len(SETTINGS) * 2
+
+  # Another seed or a changed setting under the same name would mix incomparable rows.
+  with pytest.raises(ValueError, match="another --out"):
+    runner.run_grid(model, tok, settings=settings, out=out, **{**GRID, "seed": 6})
+  changed = runner.parse_settings({**SETTINGS, "quest_64": {"kind": "quest",
+                                                             "token_budget": 32}})
+  with pytest.raises(ValueError, match="new name"):
+    runner.run_grid(model, tok, settings=changed, out=out, **GRID)
+
+  md = report.write_report(rows, out, model_cfg=model.cfg, settings=SETTINGS)
+  text = open(md).read()
+  assert "quest_64" in text and "max compression" in text
+  for png in ("prefill_700.png", "decode_700.png", "flops.png"):
+    assert os.path.getsize(os.path.join(out, png)) > 1000
+  summary = json.load(open(os.path.join(out, "summary.json")))
+  flops = {c["setting"]: c["flops"] for c in summary["cells"]}
+  assert flops["quest_64"]["decode"] < flops["dense"]["decode"]
+  assert flops["vertical_slash_64"]["prefill"] < flops["dense"]["prefill"]
+
+
+def test_sign_test_and_max_compression():
+  assert report.sign_test([1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]) == 1.0
+  # Dense right on 6 prompts where the method is wrong: p = 0.5 ** 6.
+  assert report.sign_test([1] * 6 + [0] * 4, [0] * 6 + [0] * 4) == pytest.approx(0.5 ** 6)
+  assert report.sign_test([0, 0, 1], [1, 1, 0]) > 0.5  # The method is better: no loss.
+  rows = []
+  for setting, kind, comp, scores in (("dense", "dense", 1.0, [1] * 8),
+                                      ("q4", "quest", 4.0, [1] * 7 + [0]),
+                                      ("q16", "quest", 16.0, [0] * 8)):
+    rows += [{"setting": setting, "kind": kind, "phase": "dense" if kind == "dense" else "decode",
+              "task": "t", "length": 8, "index": i, "score": s, "compression": comp,
+              "sparsity": 1 - 1 / comp, "prompt_tokens": 8, "new_tokens": 2, "seconds": 0.1}
+             for i, s in enumerate(scores)]
+  cells = {c["setting"]: c for c in report.summarize(rows)}
+  assert cells["q4"]["retains"] and not cells["q16"]["retains"]
+  assert cells["q16"]["p_value"] == pytest.approx(0.5 ** 8)
+  assert report.max_compression(cells.values()) == {("quest", "t", 8): 4.0}
+
+
+def test_parse_settings_needs_one_dense_and_known_kinds():
+  with pytest.raises(ValueError, match="exactly one dense"):
+    runner.parse_settings({"q": {"kind": "quest"}})
+  with pytest.raises(ValueError, match="neither a prefill"):
+    runner.parse_settings({"dense": {"kind": "dense"}, "r": {"kind": "routing"}})
+
+
+def test_launcher_refuses_unknown_settings_before_loading_a_model(tmp_path):
+  cmd = [sys.executable, os.path.join(ROOT, "launch", "frontier.py"),
+         "--config=" + os.path.join(ROOT, "configs", "frontier.py"), f"--out={tmp_path}",
+         "--only=quest_999"]
+  done = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=120)
+  assert done.returncode == 2 and "quest_999" in done.stderr, done.stderr
+  np.testing.assert_equal(os.listdir(tmp_path), [])
