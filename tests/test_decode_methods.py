@@ -176,7 +176,7 @@ def test_bad_options_name_the_fix(kind, opts):
     core_of(kind, **opts)
 
 
-LM = dict(vocab_size=260, num_layers=2, d_model=32, num_heads=N, num_kv_heads=KH, head_dim=D,
+LM = dict(vocab_size=260, num_layers=1, d_model=32, num_heads=N, num_kv_heads=KH, head_dim=D,
           mlp_dim=64, max_len=128)
 
 
