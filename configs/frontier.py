@@ -4,7 +4,10 @@ r"""The Sparse Frontier grid on SmolLM2-135M-Instruct (the embedded real model),
   python launch/frontier.py --config=configs/frontier.py --out=runs/frontier --report_only
 
 Arguments (``--config=configs/frontier.py:ARG``): ``runlocal`` shrinks the grid to a
-minutes-long smoke run (2 samples, 1 task, 3 settings, 1024 tokens).
+minutes-long smoke run (2 samples, 1 task, 3 settings, 1024 tokens); ``moa`` adds MoA
+plans (docs/results/moa_smollm2/, found by launch/moa.py) and uniform sink + window
+plans at 50% and 25% KV (run them into the same --out with --only=moa_50,...). MoA needs
+plan paths relative to the repository root (run from there).
 
 Settings are ``config.model.attention`` dicts by name (exactly one dense: the baseline);
 prefill kinds (vertical_slash, flexprefill, block_topk, pbs, anchor) sparsify the prefill,
@@ -54,7 +57,16 @@ def get_config(arg: str | None = None):
       "snapkv_192": {"kind": "snapkv", "token_capacity": 192, "local_window": 64},
       "ada_snapkv_192": {"kind": "ada_snapkv", "token_capacity": 192, "local_window": 64},
   })
-  if arg == "runlocal":
+  if arg == "moa":  # MoA plans found by launch/moa.py for SmolLM2, and uniform windows.
+    plans = "docs/results/moa_smollm2"
+    c.settings.update({
+        "moa_50": {"kind": "moa", "plan": f"{plans}/plan_50.json"},
+        "moa_rh15_50": {"kind": "moa", "plan": f"{plans}/plan_50_rh15.json"},
+        "uniform_50": {"kind": "moa", "plan": f"{plans}/uniform_50.json"},
+        "moa_25": {"kind": "moa", "plan": f"{plans}/plan_25.json"},
+        "uniform_25": {"kind": "moa", "plan": f"{plans}/uniform_25.json"},
+    })
+  elif arg == "runlocal":
     c.lengths = (1024,)
     c.tasks = ("passkey",)
     c.num_samples = 2
@@ -65,5 +77,5 @@ def get_config(arg: str | None = None):
         "quest_128": {"kind": "quest", "token_budget": 128},
     })
   elif arg:
-    raise ValueError(f"configs/frontier.py takes 'runlocal' or nothing, got {arg!r}")
+    raise ValueError(f"configs/frontier.py takes 'moa', 'runlocal' or nothing, got {arg!r}")
   return c

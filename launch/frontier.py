@@ -73,7 +73,9 @@ def main(argv):
   options = {t: dict(config.task_options.get(t, {})) for t in tasks}
   from sparsity_jax.checkpoints import load_pretrained
 
-  model, tokenizer = load_pretrained(config.model, scan_layers=True)
+  # MoA plans differ per layer (unscanned layers); everything else compiles faster scanned.
+  scan = not any(s.kind == "moa" for s in settings)
+  model, tokenizer = load_pretrained(config.model, scan_layers=scan)
   longest = max(lengths)
   if longest > model.cfg.max_len:
     raise UserError(f"config.lengths reach {longest} tokens but {config.model} holds "

@@ -108,7 +108,7 @@ def test_sign_test_and_max_compression():
   assert report.max_compression(cells.values()) == {("quest", "t", 8): 4.0}
 
 
-@pytest.mark.parametrize("arg", [None, "runlocal"])
+@pytest.mark.parametrize("arg", [None, "runlocal", "moa"])
 def test_frontier_config_is_valid(arg):
   """configs/frontier.py: one dense setting, known kinds and tasks, valid task options,
   and every setting builds its attention core."""
@@ -123,14 +123,48 @@ def test_frontier_config_is_valid(arg):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config(arg)
-  settings = runner.parse_settings({k: dict(v) for k, v in c.settings.items()})
+  cwd = os.getcwd()
+  try:
+    os.chdir(ROOT)
+    settings = runner.parse_settings({k: dict(v) for k, v in c.settings.items()})
+  finally:
+    os.chdir(cwd)
   assert set(c.tasks) <= set(frontier.TASKS + frontier.EXTRA_TASKS)
   for task, options in c.task_options.items():
     base.resolve_options(task, dict(options))
-  for s in settings:
-    cfg = ModelConfig(vocab_size=260, num_layers=1, d_model=32, num_heads=9, num_kv_heads=3,
-                      head_dim=8, mlp_dim=64, max_len=4096, attention=s.attention)
-    make_attention_core(cfg, 0, nnx.Rngs(0))
+  for s in settings:  # SmolLM2's head layout (MoA plans are for its 30 layers).
+    cfg = ModelConfig(vocab_size=260, num_layers=30, d_model=32, num_heads=9, num_kv_heads=3,
+                      head_dim=8, mlp_dim=64, max_len=4096, attention=s.attention,
+                      scan_layers=s.kind != "moa")
+    with_root = os.getcwd()
+    try:
+      os.chdir(ROOT)  # Plan paths are relative to the repository root.
+      make_attention_core(cfg, 0, nnx.Rngs(0))
+    finally:
+      os.chdir(with_root)
+  if arg == "moa":
+    assert {s.method for s in settings} >= {"moa", "uniform"}
+
+
+def test_moa_and_uniform_settings_report_their_kv_fraction(tmp_path):
+  """A uniform sink + window plan runs in the grid as method 'uniform' (phase 'both'),
+  with compression = keys read / keys seen at the last decode step."""
+  from sparsity_jax.moa import plan as plan_lib
+
+  cfg = ModelConfig(vocab_size=260, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
+                    head_dim=8, mlp_dim=64, max_len=1024, scan_layers=False)
+  plan = plan_lib.uniform_plan(2, 2, 4, alpha=-16, beta=0.25, sink=16, max_length=1024,
+                               min_window=16, kind="uniform")
+  path = str(tmp_path / "uniform.json")
+  plan_lib.save_plan(plan, path)
+  settings = runner.parse_settings({"dense": {"kind": "dense"},
+                                    "u25": {"kind": "moa", "plan": path, "block_size": 16}})
+  assert [(s.phase, s.method) for s in settings] == [("dense", "dense"), ("both", "uniform")]
+  rows = runner.run_grid(TransformerLM(cfg, rngs=nnx.Rngs(0)), ByteTokenizer(),
+                         settings=settings, out=str(tmp_path / "g"),
+                         **{**GRID, "lengths": [600], "num_samples": 1})
+  u = [r for r in rows if r["setting"] == "u25"][0]
+  assert u["kind"] == "uniform" and 3.0 < u["compression"] < 4.5, u
 
 
 def test_parse_settings_needs_one_dense_and_known_kinds():

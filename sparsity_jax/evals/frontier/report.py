@@ -99,7 +99,8 @@ def flops(model_cfg, cell: dict, attention: dict) -> dict:
   kind = attention.get("kind", "dense")
   pair = 4 * n * h * L
   pairs = t * (t + 1) / 2
-  prefill_kept = 1.0 - cell["sparsity"] if cell["phase"] == "prefill" else 1.0
+  # MoA / uniform windows ('both'): the window fraction in the prefill and in decoding.
+  prefill_kept = 1.0 - cell["sparsity"] if cell["phase"] in ("prefill", "both") else 1.0
   index = 0.0
   if kind in ("vertical_slash", "flexprefill"):
     last = attention.get("last_q", 256 if kind == "vertical_slash" else attention.get(
@@ -111,7 +112,7 @@ def flops(model_cfg, cell: dict, attention: dict) -> dict:
   elif kind in ("snapkv", "ada_snapkv"):
     index = 2 * n * h * L * min(attention.get("window", 256), t) * t
   prefill = t * linear + head + pair * prefill_kept * pairs + index
-  read = 1.0 - cell["sparsity"] if cell["phase"] == "decode" else 1.0
+  read = 1.0 - cell["sparsity"] if cell["phase"] in ("decode", "both") else 1.0
   steps = max(new - 1, 0)  # The first new token comes out of the prefill.
   context = t + steps / 2  # Mean keys before a decode step.
   per_step = linear + head + pair * read * context
@@ -194,7 +195,7 @@ def _plots(cells: Sequence[dict], out: str) -> list[str]:
   tasks = sorted({c["task"] for c in cells})
   for length in sorted({c["length"] for c in cells}):
     for phase in ("prefill", "decode"):
-      here = [c for c in cells if c["length"] == length and c["phase"] == phase]
+      here = [c for c in cells if c["length"] == length and c["phase"] in (phase, "both")]
       if not here:
         continue
       cols = min(len(tasks), 3)
@@ -223,7 +224,8 @@ def _plots(cells: Sequence[dict], out: str) -> list[str]:
       for ax in axes.ravel()[len(tasks):]:
         ax.axis("off")
       axes.ravel()[0].legend(fontsize=7)
-      fig.suptitle(f"{phase} methods, {length} tokens (x: significantly below dense)")
+      fig.suptitle(f"{phase} methods (and MoA / uniform windows, which sparsify both), "
+                   f"{length} tokens; x: significantly below dense", fontsize=9)
       fig.tight_layout()
       path = os.path.join(out, f"{phase}_{length}.png")
       fig.savefig(path, dpi=110)
@@ -237,7 +239,7 @@ def _plots(cells: Sequence[dict], out: str) -> list[str]:
     for (setting, phase, length), cs in sorted(per_setting.items()):
       x = np.mean([c["flops"]["total"] for c in cs])
       y = np.mean([c["score"] for c in cs])
-      marker = {"dense": "*", "prefill": "o", "decode": "s"}[phase]
+      marker = {"dense": "*", "prefill": "o", "decode": "s", "both": "D"}[phase]
       ax.scatter(x, y, marker=marker, s=60 if phase == "dense" else 30)
       ax.annotate(f"{setting} @{length}", (x, y), fontsize=6)
     ax.set_xscale("log")

@@ -44,22 +44,36 @@ class Setting:
 
   @property
   def phase(self) -> str:
+    """'dense', 'prefill', 'decode', or 'both' (MoA / uniform windows: a static sparse
+    pattern in the prefill and a smaller cache in decoding)."""
     if self.kind == "dense":
       return "dense"
     if self.kind in PREFILL_KINDS:
       return "prefill"
     if self.kind in DECODE_KINDS:
       return "decode"
+    if self.kind == "moa":
+      return "both"
     raise ValueError(f"setting {self.name!r}: attention kind {self.kind!r} is neither a prefill "
-                     f"({', '.join(PREFILL_KINDS)}) nor a decode ({', '.join(DECODE_KINDS)}) "
-                     "method")
+                     f"({', '.join(PREFILL_KINDS)}), a decode ({', '.join(DECODE_KINDS)}) nor "
+                     "a MoA method")
+
+  @property
+  def method(self) -> str:
+    """The method a report groups by: the kind, or 'uniform' for a MoA plan with one rule
+    for every head (``plan_lib.uniform_plan``, meta kind 'uniform')."""
+    if self.kind == "moa":
+      from sparsity_jax.moa import plan as plan_lib
+      meta = plan_lib.load_plan(self.attention.get("plan", "")).meta
+      return "uniform" if meta.get("kind") == "uniform" else "moa"
+    return self.kind
 
 
 def parse_settings(settings: dict) -> list[Setting]:
   """``{name: attention dict}`` -> Settings; exactly one must be dense (the baseline)."""
   out = [Setting(str(name), dict(att)) for name, att in settings.items()]
   for s in out:
-    s.phase  # noqa: B018  (validates the kind)
+    s.phase, s.method  # noqa: B018  (validate the kind, and a MoA plan's file)
   dense = [s.name for s in out if s.phase == "dense"]
   if len(dense) != 1:
     raise ValueError(f"the grid needs exactly one dense setting (the baseline), got {dense}")
@@ -84,11 +98,18 @@ def row_key(row: dict) -> tuple:
   return (row["setting"], row["task"], int(row["length"]), int(row["index"]))
 
 
-def compression_of(setting: Setting, model) -> tuple[float, float]:
-  """(sparsity, compression) of the model's last generation under ``setting``."""
+def compression_of(setting: Setting, model, cache_len: int, seen: int) -> tuple[float, float]:
+  """(sparsity, compression) of the model's last generation under ``setting``.
+
+  ``cache_len``: the length the cache was made for (MoA's windows are the plan's at that
+  N); ``seen``: the keys up to the last decoded position."""
   if setting.phase == "dense":
     return 0.0, 1.0
-  if setting.phase == "prefill":
+  if setting.phase == "both":  # Keys a decode step reads at the cache's length N.
+    from sparsity_jax.layers.moa import moa_cores
+    kept = float(np.mean([np.minimum(c.capacities(cache_len), seen) / seen
+                          for c in moa_cores(model)]))
+  elif setting.phase == "prefill":
     from sparsity_jax.layers.prefill import prefill_stats
     kept = prefill_stats(model)["density"]
   else:
@@ -185,8 +206,9 @@ def run_grid(model, tokenizer, *, settings: Sequence[Setting], tasks: Sequence[s
                                          timings=timings)
             new = [int(x) for x in tokens[0, len(sample.tokens):] if int(x) != tokenizer.eos_id]
             text = decode_text(tokenizer, new)
-            sparsity, compression = compression_of(setting, m)
-            row = {"setting": setting.name, "kind": setting.kind, "phase": setting.phase,
+            sparsity, compression = compression_of(
+                setting, m, len(sample.tokens) + int(sample.max_new_tokens), tokens.shape[1] - 1)
+            row = {"setting": setting.name, "kind": setting.method, "phase": setting.phase,
                    "task": task, "length": int(length), "index": i,
                    "prompt_tokens": len(sample.tokens), "score": float(frontier.score(sample, text)),
                    "output": text, "gold": sample.gold, "sparsity": sparsity,
