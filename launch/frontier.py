@@ -38,6 +38,36 @@ def _items(value) -> list[str]:
   return [x.strip() for item in value for x in str(item).split(",") if x.strip()]
 
 
+def _check_before_running(model, tokenizer, settings, tasks, lengths, options, config):
+  """Every setting builds its core on this model, and every sample of every task fits its
+  length and, with its answer, the model's context: before the first generation."""
+  import dataclasses
+
+  from flax import nnx
+
+  from sparsity_jax.evals import frontier
+  from sparsity_jax.layers.attention import make_attention_core
+
+  for s in settings:
+    try:
+      make_attention_core(dataclasses.replace(model.cfg, attention=dict(s.attention)), 0,
+                          nnx.Rngs(0))
+    except (ValueError, FileNotFoundError) as e:
+      raise UserError(f"setting {s.name}: {e}") from e
+  for task in tasks:
+    for n in lengths:
+      try:
+        samples = frontier.make_samples(task, tokenizer, n, num_samples=int(config.num_samples),
+                                        seed=int(config.seed), chat=config.chat,
+                                        **options[task])
+      except ValueError as e:
+        raise UserError(f"{task} @ {n} tokens: {e}") from e
+      need = max(len(x.tokens) + int(x.max_new_tokens) for x in samples)
+      if need > model.cfg.max_len:
+        raise UserError(f"{task} @ {n} tokens: a prompt and its answer need {need} tokens, "
+                        f"but {config.model} holds {model.cfg.max_len}; use a shorter length")
+
+
 def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {argv[1:]}")
@@ -53,6 +83,8 @@ def main(argv):
     settings = runner.parse_settings({k: dict(v) for k, v in config.settings.items()})
   except ValueError as e:
     raise UserError(f"config.settings: {e}") from e
+  if _ONLY.value is not None and not _ONLY.value:
+    raise UserError("--only is empty: name settings of the config, or leave it out")
   if _ONLY.value:
     unknown = sorted(set(_ONLY.value) - {s.name for s in settings})
     if unknown:
@@ -76,23 +108,15 @@ def main(argv):
   # MoA plans differ per layer (unscanned layers); everything else compiles faster scanned.
   scan = not any(s.kind == "moa" for s in settings)
   model, tokenizer = load_pretrained(config.model, scan_layers=scan)
-  longest = max(lengths)
-  if longest > model.cfg.max_len:
-    raise UserError(f"config.lengths reach {longest} tokens but {config.model} holds "
-                    f"{model.cfg.max_len}")
-  for task in tasks:  # Every task fits every length before any generation starts.
-    for n in lengths:
-      try:
-        frontier.make_samples(task, tokenizer, n, num_samples=1, seed=config.seed,
-                              chat=config.chat, **options[task])
-      except ValueError as e:
-        raise UserError(f"{task} @ {n} tokens: {e}") from e
+  if not _REPORT_ONLY.value:
+    _check_before_running(model, tokenizer, settings, tasks, lengths, options, config)
   rows = []
   if not _REPORT_ONLY.value:
     try:
       rows = runner.run_grid(model, tokenizer, settings=settings, tasks=tasks, lengths=lengths,
                              num_samples=int(config.num_samples), out=_OUT.value,
-                             seed=int(config.seed), chat=config.chat, task_options=options)
+                             seed=int(config.seed), chat=config.chat, task_options=options,
+                             model_name=str(config.model))
     except ValueError as e:
       raise UserError(str(e)) from e
   else:

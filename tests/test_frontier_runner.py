@@ -70,17 +70,34 @@ def test_tiny_grid_runs_resumes_and_reports(tiny, tmp_path, counted):
   rows = runner.run_grid(model, tok, settings=settings, out=out, **GRID)
   assert len(counted) == 1 and len(rows) == len(SETTINGS) * 2
 
-  # Another seed or a changed setting under the same name would mix incomparable rows.
+  # Another seed, model or task options, a changed setting under the same name, or a
+  # renamed baseline would mix incomparable rows.
   with pytest.raises(ValueError, match="another --out"):
     runner.run_grid(model, tok, settings=settings, out=out, **{**GRID, "seed": 6})
+  with pytest.raises(ValueError, match="another --out"):
+    runner.run_grid(model, tok, settings=settings, out=out, model_name="other", **GRID)
+  with pytest.raises(ValueError, match="another --out"):
+    runner.run_grid(model, tok, settings=settings, out=out,
+                    **{**GRID, "task_options": {"passkey": {"explain": True}}})
   changed = runner.parse_settings({**SETTINGS, "quest_64": {"kind": "quest",
                                                              "token_budget": 32}})
   with pytest.raises(ValueError, match="new name"):
     runner.run_grid(model, tok, settings=changed, out=out, **GRID)
+  renamed = runner.parse_settings({"baseline": {"kind": "dense"}})
+  with pytest.raises(ValueError, match="baseline's name"):
+    runner.run_grid(model, tok, settings=renamed, out=out, **GRID)
+  # A setting without rows may change; a task may be added (nothing to run: 0 samples).
+  runner.run_grid(model, tok, settings=runner.parse_settings(
+      {"dense": {"kind": "dense"}, "unused": {"kind": "quest", "token_budget": 32}}), out=out,
+      **{**GRID, "num_samples": 0})
+  runner.run_grid(model, tok, settings=runner.parse_settings(
+      {"dense": {"kind": "dense"}, "unused": {"kind": "quest", "token_budget": 48}}), out=out,
+      **{**GRID, "num_samples": 0, "tasks": ["passkey", "kv_retrieval"]})
 
   md = report.write_report(rows, out, model_cfg=model.cfg, settings=SETTINGS)
   text = open(md).read()
   assert "quest_64" in text and "max compression" in text
+  assert "x ?)" in text  # 2 prompts: no loss could be significant, so nothing is claimed.
   for png in ("prefill_700.png", "decode_700.png", "flops.png"):
     assert os.path.getsize(os.path.join(out, png)) > 1000
   summary = json.load(open(os.path.join(out, "summary.json")))
@@ -103,9 +120,15 @@ def test_sign_test_and_max_compression():
               "sparsity": 1 - 1 / comp, "prompt_tokens": 8, "new_tokens": 2, "seconds": 0.1}
              for i, s in enumerate(scores)]
   cells = {c["setting"]: c for c in report.summarize(rows)}
-  assert cells["q4"]["retains"] and not cells["q16"]["retains"]
+  assert cells["q4"]["retains"] is True and cells["q16"]["retains"] is False
   assert cells["q16"]["p_value"] == pytest.approx(0.5 ** 8)
   assert report.max_compression(cells.values()) == {("quest", "t", 8): 4.0}
+  # Four prompts cannot show a loss (0.5 ** 4 > 0.05): untested, not "retains".
+  few = [r for r in rows if r["index"] < 4]
+  assert all(c["retains"] is None for c in report.summarize(few) if c["phase"] != "dense")
+  assert report.max_compression(report.summarize(few)) == {}
+  with pytest.raises(ValueError, match="several dense"):
+    report.summarize(rows + [{**rows[0], "setting": "dense2"}])
 
 
 @pytest.mark.parametrize("arg", [None, "runlocal", "moa"])

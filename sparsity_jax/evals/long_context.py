@@ -435,6 +435,13 @@ def score_prompts(model, tokenizer, prompts: Sequence[Prompt], *, new_tokens: in
   """
   if new_tokens < 1:
     raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
+  from sparsity_jax.layers.decode_methods import SnapKVAttention, decode_cores
+  if any(isinstance(c, SnapKVAttention) for c in decode_cores(model)):
+    # The context's prefill would compress the cache before the question arrives, so
+    # SnapKV's observation window would not hold the question it is meant to read.
+    raise ValueError("score_prompts forks one context prefill per question, which changes "
+                     "what SnapKV keeps; run whole prompts through generation.generate "
+                     "(evals/frontier does)")
   graphdef, state = nnx.split(model)
   groups: dict[tuple, list[int]] = {}
   for i, p in enumerate(prompts):

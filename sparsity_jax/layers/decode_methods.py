@@ -26,8 +26,14 @@ Config keys (``config.model.attention``), defaults from the Sparse Frontier's ya
   snapkv:      ``token_capacity`` (1024), ``window`` (256, their approximation_window),
                ``kernel_size`` (21), ``local_window`` (128), ``prefix_tokens`` (4),
                ``decode_room`` (None: the cache has max_len slots per head; an int makes it
-               capacity + decode_room slots, the memory saving, and decoding more than
-               decode_room tokens after a long prompt gives NaN, as a cache overflow does).
+               capacity + decode_room slots, the memory saving: after a prompt of at least
+               token_capacity tokens, decode_room decode steps fit (decode_room + 1 new
+               tokens, the first comes from the prefill); more is a cache overflow:
+               CacheOverflowError when called eagerly, NaN under jit, and
+               ``generation.generate`` raises).
+  Every core: ``decode_implementation`` (the ragged decode kernel's backend, snapkv /
+  ada_snapkv; None = platform default), and DenseAttention's keys for the dense prefill.
+  Unknown keys are refused.
   ada_snapkv:  as snapkv, and ``min_head_capacity_ratio`` (0.2).
 
 Legend: b batch, t new tokens, s cache slots, n query heads, k kv heads, h head dim.
@@ -43,7 +49,8 @@ import numpy as np
 from flax import nnx
 
 from pallas_kernels import decode as decode_lib
-from sparsity_jax.layers.attention import (DenseAttention, _grouped_attention, check_cache_room,
+from sparsity_jax.layers.attention import (CacheOverflowError, DenseAttention,
+                                           _grouped_attention, check_cache_room,
                                            poison_on_overflow, register_attention)
 from sparsity_jax.patterns import quest as quest_lib
 from sparsity_jax.patterns import snapkv as snapkv_lib
@@ -61,8 +68,17 @@ class SparseDecodeAttention(DenseAttention):
 
   method = "decode"
 
+  # Config keys every core takes (DenseAttention's, and the kernels'); each core adds its own.
+  COMMON_OPTIONS = ("kind", "dense_kernel", "flash_min_len", "implementation",
+                    "decode_implementation")
+  OPTIONS: tuple = ()
+
   def __init__(self, model_config: Any, *, layer_index: int | None, rngs: nnx.Rngs):
     super().__init__(model_config, layer_index=layer_index, rngs=rngs)
+    unknown = sorted(set(model_config.attention) - set(self.COMMON_OPTIONS + self.OPTIONS))
+    if unknown:  # E.g. snapkv's token_capacity given to quest would silently do nothing.
+      raise ValueError(f"{self.method}: unknown config.model.attention key(s) {unknown}; "
+                       f"its keys: {', '.join(self.OPTIONS)}")
     self.num_heads = int(model_config.num_heads)
     self.num_kv_heads = int(model_config.num_kv_heads)
     self.kv_read = DecodeStats(jnp.ones((self.num_heads,), jnp.float32))
@@ -70,12 +86,30 @@ class SparseDecodeAttention(DenseAttention):
   def _option(self, model_config, name, default):
     return model_config.attention.get(name, default)
 
+  def _flag(self, model_config, name, default) -> bool:
+    value = self._option(model_config, name, default)
+    if not isinstance(value, (bool, np.bool_)):
+      raise ValueError(f"{self.method}: {name} must be true or false, got {value!r}")
+    return bool(value)
+
+  def _count(self, model_config, name, default) -> int:
+    """A non-negative int option (a ValueError naming it otherwise)."""
+    value = self._option(model_config, name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+      raise ValueError(f"{self.method}: {name} must be an int >= 0, got {value!r}")
+    return int(value)
+
+  def _dense_read(self):
+    """A prefill or chunk reads every key: the statistics describe no decode step."""
+    self.kv_read.set_value(jnp.ones((self.num_heads,), jnp.float32))
+
 
 @register_attention("quest")
 class QuestAttention(SparseDecodeAttention):
   """Quest page selection over a full KV cache (see the module docstring)."""
 
   method = "Quest"
+  OPTIONS = ("token_budget", "page_size", "share_pages")
 
   def __init__(self, model_config: Any, *, layer_index: int | None, rngs: nnx.Rngs):
     super().__init__(model_config, layer_index=layer_index, rngs=rngs)
@@ -86,7 +120,7 @@ class QuestAttention(SparseDecodeAttention):
       raise ValueError(f"Quest: token_budget ({self.token_budget}) must be a multiple of "
                        f"page_size ({self.page_size})")
     self.page_budget = self.token_budget // self.page_size
-    self.share_pages = bool(self._option(model_config, "share_pages", True))
+    self.share_pages = self._flag(model_config, "share_pages", True)
 
   def init_cache(self, batch: int, max_len: int, *, num_kv_heads: int, head_dim: int, dtype):
     """The dense cache (slots rounded up to whole pages) and per-page key bounds
@@ -106,6 +140,7 @@ class QuestAttention(SparseDecodeAttention):
       o_btnh, new = DenseAttention.cached_call(self, q_btnh, k_btkh, v_btkh,
                                                positions_bt=positions_bt, cache=dense_cache)
       kmin, kmax = quest_lib.page_bounds(new["k"], new["end"], self.page_size)
+      self._dense_read()
       return o_btnh, {**new, "kmin": kmin, "kmax": kmax}
     end = cache["end"]  # The decoded token's slot and position.
     overflow = check_cache_room(end, 1, self.cache_capacity(cache))
@@ -157,6 +192,8 @@ class SnapKVAttention(SparseDecodeAttention):
 
   method = "SnapKV"
   adaptive = False
+  OPTIONS = ("token_capacity", "window", "kernel_size", "local_window", "prefix_tokens",
+             "decode_room")
 
   def __init__(self, model_config: Any, *, layer_index: int | None, rngs: nnx.Rngs):
     super().__init__(model_config, layer_index=layer_index, rngs=rngs)
@@ -164,15 +201,13 @@ class SnapKVAttention(SparseDecodeAttention):
     self.token_capacity = check_positive("token_capacity", get("token_capacity", 1024))
     self.window = check_positive("window", get("window", 256))
     self.kernel_size = check_positive("kernel_size", get("kernel_size", 21))
-    self.local_window = int(get("local_window", 128))
-    self.prefix_tokens = int(get("prefix_tokens", 4))
+    self.local_window = self._count(model_config, "local_window", 128)
+    self.prefix_tokens = self._count(model_config, "prefix_tokens", 4)
     self.decode_room = check_positive("decode_room", get("decode_room", None), allow_none=True)
     self.decode_implementation = get("decode_implementation", None)
     if self.kernel_size % 2 == 0:
       raise ValueError(f"{self.method}: kernel_size must be odd (a centred pooling window), "
                        f"got {self.kernel_size}")
-    if self.local_window < 0 or self.prefix_tokens < 0:
-      raise ValueError(f"{self.method}: local_window and prefix_tokens must be >= 0")
     if self.token_capacity <= self.local_window + self.prefix_tokens:
       raise ValueError(f"{self.method}: token_capacity ({self.token_capacity}) must exceed "
                        f"local_window + prefix_tokens ({self.local_window} + "
@@ -204,7 +239,8 @@ class SnapKVAttention(SparseDecodeAttention):
             "end": jnp.zeros((), jnp.int32), "capacity": jnp.asarray(max_len, jnp.int32)}
 
   def cache_capacity(self, cache):
-    return cache["capacity"]
+    # Stacked layers (scan_layers) hold one capacity per layer, all equal.
+    return cache["capacity"].reshape(-1)[0]
 
   def cached_call(self, q_btnh, k_btkh, v_btkh, *, positions_bt, cache):
     t = q_btnh.shape[1]
@@ -215,8 +251,15 @@ class SnapKVAttention(SparseDecodeAttention):
     else:
       o_btnh, new_cache = jax.lax.cond(cache["end"] == 0, self._prefill_empty, self._append,
                                        *args)
-    # A head whose slots ran out (decode_room too small) poisons the output, as overflow does.
-    overflow = jnp.logical_or(overflow, jnp.any(new_cache["lengths"] > cache["k"].shape[2]))
+      self._dense_read()
+    # A head whose slots ran out (decode_room too small) is an overflow too.
+    slots_out = jnp.any(new_cache["lengths"] > cache["k"].shape[2])
+    if not isinstance(slots_out, jax.core.Tracer) and bool(slots_out):
+      raise CacheOverflowError(
+          f"{self.method}: the compressed cache has {cache['k'].shape[2]} slots per head "
+          f"(token_capacity + decode_room={self.decode_room}) and this call needs more: "
+          "raise decode_room or leave it unset")
+    overflow = jnp.logical_or(overflow, slots_out)
     return poison_on_overflow(o_btnh, overflow), new_cache
 
   def _prefill_empty(self, q_btnh, k_btkh, v_btkh, positions_bt, cache):
@@ -290,13 +333,15 @@ class AdaSnapKVAttention(SnapKVAttention):
 
   method = "Ada-SnapKV"
   adaptive = True
+  OPTIONS = SnapKVAttention.OPTIONS + ("min_head_capacity_ratio",)
 
   def __init__(self, model_config: Any, *, layer_index: int | None, rngs: nnx.Rngs):
     super().__init__(model_config, layer_index=layer_index, rngs=rngs)
-    ratio = float(self._option(model_config, "min_head_capacity_ratio", 0.2))
-    if not 0.0 <= ratio <= 1.0:
+    ratio = self._option(model_config, "min_head_capacity_ratio", 0.2)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float, np.number)) or not (
+        0.0 <= ratio <= 1.0):
       raise ValueError(f"Ada-SnapKV: min_head_capacity_ratio must be in [0, 1], got {ratio}")
-    self.min_ratio = ratio
+    self.min_ratio = float(ratio)
 
   def head_slots(self, max_len: int) -> int:
     return min(max_len, snapkv_lib.max_head_capacity(

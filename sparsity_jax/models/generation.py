@@ -50,6 +50,8 @@ def _step(graphdef, params, rest, cache, tokens_bt, key, temperature, top_p):
   model.eval()  # Generation never updates stateful layers (e.g. routing centroids).
   logits_btv, cache = model.decode(tokens_bt, cache, last_only=True)
   next_b = sample(logits_btv[:, -1], key, temperature, top_p)
+  # NaN logits are a poisoned cache (attention.check_cache_room): -1 marks them.
+  next_b = jnp.where(jnp.isnan(logits_btv[:, -1]).any(axis=-1), -1, next_b)
   return next_b, cache, nnx.state(model, nnx.Not(nnx.Param))
 
 
@@ -165,6 +167,7 @@ def generate(model: nnx.Module, prompt_bt, max_new_tokens: int, *, temperature: 
   for i in range(max_new_tokens):
     if watch:
       host_b = np.asarray(token_b)
+      _check_not_poisoned(host_b, i)
       if eos_id is not None:
         host_b = np.where(done_b, eos_id, host_b)
         done_b |= host_b == eos_id
@@ -181,7 +184,18 @@ def generate(model: nnx.Module, prompt_bt, max_new_tokens: int, *, temperature: 
     timings["decode_s"] = time.perf_counter() - start
     timings["new_tokens"] = len(out)
   nnx.update(model, rest)
-  return np.asarray(jnp.concatenate([prompt_bt, jnp.stack(out, axis=1)], axis=1))
+  new_bn = np.asarray(jnp.stack(out, axis=1))
+  _check_not_poisoned(new_bn, int(np.argmax((new_bn < 0).any(axis=0))))
+  return np.concatenate([np.asarray(prompt_bt), new_bn], axis=1)
+
+
+def _check_not_poisoned(tokens, i: int) -> None:
+  if (np.asarray(tokens) < 0).any():
+    from sparsity_jax.layers.attention import CacheOverflowError
+    raise CacheOverflowError(
+        f"new token {i} came from NaN logits: a KV cache overflowed (a core's cache holds "
+        "fewer tokens than this generation needs, e.g. snapkv's decode_room) or the model "
+        "produced NaN; give the cache more room")
 
 
 @dataclasses.dataclass

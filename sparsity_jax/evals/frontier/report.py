@@ -47,7 +47,11 @@ def summarize(rows: Sequence[dict], alpha: float = ALPHA) -> list[dict]:
   cells: dict[tuple, dict[int, dict]] = collections.defaultdict(dict)
   for r in rows:
     cells[(r["setting"], r["task"], int(r["length"]))][int(r["index"])] = r
-  dense_name = next((r["setting"] for r in rows if r["phase"] == "dense"), None)
+  dense_names = sorted({r["setting"] for r in rows if r["phase"] == "dense"})
+  if len(dense_names) > 1:
+    raise ValueError(f"the rows hold several dense baselines {dense_names}: keep one name "
+                     "for dense per run directory")
+  dense_name = dense_names[0] if dense_names else None
   out = []
   for (setting, task, length), by_index in sorted(cells.items()):
     first = next(iter(by_index.values()))
@@ -61,20 +65,26 @@ def summarize(rows: Sequence[dict], alpha: float = ALPHA) -> list[dict]:
             "seconds": float(np.mean([r["seconds"] for r in by_index.values()]))}
     dense = cells.get((dense_name, task, length), {})
     paired = sorted(set(dense) & set(by_index))
-    if first["phase"] != "dense" and paired:
-      cell["p_value"] = sign_test([dense[i]["score"] for i in paired],
-                                  [by_index[i]["score"] for i in paired])
-      cell["retains"] = cell["p_value"] >= alpha
+    if first["phase"] != "dense":
+      # With n paired prompts the smallest possible p is 0.5 ** n: below
+      # log2(1 / alpha) prompts (5 at 0.05) no loss can be significant, so none is tested.
+      cell["retains"] = None
+      if paired:
+        cell["p_value"] = sign_test([dense[i]["score"] for i in paired],
+                                    [by_index[i]["score"] for i in paired])
+        if 0.5 ** len(paired) < alpha:
+          cell["retains"] = cell["p_value"] >= alpha
     out.append(cell)
   return out
 
 
 def max_compression(cells: Sequence[dict]) -> dict:
   """{(kind, task, length): the largest mean compression of a retaining setting (1.0 when
-  none retains)}."""
+  every tested setting loses)}; cells that could not be tested (no dense rows, or too few
+  prompts) are left out."""
   best: dict[tuple, float] = {}
   for c in cells:
-    if c["phase"] == "dense":
+    if c["phase"] == "dense" or c.get("retains") is None:
       continue
     key = (c["kind"], c["task"], c["length"])
     best.setdefault(key, 1.0)
@@ -144,22 +154,29 @@ def markdown(cells: Sequence[dict], settings_order: Sequence[str]) -> str:
         continue
       text = f"{c['score']:.2f}"
       if c["phase"] != "dense":
-        mark = "" if c.get("retains", True) else " ✗"
+        mark = {True: "", False: " ✗", None: " ?"}[c.get("retains")]
         text += f" ({c['compression']:.1f}x{mark})"
       row.append(text)
     lines.append("| " + " | ".join(row) + " |")
   lines.append("")
-  lines.append("Score: mean over the cell's prompts (exact match; IoU for story_filtering); "
-               "(Nx): mean compression; ✗: significantly worse than dense (one-sided sign "
-               f"test on the paired prompts, p < {ALPHA}).")
+  lines.append("Score: mean over the cell's prompts of the task's metric (exact match; "
+               "fraction of queries right for story_retrieval and ruler_niah; IoU for "
+               "story_filtering, ruler_vt and ruler_cwe); (Nx): mean compression; ✗: "
+               f"significantly worse than dense (one-sided sign test on the paired prompts, "
+               f"p < {ALPHA}); ?: not testable (no dense rows, or fewer than "
+               f"{math.ceil(math.log2(1 / ALPHA))} prompts).")
   return "\n".join(lines)
 
 
 def write_report(rows: Sequence[dict], out: str, *, model_cfg=None,
                  settings: dict | None = None, title: str = "Sparse Frontier grid") -> str:
   """Writes report.md, summary.json and PNG plots into ``out``; returns report.md's path."""
+  if not rows:
+    raise ValueError("no rows to report: run the grid first")
   cells = summarize(rows)
-  order = list(settings) if settings else sorted({c["setting"] for c in cells})
+  present = {c["setting"] for c in cells}
+  order = [s for s in (settings or {}) if s in present]
+  order += sorted(present - set(order))
   best = max_compression(cells)
   if model_cfg is not None and settings:
     for c in cells:
@@ -207,8 +224,8 @@ def _plots(cells: Sequence[dict], out: str) -> list[str]:
         if dense:
           ax.axhline(dense[0]["score"], color="k", ls="--", lw=1, label="dense")
         for kind in sorted({c["kind"] for c in here}):
-          pts = sorted((c["compression"], c["score"], c.get("retains", True)) for c in here
-                       if c["task"] == task and c["kind"] == kind)
+          pts = sorted((c["compression"], c["score"], c.get("retains") is not False)
+                       for c in here if c["task"] == task and c["kind"] == kind)
           if not pts:
             continue
           x, y, keep = zip(*pts)
@@ -241,7 +258,7 @@ def _plots(cells: Sequence[dict], out: str) -> list[str]:
       y = np.mean([c["score"] for c in cs])
       marker = {"dense": "*", "prefill": "o", "decode": "s", "both": "D"}[phase]
       ax.scatter(x, y, marker=marker, s=60 if phase == "dense" else 30)
-      ax.annotate(f"{setting} @{length}", (x, y), fontsize=6)
+      ax.annotate(f"{setting} @{length}", (x, y), fontsize=5, rotation=20)
     ax.set_xscale("log")
     ax.set_xlabel("FLOPs per generation (model + attention + indexing)")
     ax.set_ylabel("mean score over tasks")

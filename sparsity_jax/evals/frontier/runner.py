@@ -120,7 +120,7 @@ def compression_of(setting: Setting, model, cache_len: int, seen: int) -> tuple[
 
 def run_grid(model, tokenizer, *, settings: Sequence[Setting], tasks: Sequence[str],
              lengths: Sequence[int], num_samples: int, out: str, seed: int = 43,
-             chat="auto", task_options: dict | None = None,
+             chat="auto", task_options: dict | None = None, model_name: str | None = None,
              log: Callable[[str], None] = print, progress: bool = True) -> list[dict]:
   """Runs every missing (setting, task, length, sample) and returns all rows of
   ``out/results.jsonl``.
@@ -134,39 +134,58 @@ def run_grid(model, tokenizer, *, settings: Sequence[Setting], tasks: Sequence[s
     num_samples: samples per (task, length), the same prompts for every setting.
     out: run directory (created); results.jsonl and grid.json live there.
     seed, chat, task_options: passed to ``frontier.make_samples`` (options per task name).
+    model_name: recorded in grid.json (default: the model's shape); a rerun with another
+      model is refused.
 
   Raises:
-    ValueError: ``out`` holds a grid made with other tasks' options, seed or chat setting
-      (its rows would not be comparable): use a new directory.
+    ValueError: ``out`` holds a grid made with another model, seed, chat setting or options
+      of a task (its rows would not be comparable), a setting with rows changed under its
+      name, or a dense baseline under another name: use a new directory or name.
   """
   from sparsity_jax.checkpoints.loading import with_attention
   from sparsity_jax.evals import frontier
   from sparsity_jax.evals.long_context import decode as decode_text
   from sparsity_jax.models import generation
 
-  task_options = dict(task_options or {})
+  task_options = {t: dict(task_options.get(t, {})) for t in tasks} if task_options else {
+      t: {} for t in tasks}
   os.makedirs(out, exist_ok=True)
-  identity = {"seed": seed, "chat": chat, "task_options": task_options}
+  c = model.cfg
+  identity = {"seed": seed, "chat": chat, "model": model_name or (
+      f"{c.num_layers} layers, d_model {c.d_model}, {c.num_heads}/{c.num_kv_heads} heads, "
+      f"vocab {c.vocab_size}")}
   grid_path = os.path.join(out, "grid.json")
-  known = {}
+  path = os.path.join(out, "results.jsonl")
+  rows = read_rows(path)
+  known, known_options = {}, {}
   if os.path.exists(grid_path):
     with open(grid_path) as f:
       before = json.load(f)
-    if {k: before.get(k) for k in identity} != json.loads(json.dumps(identity)):
-      raise ValueError(f"{out} holds a grid made with "
-                       f"{ {k: before.get(k) for k in identity} }, not {identity}: its samples "
+    was = {k: before.get(k) for k in identity}
+    if was != json.loads(json.dumps(identity)):
+      raise ValueError(f"{out} holds a grid made with {was}, not {identity}: its samples "
                        "differ from this run's; use another --out")
-    known = before.get("settings", {})
-    for s in settings:  # A name keeps its meaning: its rows would be reused.
+    known_options = before.get("task_options", {})
+    for t in tasks:  # Tasks may be added; a task's options are part of its samples.
+      if t in known_options and known_options[t] != json.loads(json.dumps(task_options[t])):
+        raise ValueError(f"{out} made {t} with options {known_options[t]}, not "
+                         f"{task_options[t]}: use another --out")
+    with_rows = {r["setting"] for r in rows}
+    known = {k: v for k, v in before.get("settings", {}).items() if k in with_rows}
+    for s in settings:  # A name with rows keeps its meaning: its rows would be reused.
       if s.name in known and known[s.name] != json.loads(json.dumps(s.attention)):
         raise ValueError(f"setting {s.name!r} was {known[s.name]} in {out}, now {s.attention}: "
                          "give the changed setting a new name (or use another --out)")
+  dense_now = [s.name for s in settings if s.phase == "dense"]
+  dense_before = sorted({r["setting"] for r in rows if r["phase"] == "dense"} - set(dense_now))
+  if dense_before:
+    raise ValueError(f"{out} has dense rows under {dense_before}, this run calls dense "
+                     f"{dense_now}: keep the baseline's name")
   with open(grid_path, "w") as f:
-    json.dump({**identity, "settings": {**known, **{s.name: s.attention for s in settings}},
+    json.dump({**identity, "task_options": {**known_options, **task_options},
+               "settings": {**known, **{s.name: s.attention for s in settings}},
                "tasks": list(tasks), "lengths": list(lengths), "num_samples": num_samples},
               f, indent=2)
-  path = os.path.join(out, "results.jsonl")
-  rows = read_rows(path)
   if os.path.exists(path):  # Drop a torn last line (an interrupted write) before appending.
     with open(path) as f:
       intact = f.read() == "".join(json.dumps(r) + "\n" for r in rows)
