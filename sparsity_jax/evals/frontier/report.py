@@ -238,9 +238,9 @@ def _plots(cells: Sequence[dict], out: str) -> list[str]:
         ax.set_xlabel("compression (x)")
         ax.set_ylabel("score")
         ax.set_ylim(-0.05, 1.05)
+        ax.legend(fontsize=7)
       for ax in axes.ravel()[len(tasks):]:
         ax.axis("off")
-      axes.ravel()[0].legend(fontsize=7)
       fig.suptitle(f"{phase} methods (and MoA / uniform windows, which sparsify both), "
                    f"{length} tokens; x: significantly below dense", fontsize=9)
       fig.tight_layout()
