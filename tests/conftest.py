@@ -21,3 +21,20 @@ def smollm2():
   """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, loaded once per session."""
   from sparsity_jax.checkpoints import load_pretrained
   return load_pretrained("smollm2")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops every compiled program after each test module. Each XLA CPU executable keeps
+  memory mappings; the whole suite in one process otherwise approaches the kernel's
+  vm.max_map_count (65530 here), and XLA then crashed (segfault) compiling a 2x2x2 sharded
+  program late in the run."""
+  yield
+  import gc
+
+  import jax
+
+  from sparsity_jax.models import generation
+  generation._COMPILED.clear()
+  jax.clear_caches()
+  gc.collect()
