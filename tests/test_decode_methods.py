@@ -11,6 +11,7 @@ from flax import nnx
 from support import make_tiny_config
 
 from sparsity_jax.layers import decode_methods
+from sparsity_jax.layers.attention import make_attention_core
 from sparsity_jax.models import generation
 from sparsity_jax.models import ModelConfig, TransformerLM
 from sparsity_jax.patterns import quest as quest_lib
@@ -34,9 +35,11 @@ def core_of(kind, **opts):
   c = make_tiny_config()
   c.model.num_heads, c.model.num_kv_heads, c.model.head_dim = N, KH, D
   c.model.attention = ml_collections.ConfigDict({"kind": kind, **opts})
-  cls = {"quest": decode_methods.QuestAttention, "snapkv": decode_methods.SnapKVAttention,
-         "ada_snapkv": decode_methods.AdaSnapKVAttention}[kind]
-  return cls(c.model, layer_index=0, rngs=nnx.Rngs(0))
+  core = make_attention_core(c.model, 0, nnx.Rngs(0))
+  assert type(core) is {"quest": decode_methods.QuestAttention,
+                        "snapkv": decode_methods.SnapKVAttention,
+                        "ada_snapkv": decode_methods.AdaSnapKVAttention}[kind]
+  return core
 
 
 @pytest.mark.parametrize("share_pages", [True, False])

@@ -9,6 +9,8 @@ import pytest
 from flax import nnx
 
 from sparsity_jax.layers import rope
+from sparsity_jax.layers.attention import (AttentionCore, attention_kinds, attention_options,
+                                           make_attention_core, register_attention)
 from sparsity_jax.models import ModelConfig, TransformerLM
 
 BASE = dict(vocab_size=260, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -102,6 +104,32 @@ def test_unknown_attention_kind():
   cfg = ModelConfig(**BASE, attention={"kind": "nope"})
   with pytest.raises(ValueError, match="registered kinds: .*dense"):
     TransformerLM(cfg, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("kind", attention_kinds())
+def test_every_core_refuses_unknown_attention_keys(kind):
+  # A misspelt option (here: a key no core reads) must not silently do nothing.
+  cfg = ModelConfig(**BASE, attention={"kind": kind, "top_kk": 3})
+  with pytest.raises(ValueError, match=rf"{kind} takes no key\(s\) \['top_kk'\]"):
+    make_attention_core(cfg, 0, nnx.Rngs(0))
+  assert "kind" in attention_options(kind)
+
+
+def test_a_core_must_declare_its_options():
+  class Undeclared(AttentionCore):
+    pass
+
+  with pytest.raises(TypeError, match="must declare OPTIONS"):
+    register_attention("undeclared_test_core")(Undeclared)
+  assert "undeclared_test_core" not in attention_kinds()
+
+
+def test_core_options_include_inherited_keys():
+  assert {"dense_kernel", "implementation", "dense_len", "top_k"} <= set(
+      attention_options("block_topk"))
+  assert {"token_capacity", "min_head_capacity_ratio", "decode_implementation"} <= set(
+      attention_options("ada_snapkv"))
+  assert "min_head_capacity_ratio" not in attention_options("snapkv")
 
 
 def test_num_params_matches_model():

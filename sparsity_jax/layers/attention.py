@@ -30,7 +30,14 @@ class AttentionCore(nnx.Module):
   carry RoPE; ``positions_bt`` are the absolute positions of the queries (and, for
   self-attention, of the keys). A core may hold state (e.g. k-means centroids) as
   non-``Param`` nnx Variables and may add auxiliary losses with :func:`sow_aux_loss`.
+
+  ``OPTIONS``: the ``config.model.attention`` keys a core class reads itself (besides
+  ``kind``); a core takes those of its base classes too, and
+  :func:`make_attention_core` refuses any other key (a misspelt option would otherwise do
+  nothing). Every registered class declares its own, even when empty.
   """
+
+  OPTIONS: tuple[str, ...] = ()
 
   def __call__(self, q_btnh, k_bskh, v_bskh, *, positions_bt, causal: bool) -> jax.Array:
     raise NotImplementedError  # Abstract: subclasses implement it.
@@ -180,6 +187,9 @@ def register_attention(kind: str):
   def wrap(cls):
     if kind in _REGISTRY:
       raise ValueError(f"attention kind {kind!r} is registered twice")
+    if "OPTIONS" not in cls.__dict__:
+      raise TypeError(f"attention core {cls.__name__} ({kind!r}) must declare OPTIONS: the "
+                      "config.model.attention keys it reads (() for none)")
     _REGISTRY[kind] = cls
     return cls
 
@@ -188,6 +198,14 @@ def register_attention(kind: str):
 
 def attention_kinds() -> tuple[str, ...]:
   return tuple(sorted(_REGISTRY))
+
+
+def attention_options(kind: str) -> tuple[str, ...]:
+  """The ``config.model.attention`` keys the core ``kind`` takes (``kind`` included)."""
+  keys = ["kind"]
+  for cls in reversed(_REGISTRY[kind].__mro__):
+    keys += [k for k in cls.__dict__.get("OPTIONS", ()) if k not in keys]
+  return tuple(keys)
 
 
 def make_attention_core(model_config: Any, layer_index: int | None,
@@ -199,6 +217,11 @@ def make_attention_core(model_config: Any, layer_index: int | None,
   if kind not in _REGISTRY:
     raise ValueError(f"config.model.attention.kind={kind!r} is unknown; "
                      f"registered kinds: {', '.join(attention_kinds())}")
+  allowed = attention_options(kind)
+  unknown = sorted(set(model_config.attention) - set(allowed))
+  if unknown:  # E.g. snapkv's token_capacity given to quest would silently do nothing.
+    raise ValueError(f"config.model.attention: {kind} takes no key(s) {unknown}; its keys: "
+                     f"{', '.join(allowed)}")
   return _REGISTRY[kind](model_config, layer_index=layer_index, rngs=rngs)
 
 
@@ -229,6 +252,8 @@ class DenseAttention(AttentionCore):
   accelerators); ``xla`` always uses the latter, ``block_sparse`` always the former for
   causal attention.
   """
+
+  OPTIONS = ("dense_kernel", "flash_min_len")
 
   def __init__(self, model_config: Any, *, layer_index: int | None, rngs: nnx.Rngs):
     del layer_index, rngs

@@ -68,17 +68,12 @@ class SparseDecodeAttention(DenseAttention):
 
   method = "decode"
 
-  # Config keys every core takes (DenseAttention's, and the kernels'); each core adds its own.
-  COMMON_OPTIONS = ("kind", "dense_kernel", "flash_min_len", "implementation",
-                    "decode_implementation")
-  OPTIONS: tuple = ()
+  # Config keys every decode core takes besides DenseAttention's (the kernels'); each core
+  # adds its own, and attention.make_attention_core refuses any other.
+  OPTIONS = ("implementation", "decode_implementation")
 
   def __init__(self, model_config: Any, *, layer_index: int | None, rngs: nnx.Rngs):
     super().__init__(model_config, layer_index=layer_index, rngs=rngs)
-    unknown = sorted(set(model_config.attention) - set(self.COMMON_OPTIONS + self.OPTIONS))
-    if unknown:  # E.g. snapkv's token_capacity given to quest would silently do nothing.
-      raise ValueError(f"{self.method}: unknown config.model.attention key(s) {unknown}; "
-                       f"its keys: {', '.join(self.OPTIONS)}")
     self.num_heads = int(model_config.num_heads)
     self.num_kv_heads = int(model_config.num_kv_heads)
     self.kv_read = DecodeStats(jnp.ones((self.num_heads,), jnp.float32))
@@ -333,7 +328,7 @@ class AdaSnapKVAttention(SnapKVAttention):
 
   method = "Ada-SnapKV"
   adaptive = True
-  OPTIONS = SnapKVAttention.OPTIONS + ("min_head_capacity_ratio",)
+  OPTIONS = ("min_head_capacity_ratio",)  # And SnapKV's.
 
   def __init__(self, model_config: Any, *, layer_index: int | None, rngs: nnx.Rngs):
     super().__init__(model_config, layer_index=layer_index, rngs=rngs)

@@ -46,6 +46,8 @@ EMPTY = 2 ** 30  # Position of an unwritten slot: after every query, so never re
 @register_attention("moa")
 class MoAAttention(AttentionCore):
 
+  OPTIONS = ("plan", "block_size", "implementation", "decode_implementation")
+
   def __init__(self, model_config: Any, *, layer_index: int, rngs: nnx.Rngs):
     del rngs
     a = model_config.attention
@@ -240,6 +242,8 @@ class ProfileCapture(nnx.Variable):
 @register_attention("moa_profile")
 class MoAProfileAttention(AttentionCore):
   """Dense causal attention that exposes (q, k, v, o) and dL/do for profiling."""
+
+  OPTIONS = ()
 
   def __init__(self, model_config: Any, *, layer_index: int, rngs: nnx.Rngs):
     del model_config, layer_index, rngs

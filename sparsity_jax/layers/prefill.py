@@ -64,6 +64,8 @@ class PrefillStats(nnx.Variable):
 class PrefillAttention(DenseAttention):
   """Base of the training-free prefill cores (see the module docstring)."""
 
+  OPTIONS = ("implementation", "dense_len")
+
   method = "prefill"
 
   def __init__(self, model_config: Any, *, layer_index: int, rngs: nnx.Rngs):
@@ -202,6 +204,7 @@ class VerticalSlashAttention(PrefillAttention):
   """
 
   method = "Vertical-Slash"
+  OPTIONS = ("vertical_size", "slash_size", "last_q", "block_size")
 
   def __init__(self, model_config: Any, *, layer_index: int, rngs: nnx.Rngs):
     super().__init__(model_config, layer_index=layer_index, rngs=rngs)
@@ -241,6 +244,8 @@ class VerticalSlashAttention(PrefillAttention):
 class _TileCore(PrefillAttention):
   """A core whose pattern is kept causal tiles {'bits': [b, n, nb, nb]} of ``block_size``."""
 
+  OPTIONS = ()
+
   block_size: int
 
   def max_per_row(self, length: int) -> int | None:
@@ -270,6 +275,7 @@ class BlockTopKAttention(_TileCore):
   """
 
   method = "block top-k"
+  OPTIONS = ("block_size", "top_k")
 
   def __init__(self, model_config: Any, *, layer_index: int, rngs: nnx.Rngs):
     super().__init__(model_config, layer_index=layer_index, rngs=rngs)
@@ -306,6 +312,7 @@ class FlexPrefillAttention(_TileCore):
   """
 
   method = "FlexPrefill"
+  OPTIONS = ("block_size", "gamma", "tau", "min_budget", "max_budget", "budget_block")
 
   def __init__(self, model_config: Any, *, layer_index: int, rngs: nnx.Rngs):
     super().__init__(model_config, layer_index=layer_index, rngs=rngs)
@@ -352,6 +359,7 @@ class PBSAttention(PrefillAttention):
   """
 
   method = "PBS-Attn"
+  OPTIONS = ("block_size", "segment_size", "threshold", "force_first_block", "permute")
 
   def __init__(self, model_config: Any, *, layer_index: int, rngs: nnx.Rngs):
     super().__init__(model_config, layer_index=layer_index, rngs=rngs)
@@ -403,6 +411,7 @@ class AnchorAttention(PrefillAttention):
   """
 
   method = "AnchorAttention"
+  OPTIONS = ("block_size", "step", "theta", "candidates")
 
   def __init__(self, model_config: Any, *, layer_index: int, rngs: nnx.Rngs):
     super().__init__(model_config, layer_index=layer_index, rngs=rngs)

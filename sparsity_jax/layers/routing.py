@@ -87,6 +87,9 @@ QUERY_CHUNK = 128  # Queries per step of the left-to-right routing (bounds its m
 @register_attention("routing")
 class RoutingAttention(AttentionCore):
 
+  OPTIONS = ("window", "num_clusters", "routing_layers", "num_routing_heads", "local_block",
+             "local_look_back", "decay", "beta", "share_qk", "eval_routing", "implementation")
+
   def __init__(self, model_config: Any, *, layer_index: int | None, rngs: nnx.Rngs):
     a = dict(model_config.attention)
     n, kv = model_config.num_heads, model_config.num_kv_heads

@@ -37,6 +37,8 @@ class SparsePattern(nnx.Variable):
 @register_attention("sparsed")
 class SparseDAttention(AttentionCore):
 
+  OPTIONS = ("block_size", "select", "implementation")
+
   def __init__(self, model_config: Any, *, layer_index: int, rngs: nnx.Rngs):
     del layer_index, rngs
     a = model_config.attention
