@@ -131,6 +131,18 @@ def test_sign_test_and_max_compression():
     report.summarize(rows + [{**rows[0], "setting": "dense2"}])
 
 
+def test_report_plots_score_by_length(tmp_path):
+  rows = [{"setting": s, "kind": s, "phase": "dense" if s == "dense" else "decode", "task": t,
+           "length": n, "index": i, "score": float(i % 2), "compression": 1.0 if s == "dense"
+           else 4.0, "sparsity": 0.0, "prompt_tokens": n, "new_tokens": 2, "seconds": 0.1}
+          for s in ("dense", "quest") for t in ("a", "b") for n in (8, 16) for i in range(6)]
+  report.write_report(rows, str(tmp_path))
+  assert os.path.getsize(tmp_path / "lengths.png") > 1000
+  assert "lengths.png" in (tmp_path / "report.md").read_text()
+  report.write_report([r for r in rows if r["length"] == 8], str(tmp_path / "one"))
+  assert not (tmp_path / "one" / "lengths.png").exists()  # One length: nothing to plot.
+
+
 @pytest.mark.parametrize("arg", [None, "runlocal", "moa"])
 def test_frontier_config_is_valid(arg):
   """configs/frontier.py: one dense setting, known kinds and tasks, valid task options,

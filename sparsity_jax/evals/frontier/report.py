@@ -15,7 +15,8 @@ cost (the estimate of Vertical-Slash / FlexPrefill from its last queries, block 
 pooled scores, SnapKV's observation window, Quest's page bounds per decode step).
 
 ``write_report(rows, out)`` writes report.md, summary.json and plots (score vs compression
-per task, prefill and decode separately; score vs FLOPs) into ``out``.
+per task, prefill and decode separately; score vs length when the grid has several lengths;
+score vs FLOPs) into ``out``.
 """
 
 from __future__ import annotations
@@ -248,6 +249,8 @@ def _plots(cells: Sequence[dict], out: str) -> list[str]:
       fig.savefig(path, dpi=110)
       plt.close(fig)
       paths.append(path)
+  if len({c["length"] for c in cells}) > 1:
+    paths.append(_length_plot(cells, tasks, out, plt))
   if any("flops" in c for c in cells):
     fig, ax = plt.subplots(figsize=(5.5, 4))
     per_setting = collections.defaultdict(list)
@@ -269,3 +272,41 @@ def _plots(cells: Sequence[dict], out: str) -> list[str]:
     plt.close(fig)
     paths.append(path)
   return paths
+
+
+def _length_plot(cells: Sequence[dict], tasks: Sequence[str], out: str, plt) -> str:
+  """Score vs prompt length per task, one line per setting run at two or more lengths."""
+  cols = min(len(tasks), 3)
+  rows_n = math.ceil(len(tasks) / cols)
+  fig, axes = plt.subplots(rows_n, cols, figsize=(4.5 * cols, 3.4 * rows_n), squeeze=False)
+  styles = {"dense": "-", "prefill": "--", "decode": ":", "both": "-."}
+  for ax, task in zip(axes.ravel(), tasks):
+    by_setting = collections.defaultdict(list)
+    for c in cells:
+      if c["task"] == task:
+        by_setting[(c["setting"], c["phase"])].append(c)
+    for (setting, phase), cs in sorted(by_setting.items()):
+      if len(cs) < 2:
+        continue
+      cs = sorted(cs, key=lambda c: c["length"])
+      line, = ax.plot([c["length"] for c in cs], [c["score"] for c in cs], marker="o",
+                      ls=styles[phase], color="k" if phase == "dense" else None,
+                      label=setting)
+      bad = [(c["length"], c["score"]) for c in cs if c.get("retains") is False]
+      if bad:
+        ax.scatter(*zip(*bad), marker="x", s=60, color=line.get_color(), zorder=3)
+    ax.set_xscale("log", base=2)
+    ax.set_title(task)
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("score")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(fontsize=6)
+  for ax in axes.ravel()[len(tasks):]:
+    ax.axis("off")
+  fig.suptitle("score by length (settings run at 2+ lengths; -- prefill, : decode, -. both; "
+               "x: significantly below dense)", fontsize=9)
+  fig.tight_layout()
+  path = os.path.join(out, "lengths.png")
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
