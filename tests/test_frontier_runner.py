@@ -143,6 +143,18 @@ def test_report_plots_score_by_length(tmp_path):
   assert not (tmp_path / "one" / "lengths.png").exists()  # One length: nothing to plot.
 
 
+def test_score_by_depth_bins_rows():
+  rows = [{"setting": s, "phase": "dense" if s == "dense" else "decode", "task": "t",
+           "length": 8, "index": i, "score": float(s == "dense" or i >= 2)}
+          for s in ("dense", "w") for i in range(4)]
+  depths = {("t", 8, 0): 0.0, ("t", 8, 1): 0.3, ("t", 8, 2): 0.6, ("t", 8, 3): 1.0}
+  table = report.score_by_depth(rows, depths, bins=2)[("t", 8)]
+  assert table["bins"] == [(0.0, 0.5), (0.5, 1.0)] and table["dense"] == "dense"
+  assert table["settings"]["w"] == [{"score": 0.0, "n": 2}, {"score": 1.0, "n": 2}]
+  assert table["settings"]["dense"] == [{"score": 1.0, "n": 2}, {"score": 1.0, "n": 2}]
+  assert report.score_by_depth(rows, {}, bins=2) == {}  # No depths: nothing to bin.
+
+
 @pytest.mark.parametrize("arg", [None, "runlocal", "moa"])
 def test_frontier_config_is_valid(arg):
   """configs/frontier.py: one dense setting, known kinds and tasks, valid task options,

@@ -97,6 +97,40 @@ def max_compression(cells: Sequence[dict]) -> dict:
 # ---- FLOPs -------------------------------------------------------------------------------
 
 
+def score_by_depth(rows: Sequence[dict], depths: dict, bins: int = 5) -> dict:
+  """Mean score per setting in equal-width bins of evidence depth.
+
+  Args:
+    rows: ``runner.run_grid`` rows.
+    depths: {(task, length, index): relative depth in [0, 1] of the prompt's evidence};
+      rows without an entry are left out.
+    bins: number of bins of [0, 1] (the last one includes 1).
+
+  Returns:
+    {(task, length): {"bins": [(lo, hi)], "dense": the dense setting's name or None,
+    "settings": {setting: [{"score", "n"} per bin]}}}, settings in first-seen order.
+  """
+  edges = np.linspace(0.0, 1.0, bins + 1)
+  acc: dict = collections.defaultdict(
+      lambda: collections.defaultdict(lambda: [[0.0, 0] for _ in range(bins)]))
+  dense = {}
+  for r in rows:
+    d = depths.get((r["task"], int(r["length"]), int(r["index"])))
+    if d is None:
+      continue
+    b = min(int(np.searchsorted(edges, d, side="right")) - 1, bins - 1)
+    cell = acc[(r["task"], int(r["length"]))][r["setting"]][max(b, 0)]
+    cell[0] += float(r["score"])
+    cell[1] += 1
+    if r["phase"] == "dense":
+      dense[(r["task"], int(r["length"]))] = r["setting"]
+  return {key: {"bins": [(float(lo), float(hi)) for lo, hi in zip(edges[:-1], edges[1:])],
+                "dense": dense.get(key),
+                "settings": {s: [{"score": t / n if n else 0.0, "n": n} for t, n in cells]
+                             for s, cells in per.items()}}
+          for key, per in acc.items()}
+
+
 def flops(model_cfg, cell: dict, attention: dict) -> dict:
   """Estimated FLOPs of one generation of a cell: {'prefill', 'decode', 'total'}.
 

@@ -1,0 +1,124 @@
+r"""Score by evidence depth in a Sparse Frontier run directory.
+
+``launch/frontier.py`` rows record a score per (setting, task, length, prompt). Where the
+evidence sat in the prompt (the needle's relative depth, ``Sample.meta['depths']``) is not
+in the rows; this script rebuilds the run's prompts from its grid.json (model tokenizer,
+seed, chat, task options: the same samples, checked token count by token count), joins
+them to the rows and writes, per (task, length), the score of every setting in depth bins:
+
+  <out>/depth.md    tables: score (prompts) per setting and depth bin
+  <out>/depth.json  the same numbers
+  <out>/depth.png   score vs depth, one panel per (task, length)
+
+Use it to see *where* a method loses the evidence (e.g. a window loses early needles;
+an estimate from the last queries may miss middle ones).
+
+  python benchmarks/frontier_depth.py --run=runs/frontier --bins=5
+  python benchmarks/frontier_depth.py --run=runs/frontier --out=docs/results/frontier
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sparsity_jax.evals.frontier import report, runner  # noqa: E402  (after the path)
+
+
+def sample_depths(rows, grid: dict) -> dict[tuple, float]:
+  """{(task, length, index): depth of the first evidence} for the rows' prompts."""
+  from sparsity_jax.checkpoints.pretrained import open_pretrained
+  from sparsity_jax.evals import frontier
+
+  tokenizer = open_pretrained(grid["model"]).tokenizer()
+  wanted = collections.defaultdict(set)
+  tokens_of = {}
+  for r in rows:
+    wanted[(r["task"], int(r["length"]))].add(int(r["index"]))
+    tokens_of[(r["task"], int(r["length"]), int(r["index"]))] = int(r["prompt_tokens"])
+  depths = {}
+  for (task, length), indices in sorted(wanted.items()):
+    samples = frontier.make_samples(task, tokenizer, length, num_samples=max(indices) + 1,
+                                    seed=int(grid["seed"]), chat=grid["chat"],
+                                    **grid.get("task_options", {}).get(task, {}))
+    for i in indices:
+      if len(samples[i].tokens) != tokens_of[(task, length, i)]:
+        raise ValueError(f"{task} @ {length} #{i}: rebuilt prompt has "
+                         f"{len(samples[i].tokens)} tokens, the row {tokens_of[(task, length, i)]}"
+                         ": grid.json does not describe these rows")
+      if not samples[i].meta.get("depths"):
+        continue  # A task without a single evidence position.
+      depths[(task, length, i)] = float(samples[i].meta["depths"][0])
+  return depths
+
+
+def plot(table: dict, path: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  keys = sorted(table)
+  cols = min(len(keys), 3)
+  rows_n = math.ceil(len(keys) / cols)
+  fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.4 * rows_n), squeeze=False)
+  for ax, key in zip(axes.ravel(), keys):
+    for setting, cells in table[key]["settings"].items():
+      xs = [(lo + hi) / 2 for lo, hi in table[key]["bins"]]
+      ys = [c["score"] if c["n"] else float("nan") for c in cells]
+      ax.plot(xs, ys, marker="o", lw=2 if setting == table[key]["dense"] else 1,
+              color="k" if setting == table[key]["dense"] else None, label=setting)
+    ax.set_title(f"{key[0]} @ {key[1]}")
+    ax.set_xlabel("evidence depth (0 = start of the context)")
+    ax.set_ylabel("score")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(fontsize=5)
+  for ax in axes.ravel()[len(keys):]:
+    ax.axis("off")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--run", required=True, help="a launch/frontier.py --out directory")
+  parser.add_argument("--bins", type=int, default=5, help="equal-width depth bins in [0, 1]")
+  parser.add_argument("--out", default=None, help="where to write (default: the run dir)")
+  args = parser.parse_args(argv)
+  if args.bins < 1:
+    parser.error("--bins must be >= 1")
+  rows = runner.read_rows(os.path.join(args.run, "results.jsonl"))
+  if not rows:
+    parser.error(f"{args.run} has no results.jsonl rows")
+  with open(os.path.join(args.run, "grid.json")) as f:
+    grid = json.load(f)
+  depths = sample_depths(rows, grid)
+  table = report.score_by_depth(rows, depths, bins=args.bins)
+  out = args.out or args.run
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "depth.json"), "w") as f:
+    json.dump([{"task": k[0], "length": k[1], **v} for k, v in sorted(table.items())], f,
+              indent=1)
+  lines = [f"# Score by evidence depth: {args.run}", ""]
+  for (task, length), t in sorted(table.items()):
+    head = [f"{lo:.1f}-{hi:.1f}" for lo, hi in t["bins"]]
+    lines += [f"## {task} @ {length}", "", "| setting | " + " | ".join(head) + " |",
+              "|---|" + "---|" * len(head)]
+    for setting, cells in t["settings"].items():
+      lines.append(f"| {setting} | " + " | ".join(
+          f"{c['score']:.2f} ({c['n']})" if c["n"] else "-" for c in cells) + " |")
+    lines.append("")
+  with open(os.path.join(out, "depth.md"), "w") as f:
+    f.write("\n".join(lines))
+  plot(table, os.path.join(out, "depth.png"))
+  print(f"wrote {out}/depth.md, depth.json, depth.png")
+
+
+if __name__ == "__main__":
+  main()
