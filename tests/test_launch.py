@@ -164,8 +164,30 @@ def test_workdir_of_a_start_that_never_checkpointed_takes_a_corrected_config(tmp
   ckpt_lib.write_config(workdir, {"model": {"num_layers": 2}})
   ckpt_lib.check_workdir_compatible(workdir, {"model": {"num_layers": 3}})  # No raise.
   os.makedirs(os.path.join(workdir, "checkpoints", "5"))
-  with pytest.raises(ValueError, match="different model or data"):
+  with pytest.raises(ValueError, match="different model, data"):
     ckpt_lib.check_workdir_compatible(workdir, {"model": {"num_layers": 3}})
+
+
+def test_resume_refuses_another_sparse_training_method(tmp_path):
+  """Masks evolved by one method (e.g. RigL) must not silently continue under another."""
+  from sparsity_jax.train import checkpoint as ckpt_lib
+  workdir = str(tmp_path / "run")
+  os.makedirs(os.path.join(workdir, "checkpoints", "5"))
+  rigl = {"model": {}, "train": {"weight_sparsity": {"method": "rigl", "rigl_every": 4}}}
+  ckpt_lib.write_config(workdir, rigl)
+  ckpt_lib.check_workdir_compatible(  # Its tuning may change on resume; its method not.
+      workdir, {"model": {}, "train": {"weight_sparsity": {"method": "rigl", "rigl_every": 8}}})
+  with pytest.raises(ValueError, match=r"weight_sparsity.method: workdir has 'rigl', config "
+                                       r"has 'sr_ste'[\s\S]*init_from"):
+    ckpt_lib.check_workdir_compatible(
+        workdir, {"model": {}, "train": {"weight_sparsity": {"method": "sr_ste"}}})
+  # A run saved before the field existed trained with the default ('fixed') masks.
+  ckpt_lib.write_config(workdir, {"model": {}, "train": {}})
+  ckpt_lib.check_workdir_compatible(
+      workdir, {"model": {}, "train": {"weight_sparsity": {"method": "fixed"}}})
+  with pytest.raises(ValueError, match="workdir has 'fixed'"):
+    ckpt_lib.check_workdir_compatible(
+        workdir, {"model": {}, "train": {"weight_sparsity": {"method": "rigl"}}})
 
 
 # TensorStore reads abandoned by the failed restore report a closed event loop late,

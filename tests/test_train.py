@@ -74,7 +74,7 @@ def test_workdir_of_another_model_is_refused_untouched(tmp_path):
   before = (_snapshot(workdir), _snapshot(os.path.join(workdir, "checkpoints")),
             open(os.path.join(workdir, "metrics.jsonl")).read())
   bigger = make_tiny_config(**{"train.steps": 4, "model.d_model": 48})
-  with pytest.raises(ValueError, match=r"different model or data[\s\S]*model"):
+  with pytest.raises(ValueError, match=r"different model, data[\s\S]*model"):
     train_and_evaluate(bigger, workdir)
   after = (_snapshot(workdir), _snapshot(os.path.join(workdir, "checkpoints")),
            open(os.path.join(workdir, "metrics.jsonl")).read())

@@ -27,7 +27,9 @@ from sparsity_jax.train.state import abstract_with_shardings
 # Config sections that must match to resume: anything that changes shapes or the data
 # stream. Training hyper-parameters (steps, lr, intervals) may change between runs.
 RESUME_KEYS = ("model", "data.source", "data.glob", "data.seq_len", "data.batch_size", "seed",
-               "objective")
+               "objective", "train.weight_sparsity.method")
+# What a key meant in runs saved before it existed (so that those still resume).
+_RESUME_DEFAULTS = {"train.weight_sparsity.method": "fixed"}
 
 
 def _lookup(config_dict: dict, dotted: str):
@@ -40,7 +42,8 @@ def _lookup(config_dict: dict, dotted: str):
 
 
 def check_workdir_compatible(workdir: str, config_dict: dict) -> None:
-  """Raises UserError if ``workdir`` holds checkpoints of a different model or data.
+  """Raises UserError if ``workdir`` holds checkpoints of a different model or data (or
+  masks trained by another ``train.weight_sparsity.method``).
 
   A workdir whose config.json was written by a start that never reached a checkpoint
   (e.g. it failed on a typo) holds nothing to resume: any config may start there.
@@ -52,18 +55,24 @@ def check_workdir_compatible(workdir: str, config_dict: dict) -> None:
     saved = json.load(f)
   diffs = []
   for key in RESUME_KEYS:
-    old, new = _comparable(_lookup(saved, key)), _comparable(_lookup(config_dict, key))
+    old, new = (_comparable(_lookup(d, key), _RESUME_DEFAULTS.get(key))
+                for d in (saved, config_dict))
     if json.dumps(old, sort_keys=True) != json.dumps(new, sort_keys=True, default=str):
       diffs.append(f"  {key}: workdir has {old!r}, config has {new!r}")
   if diffs:
     raise UserError(
-        f"--workdir={workdir} holds a run with a different model or data:\n" + "\n".join(diffs)
-        + "\nUse a new --workdir for a new run, or the original config to resume this one.")
+        f"--workdir={workdir} holds a run with a different model, data or sparse-training "
+        "method:\n" + "\n".join(diffs) + "\nUse a new --workdir for a new run (with "
+        "config.init_from=<this workdir> to start from its weights and masks), or the "
+        "original config to resume this one.")
 
 
-def _comparable(section):
+def _comparable(section, default=None):
   """A config section with the dense model's default weight_sparsity (pattern '') dropped:
-  runs saved before the field existed resume under configs that carry it."""
+  runs saved before the field existed resume under configs that carry it. A missing
+  value reads as ``default``."""
+  if section is None:
+    return default
   if isinstance(section, dict) and isinstance(section.get("weight_sparsity"), dict):
     if not section["weight_sparsity"].get("pattern"):
       section = {k: v for k, v in section.items() if k != "weight_sparsity"}
