@@ -6,6 +6,7 @@ with transformers' logits on a fixed input.
 """
 
 import json
+import math
 import re
 import os
 import shutil
@@ -288,8 +289,19 @@ def test_tokenizer_and_chat_template_match_transformers():
 def test_train_loop_starts_from_hf_weights(tmp_path):
   from sparsity_jax.train import from_pretrained, loop
 
-  config = make_tiny_config(**{"train.steps": 1, "train.lr": 0.0, "eval.num_batches": 1})
+  config = make_tiny_config(**{"train.steps": 1, "train.lr": 0.0, "eval.num_batches": 1,
+                              "train.log_every": 1, "data.tokenizer": "pretrained",
+                              # A few files: BPE over the whole stdlib takes minutes.
+                              "data.source": "text_files",
+                              "data.glob": os.path.join(ROOT, "docs", "*.md")})
   out = loop.train_and_evaluate(config, str(tmp_path / "run"), pretrained=fixture("llama"))
+  # Subword tokens: the training row's bits per byte divide by the train split's bytes per
+  # token, as the evaluation's do.
+  row = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")
+         if "train/loss" in x][-1]
+  per_token = row["train/loss"] / math.log(2) / row["train/bits_per_byte"]
+  assert 1.0 < per_token < 1.2 and per_token == pytest.approx(
+      out["eval_metrics"]["loss"] / math.log(2) / out["eval_metrics"]["bits_per_byte"], rel=0.1)
   loaded = params_of(hf.load_model(fixture("llama")))
   trained = {jax.tree_util.keystr(p): np.asarray(x) for p, x in
              jax.tree_util.tree_flatten_with_path(out["state"].params)[0]}

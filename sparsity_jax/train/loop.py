@@ -302,6 +302,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       nonlocal last_fetch, last_train
       step, device_metrics = entry
       host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+      # The step reports bits per token; a subword tokenizer's token spans several bytes.
+      host["bits_per_byte"] /= exp.bytes_per_token.get("train", 1.0)
       _check_finite(step, host, last_saved, workdir)
       now = time.perf_counter()
       host["step_time_s"] = now - last_fetch

@@ -88,7 +88,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *,
       model_state = mask_schedule.store_masks(model_state, keeps)
     metrics = {
         "loss": loss,
-        "bits_per_byte": parts.get("ce", loss) / math.log(2.0),  # CE only when distilling.
+        # Bits per token (CE only when distilling): the loop divides by bytes per token.
+        "bits_per_byte": parts.get("ce", loss) / math.log(2.0),
         "aux_loss": aux,
         "grad_norm": global_norm(grads),
         "param_norm": global_norm(params),
