@@ -170,11 +170,16 @@ class QuestAttention(SparseDecodeAttention):
     pages = quest_lib.select_pages(q_btnh[:, 0], kmin, kmax, page, page_budget=self.page_budget,
                                    share_pages=self.share_pages)
     slots = quest_lib.page_tokens(pages, page, self.page_size)  # [b, k|n, m]
-    if not self.share_pages:  # One page set per query head: gather from its kv head.
-      k_cache = jnp.repeat(k_cache, n // kh, axis=1)
-      v_cache = jnp.repeat(v_cache, n // kh, axis=1)
-    k_sel = jnp.take_along_axis(k_cache, slots[:, :, None, :], axis=3)
-    v_sel = jnp.take_along_axis(v_cache, slots[..., None], axis=2)
+    if self.share_pages:
+      k_sel = jnp.take_along_axis(k_cache, slots[:, :, None, :], axis=3)
+      v_sel = jnp.take_along_axis(v_cache, slots[..., None], axis=2)
+    else:  # One page set per query head: the g query heads of a kv head gather their
+      # slots from it in one take (not from the whole cache repeated per query head).
+      g, m = n // kh, slots.shape[-1]
+      flat = slots.reshape(b, kh, g * m)
+      k_sel = jnp.take_along_axis(k_cache, flat[:, :, None, :], axis=3)  # [b, k, h, g m]
+      k_sel = k_sel.reshape(b, kh, h, g, m).transpose(0, 1, 3, 2, 4).reshape(b, n, h, m)
+      v_sel = jnp.take_along_axis(v_cache, flat[..., None], axis=2).reshape(b, n, m, h)
     allowed = slots[:, 0][:, None, :] <= end  # [b, 1, m]: the same slots are valid in every head.
     o_btnh = _grouped_attention(q_btnh, k_sel, v_sel, allowed)
     read = jnp.sum(allowed, dtype=jnp.float32) / (b * (end + 1))
