@@ -159,9 +159,19 @@ def _filler(tokenizer, n: int) -> tuple[np.ndarray, np.ndarray]:
   return tokens.astype(np.int32), bounds
 
 
+class PromptTooShortError(ValueError):
+  """A prompt length below what a task's template, evidence and question need; ``needed``
+  is the smallest length that fits (of every sample asked for, where a caller knows)."""
+
+  def __init__(self, message: str, needed: int):
+    super().__init__(message)
+    self.needed = int(needed)
+
+
 def _too_short(task, length, needed):
-  return ValueError(f"{task} prompts need at least {needed} tokens with this tokenizer "
-                    f"(template, instruction, evidence and question); got length={length}")
+  return PromptTooShortError(
+      f"{task} prompts need at least {needed} tokens with this tokenizer (template, "
+      f"instruction, evidence and question); got length={length}", needed)
 
 
 def _haystack(task, tokenizer, length, head, tail_len, needles, depths):

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from sparsity_jax.evals.long_context import encode, frame, resolve_chat
+from sparsity_jax.evals.long_context import PromptTooShortError, encode, frame, resolve_chat
 
 MIN_FILL = 0.9  # The official check: a prompt has at least 90% of max_input_tokens.
 OFFICIAL_MAX_OUTPUT = 1024  # configs/default.yaml: max_output_tokens.
@@ -192,9 +192,11 @@ class Writer:
     return [self.encode(t if i == 0 else sep + t) for i, t in enumerate(texts)]
 
 
-def too_short(task: str, length: int, needed: int) -> ValueError:
-  return ValueError(f"{task} prompts need at least {needed} tokens with this tokenizer and "
-                    f"these options (template, questions and evidence); got length={length}")
+def too_short(task: str, length: int, needed: int, samples: int = 1) -> PromptTooShortError:
+  of = f" (the longest of {samples} samples)" if samples > 1 else ""
+  return PromptTooShortError(
+      f"{task} prompts need at least {needed} tokens{of} with this tokenizer and these "
+      f"options (template, questions and evidence); got length={length}", needed)
 
 
 def finish(writer: Writer, task: str, length: int, index: int, options: dict,
@@ -340,10 +342,17 @@ def make_samples(task: str, tokenizer, length: int, *, num_samples: int, seed: i
   opts = resolve_options(task, options)
   writer = Writer(tokenizer, resolve_chat(tokenizer, chat), opts["explain"])
   spec = REGISTRY[task]
-  samples = []
+  samples, needs = [], []
   for i in range(int(num_samples)):
-    draft = spec.build(writer, int(length), f"{task}/{seed}/{i}", opts)
-    samples.append(finish(writer, task, int(length), i, opts, draft))
+    try:
+      draft = spec.build(writer, int(length), f"{task}/{seed}/{i}", opts)
+    except PromptTooShortError as e:  # Go on: the error names the length that fits all.
+      needs.append(e.needed)
+      continue
+    if not needs:
+      samples.append(finish(writer, task, int(length), i, opts, draft))
+  if needs:
+    raise too_short(task, int(length), max(needs), samples=int(num_samples))
   return samples
 
 
