@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
 import os
 import sys
 
@@ -64,25 +63,16 @@ def plot(table: dict, path: str) -> None:
   import matplotlib.pyplot as plt
 
   keys = sorted(table)
-  cols = min(len(keys), 3)
-  rows_n = math.ceil(len(keys) / cols)
-  fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.4 * rows_n), squeeze=False)
-  for ax, key in zip(axes.ravel(), keys):
+  fig, axes = report.panels(plt, len(keys), 4.6, 3.4)
+  for ax, key in zip(axes, keys):
     for setting, cells in table[key]["settings"].items():
       xs = [(lo + hi) / 2 for lo, hi in table[key]["bins"]]
       ys = [c["score"] if c["n"] else float("nan") for c in cells]
       ax.plot(xs, ys, marker="o", lw=2 if setting == table[key]["dense"] else 1,
               color="k" if setting == table[key]["dense"] else None, label=setting)
-    ax.set_title(f"{key[0]} @ {key[1]}")
-    ax.set_xlabel("evidence depth (0 = start of the context)")
-    ax.set_ylabel("score")
-    ax.set_ylim(-0.05, 1.05)
-    ax.legend(fontsize=5)
-  for ax in axes.ravel()[len(keys):]:
-    ax.axis("off")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+    report.score_panel(ax, f"{key[0]} @ {key[1]}", "evidence depth (0 = start of the context)",
+                       5)
+  report.save_figure(fig, plt, path)
 
 
 def main(argv=None):

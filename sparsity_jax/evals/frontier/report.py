@@ -237,6 +237,38 @@ def write_report(rows: Sequence[dict], out: str, *, model_cfg=None,
   return path
 
 
+def panels(plt, n: int, width: float = 4.0, height: float = 3.2):
+  """A figure of n panels, at most 3 per row (unused ones hidden): (fig, [axes])."""
+  cols = min(n, 3)
+  rows_n = math.ceil(n / cols)
+  fig, axes = plt.subplots(rows_n, cols, figsize=(width * cols, height * rows_n), squeeze=False)
+  for ax in axes.ravel()[n:]:
+    ax.axis("off")
+  return fig, list(axes.ravel()[:n])
+
+
+def score_panel(ax, title: str, xlabel: str, legend_size: float = 7) -> None:
+  """Titles, a [0, 1] score axis and the legend of one panel."""
+  ax.set_title(title)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel("score")
+  ax.set_ylim(-0.05, 1.05)
+  ax.legend(fontsize=legend_size)
+
+
+def save_figure(fig, plt, path: str) -> str:
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def _mark_losses(ax, points, line) -> None:
+  """An x on the (x, score) points significantly below dense."""
+  if points:
+    ax.scatter(*zip(*points), marker="x", s=60, color=line.get_color(), zorder=3)
+
+
 def _plots(cells: Sequence[dict], out: str) -> list[str]:
   import matplotlib
 
@@ -250,10 +282,8 @@ def _plots(cells: Sequence[dict], out: str) -> list[str]:
       here = [c for c in cells if c["length"] == length and c["phase"] in (phase, "both")]
       if not here:
         continue
-      cols = min(len(tasks), 3)
-      rows_n = math.ceil(len(tasks) / cols)
-      fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 3.2 * rows_n), squeeze=False)
-      for ax, task in zip(axes.ravel(), tasks):
+      fig, axes = panels(plt, len(tasks))
+      for ax, task in zip(axes, tasks):
         dense = [c for c in cells if c["task"] == task and c["length"] == length
                  and c["phase"] == "dense"]
         if dense:
@@ -265,24 +295,12 @@ def _plots(cells: Sequence[dict], out: str) -> list[str]:
             continue
           x, y, keep = zip(*pts)
           line, = ax.plot(x, y, marker="o", label=kind)
-          bad = [(a, b) for a, b, r in pts if not r]
-          if bad:
-            ax.scatter(*zip(*bad), marker="x", s=60, color=line.get_color(), zorder=3)
+          _mark_losses(ax, [(a, b) for a, b, r in pts if not r], line)
         ax.set_xscale("log")
-        ax.set_title(task)
-        ax.set_xlabel("compression (x)")
-        ax.set_ylabel("score")
-        ax.set_ylim(-0.05, 1.05)
-        ax.legend(fontsize=7)
-      for ax in axes.ravel()[len(tasks):]:
-        ax.axis("off")
+        score_panel(ax, task, "compression (x)")
       fig.suptitle(f"{phase} methods (and MoA / uniform windows, which sparsify both), "
                    f"{length} tokens; x: significantly below dense", fontsize=9)
-      fig.tight_layout()
-      path = os.path.join(out, f"{phase}_{length}.png")
-      fig.savefig(path, dpi=110)
-      plt.close(fig)
-      paths.append(path)
+      paths.append(save_figure(fig, plt, os.path.join(out, f"{phase}_{length}.png")))
   if len({c["length"] for c in cells}) > 1:
     paths.append(_length_plot(cells, tasks, out, plt))
   if any("flops" in c for c in cells):
@@ -300,21 +318,15 @@ def _plots(cells: Sequence[dict], out: str) -> list[str]:
     ax.set_xlabel("FLOPs per generation (model + attention + indexing)")
     ax.set_ylabel("mean score over tasks")
     ax.set_title("score vs FLOPs (one model size)")
-    fig.tight_layout()
-    path = os.path.join(out, "flops.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    paths.append(path)
+    paths.append(save_figure(fig, plt, os.path.join(out, "flops.png")))
   return paths
 
 
 def _length_plot(cells: Sequence[dict], tasks: Sequence[str], out: str, plt) -> str:
   """Score vs prompt length per task, one line per setting run at two or more lengths."""
-  cols = min(len(tasks), 3)
-  rows_n = math.ceil(len(tasks) / cols)
-  fig, axes = plt.subplots(rows_n, cols, figsize=(4.5 * cols, 3.4 * rows_n), squeeze=False)
+  fig, axes = panels(plt, len(tasks), 4.5, 3.4)
   styles = {"dense": "-", "prefill": "--", "decode": ":", "both": "-."}
-  for ax, task in zip(axes.ravel(), tasks):
+  for ax, task in zip(axes, tasks):
     by_setting = collections.defaultdict(list)
     for c in cells:
       if c["task"] == task:
@@ -326,21 +338,10 @@ def _length_plot(cells: Sequence[dict], tasks: Sequence[str], out: str, plt) -> 
       line, = ax.plot([c["length"] for c in cs], [c["score"] for c in cs], marker="o",
                       ls=styles[phase], color="k" if phase == "dense" else None,
                       label=setting)
-      bad = [(c["length"], c["score"]) for c in cs if c.get("retains") is False]
-      if bad:
-        ax.scatter(*zip(*bad), marker="x", s=60, color=line.get_color(), zorder=3)
+      _mark_losses(ax, [(c["length"], c["score"]) for c in cs if c.get("retains") is False],
+                   line)
     ax.set_xscale("log", base=2)
-    ax.set_title(task)
-    ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("score")
-    ax.set_ylim(-0.05, 1.05)
-    ax.legend(fontsize=6)
-  for ax in axes.ravel()[len(tasks):]:
-    ax.axis("off")
+    score_panel(ax, task, "prompt length (tokens)", 6)
   fig.suptitle("score by length (settings run at 2+ lengths; -- prefill, : decode, -. both; "
                "x: significantly below dense)", fontsize=9)
-  fig.tight_layout()
-  path = os.path.join(out, "lengths.png")
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return save_figure(fig, plt, os.path.join(out, "lengths.png"))
