@@ -4,7 +4,10 @@ r"""Score by evidence depth in a Sparse Frontier run directory.
 evidence sat in the prompt (the needle's relative depth, ``Sample.meta['depths']``) is not
 in the rows; this script rebuilds the run's prompts from its grid.json (model tokenizer,
 seed, chat, task options: the same samples, checked token count by token count), joins
-them to the rows and writes, per (task, length), the score of every setting in depth bins:
+them to the rows and writes, per (task, length), the score of every setting in bins of
+the depth of the first evidence the task lists (the needle of passkey / kv_retrieval /
+ruler_niah's first query; for story and variable-tracking tasks the first queried chapter
+or hop, not necessarily the earliest):
 
   <out>/depth.md    tables: score (prompts) per setting and depth bin
   <out>/depth.json  the same numbers
@@ -29,12 +32,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sparsity_jax.evals.frontier import report, runner  # noqa: E402  (after the path)
 
 
-def sample_depths(rows, grid: dict) -> dict[tuple, float]:
+def sample_depths(rows, grid: dict, tokenizer) -> dict[tuple, float]:
   """{(task, length, index): depth of the first evidence} for the rows' prompts."""
-  from sparsity_jax.checkpoints.pretrained import open_pretrained
   from sparsity_jax.evals import frontier
 
-  tokenizer = open_pretrained(grid["model"]).tokenizer()
   wanted = collections.defaultdict(set)
   tokens_of = {}
   for r in rows:
@@ -80,6 +81,8 @@ def main(argv=None):
   parser.add_argument("--run", required=True, help="a launch/frontier.py --out directory")
   parser.add_argument("--bins", type=int, default=5, help="equal-width depth bins in [0, 1]")
   parser.add_argument("--out", default=None, help="where to write (default: the run dir)")
+  parser.add_argument("--model", default=None, help="the run's model (smollm2, a .gguf file "
+                      "or a Hugging Face directory) when grid.json does not name one")
   args = parser.parse_args(argv)
   if args.bins < 1:
     parser.error("--bins must be >= 1")
@@ -88,7 +91,14 @@ def main(argv=None):
     parser.error(f"{args.run} has no results.jsonl rows")
   with open(os.path.join(args.run, "grid.json")) as f:
     grid = json.load(f)
-  depths = sample_depths(rows, grid)
+  from sparsity_jax.checkpoints.pretrained import open_pretrained
+
+  model = args.model or grid.get("model")
+  try:
+    tokenizer = open_pretrained(model).tokenizer()
+  except (ValueError, OSError) as e:  # CheckpointError is both (errors.UserError).
+    parser.error(f"grid.json's model {model!r} cannot be opened ({e}); give --model")
+  depths = sample_depths(rows, grid, tokenizer)
   table = report.score_by_depth(rows, depths, bins=args.bins)
   out = args.out or args.run
   os.makedirs(out, exist_ok=True)
@@ -97,7 +107,7 @@ def main(argv=None):
               indent=1)
   lines = [f"# Score by evidence depth: {args.run}", ""]
   for (task, length), t in sorted(table.items()):
-    head = [f"{lo:.1f}-{hi:.1f}" for lo, hi in t["bins"]]
+    head = [f"{lo:g}-{hi:g}" for lo, hi in t["bins"]]
     lines += [f"## {task} @ {length}", "", "| setting | " + " | ".join(head) + " |",
               "|---|" + "---|" * len(head)]
     for setting, cells in t["settings"].items():

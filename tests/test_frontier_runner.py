@@ -153,6 +153,12 @@ def test_score_by_depth_bins_rows():
   assert table["settings"]["w"] == [{"score": 0.0, "n": 2}, {"score": 1.0, "n": 2}]
   assert table["settings"]["dense"] == [{"score": 1.0, "n": 2}, {"score": 1.0, "n": 2}]
   assert report.score_by_depth(rows, {}, bins=2) == {}  # No depths: nothing to bin.
+  # Edges go to the bin they start (0.6 * 5 is 3 in floats too), empty bins score None.
+  table = report.score_by_depth(rows[:1], {("t", 8, 0): 0.6}, bins=5)[("t", 8)]
+  assert [c["n"] for c in table["settings"]["dense"]] == [0, 0, 0, 1, 0]
+  assert table["settings"]["dense"][0]["score"] is None
+  with pytest.raises(ValueError, match=r"not in \[0, 1\]"):
+    report.score_by_depth(rows[:1], {("t", 8, 0): 1.5})
 
 
 @pytest.mark.parametrize("arg", [None, "runlocal", "moa"])

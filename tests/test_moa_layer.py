@@ -26,6 +26,8 @@ _EXPLICIT = {}
 class ExplicitMask(attention_lib.AttentionCore):
   """Dense attention with a per-layer boolean mask [n, t, s] set by the test."""
 
+  OPTIONS = ()
+
   def __init__(self, model_config, *, layer_index, rngs):
     del model_config, rngs
     self.layer_index = layer_index

@@ -22,6 +22,8 @@ class DropBlock(attention_lib.AttentionCore):
   scaled down by (1 - eps) (eps = 1: masked) and each row renormalised, i.e. log(1 - eps)
   is added to the block's logits."""
 
+  OPTIONS = ()
+
   def __init__(self, model_config, *, layer_index, rngs):
     del model_config, rngs
     self.layer_index = layer_index

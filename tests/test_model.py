@@ -115,6 +115,12 @@ def test_every_core_refuses_unknown_attention_keys(kind):
   assert "kind" in attention_options(kind)
 
 
+def test_attention_keys_without_a_kind_say_dense_was_assumed():
+  cfg = ModelConfig(**BASE, attention={"window": 64})
+  with pytest.raises(ValueError, match=r"dense \(no kind given\) takes no key"):
+    make_attention_core(cfg, 0, nnx.Rngs(0))
+
+
 def test_a_core_must_declare_its_options():
   class Undeclared(AttentionCore):
     pass
@@ -130,6 +136,7 @@ def test_core_options_include_inherited_keys():
   assert {"token_capacity", "min_head_capacity_ratio", "decode_implementation"} <= set(
       attention_options("ada_snapkv"))
   assert "min_head_capacity_ratio" not in attention_options("snapkv")
+  assert "decode_implementation" not in attention_options("quest")  # Quest never reads it.
 
 
 def test_num_params_matches_model():

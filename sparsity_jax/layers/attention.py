@@ -220,7 +220,8 @@ def make_attention_core(model_config: Any, layer_index: int | None,
   allowed = attention_options(kind)
   unknown = sorted(set(model_config.attention) - set(allowed))
   if unknown:  # E.g. snapkv's token_capacity given to quest would silently do nothing.
-    raise ValueError(f"config.model.attention: {kind} takes no key(s) {unknown}; its keys: "
+    what = kind if "kind" in model_config.attention else "dense (no kind given)"
+    raise ValueError(f"config.model.attention: {what} takes no key(s) {unknown}; its keys: "
                      f"{', '.join(allowed)}")
   return _REGISTRY[kind](model_config, layer_index=layer_index, rngs=rngs)
 

@@ -30,11 +30,11 @@ Config keys (``config.model.attention``), defaults from the Sparse Frontier's ya
                token_capacity tokens, decode_room decode steps fit (decode_room + 1 new
                tokens, the first comes from the prefill); more is a cache overflow:
                CacheOverflowError when called eagerly, NaN under jit, and
-               ``generation.generate`` raises).
-  Every core: ``decode_implementation`` (the ragged decode kernel's backend, snapkv /
-  ada_snapkv; None = platform default), and DenseAttention's keys for the dense prefill.
-  Unknown keys are refused.
+               ``generation.generate`` raises), ``decode_implementation`` (the ragged
+               decode kernel's backend; None = platform default).
   ada_snapkv:  as snapkv, and ``min_head_capacity_ratio`` (0.2).
+  Every core also takes DenseAttention's keys (the dense prefill); unknown keys are
+  refused.
 
 Legend: b batch, t new tokens, s cache slots, n query heads, k kv heads, h head dim.
 """
@@ -68,9 +68,9 @@ class SparseDecodeAttention(DenseAttention):
 
   method = "decode"
 
-  # Config keys every decode core takes besides DenseAttention's (the kernels'); each core
-  # adds its own, and attention.make_attention_core refuses any other.
-  OPTIONS = ("implementation", "decode_implementation")
+  # Each core adds its own config keys to DenseAttention's; make_attention_core refuses
+  # any other.
+  OPTIONS = ()
 
   def __init__(self, model_config: Any, *, layer_index: int | None, rngs: nnx.Rngs):
     super().__init__(model_config, layer_index=layer_index, rngs=rngs)
@@ -193,7 +193,7 @@ class SnapKVAttention(SparseDecodeAttention):
   method = "SnapKV"
   adaptive = False
   OPTIONS = ("token_capacity", "window", "kernel_size", "local_window", "prefix_tokens",
-             "decode_room")
+             "decode_room", "decode_implementation")
 
   def __init__(self, model_config: Any, *, layer_index: int | None, rngs: nnx.Rngs):
     super().__init__(model_config, layer_index=layer_index, rngs=rngs)

@@ -11,8 +11,9 @@ The pattern is stored per layer as kept-tile bits [b, n, i, j] in a non-paramete
 variable; ``captures`` counts how often it was computed (once per generation).
 
 Config (``config.model.attention``): kind='sparsed', block_size (128 for long contexts,
-32 for short ones), select (fraction of key blocks kept, default 0.3), skip (fraction of
-steps run dense, default 0.2), implementation (kernel backend; None = platform default).
+32 for short ones), select (fraction of key blocks kept, default 0.3), implementation
+(kernel backend; None = platform default). The fraction of denoising steps run dense
+(``skip``, default 0.2) is the sampler hook's argument, not a core option.
 """
 
 from __future__ import annotations

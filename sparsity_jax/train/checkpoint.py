@@ -53,18 +53,21 @@ def check_workdir_compatible(workdir: str, config_dict: dict) -> None:
     return
   with open(path) as f:
     saved = json.load(f)
-  diffs = []
+  diffs, differing = [], []
   for key in RESUME_KEYS:
     old, new = (_comparable(_lookup(d, key), _RESUME_DEFAULTS.get(key))
                 for d in (saved, config_dict))
     if json.dumps(old, sort_keys=True) != json.dumps(new, sort_keys=True, default=str):
       diffs.append(f"  {key}: workdir has {old!r}, config has {new!r}")
+      differing.append(key)
   if diffs:
+    # init_from keeps the run's model, so it is the way on only when the model is the same.
+    start_from = "" if "model" in differing else (
+        " (with config.init_from=<this workdir> to start from its weights and masks)")
     raise UserError(
         f"--workdir={workdir} holds a run with a different model, data or sparse-training "
-        "method:\n" + "\n".join(diffs) + "\nUse a new --workdir for a new run (with "
-        "config.init_from=<this workdir> to start from its weights and masks), or the "
-        "original config to resume this one.")
+        "method:\n" + "\n".join(diffs) + f"\nUse a new --workdir for a new run{start_from}, "
+        "or the original config to resume this one.")
 
 
 def _comparable(section, default=None):

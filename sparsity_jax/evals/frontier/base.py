@@ -193,7 +193,7 @@ class Writer:
 
 
 def too_short(task: str, length: int, needed: int, samples: int = 1) -> PromptTooShortError:
-  of = f" (the longest of {samples} samples)" if samples > 1 else ""
+  of = f" (the most demanding of {samples} samples)" if samples > 1 else ""
   return PromptTooShortError(
       f"{task} prompts need at least {needed} tokens{of} with this tokenizer and these "
       f"options (template, questions and evidence); got length={length}", needed)

@@ -108,9 +108,10 @@ def score_by_depth(rows: Sequence[dict], depths: dict, bins: int = 5) -> dict:
 
   Returns:
     {(task, length): {"bins": [(lo, hi)], "dense": the dense setting's name or None,
-    "settings": {setting: [{"score", "n"} per bin]}}}, settings in first-seen order.
+    "settings": {setting: [{"score", "n"} per bin]}}}, settings in first-seen order; an
+    empty bin has score None.
   """
-  edges = np.linspace(0.0, 1.0, bins + 1)
+  edges = [i / bins for i in range(bins + 1)]
   acc: dict = collections.defaultdict(
       lambda: collections.defaultdict(lambda: [[0.0, 0] for _ in range(bins)]))
   dense = {}
@@ -118,15 +119,16 @@ def score_by_depth(rows: Sequence[dict], depths: dict, bins: int = 5) -> dict:
     d = depths.get((r["task"], int(r["length"]), int(r["index"])))
     if d is None:
       continue
-    b = min(int(np.searchsorted(edges, d, side="right")) - 1, bins - 1)
-    cell = acc[(r["task"], int(r["length"]))][r["setting"]][max(b, 0)]
+    if not 0.0 <= d <= 1.0:
+      raise ValueError(f"depth {d!r} of {r['task']} @ {r['length']} #{r['index']} is not in "
+                       "[0, 1]")
+    cell = acc[(r["task"], int(r["length"]))][r["setting"]][min(int(d * bins), bins - 1)]
     cell[0] += float(r["score"])
     cell[1] += 1
     if r["phase"] == "dense":
       dense[(r["task"], int(r["length"]))] = r["setting"]
-  return {key: {"bins": [(float(lo), float(hi)) for lo, hi in zip(edges[:-1], edges[1:])],
-                "dense": dense.get(key),
-                "settings": {s: [{"score": t / n if n else 0.0, "n": n} for t, n in cells]
+  return {key: {"bins": list(zip(edges[:-1], edges[1:])), "dense": dense.get(key),
+                "settings": {s: [{"score": t / n if n else None, "n": n} for t, n in cells]
                              for s, cells in per.items()}}
           for key, per in acc.items()}
 
