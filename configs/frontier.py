@@ -3,11 +3,14 @@ r"""The Sparse Frontier grid on SmolLM2-135M-Instruct (the embedded real model),
   python launch/frontier.py --config=configs/frontier.py --out=runs/frontier
   python launch/frontier.py --config=configs/frontier.py --out=runs/frontier --report_only
 
-Arguments (``--config=configs/frontier.py:ARG``): ``runlocal`` shrinks the grid to a
-minutes-long smoke run (2 samples, 1 task, 3 settings, 1024 tokens); ``moa`` adds MoA
-plans (docs/results/moa_smollm2/, found by launch/moa.py) and uniform sink + window
-plans at 50% and 25% KV (run them into the same --out with --only=moa_50,...). MoA needs
-plan paths relative to the repository root (run from there).
+Arguments (``--config=configs/frontier.py:ARG``, several joined by commas): ``runlocal``
+shrinks the grid to a minutes-long smoke run (2 samples, 1 task, 3 settings, 1024 tokens);
+``moa`` adds MoA plans (docs/results/moa_smollm2/, found by launch/moa.py) and uniform
+sink + window plans at 50% and 25% KV (run them into the same --out with
+--only=moa_50,...; MoA needs plan paths relative to the repository root: run from there);
+``windows`` adds Vertical-Slash and SnapKV with short observation windows (the last 64 /
+32 prompt queries instead of the official 256, which at 1k-2k tokens are mostly filler
+after a short question).
 
 Settings are ``config.model.attention`` dicts by name (exactly one dense: the baseline);
 prefill kinds (vertical_slash, flexprefill, block_topk, pbs, anchor) sparsify the prefill,
@@ -57,7 +60,18 @@ def get_config(arg: str | None = None):
       "snapkv_192": {"kind": "snapkv", "token_capacity": 192, "local_window": 64},
       "ada_snapkv_192": {"kind": "ada_snapkv", "token_capacity": 192, "local_window": 64},
   })
-  if arg == "moa":  # MoA plans found by launch/moa.py for SmolLM2, and uniform windows.
+  extras = {a.strip() for a in (arg or "").split(",") if a.strip()}
+  unknown = sorted(extras - {"moa", "windows", "runlocal"})
+  if unknown:
+    raise ValueError(f"configs/frontier.py takes 'moa', 'windows', 'runlocal' (comma-joined) or "
+                     f"nothing, got {unknown}")
+  if "windows" in extras:  # The estimate's window, the official 256 queries vs a few.
+    c.settings.update({
+        "vertical_slash_256_128_q64": {"kind": "vertical_slash", "vertical_size": 256,
+                                       "slash_size": 128, "last_q": 64},
+        "snapkv_512_w32": {"kind": "snapkv", "token_capacity": 512, "window": 32},
+    })
+  if "moa" in extras:  # MoA plans found by launch/moa.py for SmolLM2, and uniform windows.
     plans = "docs/results/moa_smollm2"
     c.settings.update({
         "moa_50": {"kind": "moa", "plan": f"{plans}/plan_50.json"},
@@ -66,7 +80,7 @@ def get_config(arg: str | None = None):
         "moa_25": {"kind": "moa", "plan": f"{plans}/plan_25.json"},
         "uniform_25": {"kind": "moa", "plan": f"{plans}/uniform_25.json"},
     })
-  elif arg == "runlocal":
+  if "runlocal" in extras:
     c.lengths = (1024,)
     c.tasks = ("passkey",)
     c.num_samples = 2
@@ -76,6 +90,4 @@ def get_config(arg: str | None = None):
                                  "slash_size": 64},
         "quest_128": {"kind": "quest", "token_budget": 128},
     })
-  elif arg:
-    raise ValueError(f"configs/frontier.py takes 'moa', 'runlocal' or nothing, got {arg!r}")
   return c

@@ -161,7 +161,7 @@ def test_score_by_depth_bins_rows():
     report.score_by_depth(rows[:1], {("t", 8, 0): 1.5})
 
 
-@pytest.mark.parametrize("arg", [None, "runlocal", "moa"])
+@pytest.mark.parametrize("arg", [None, "runlocal", "moa,windows"])
 def test_frontier_config_is_valid(arg):
   """configs/frontier.py: one dense setting, known kinds and tasks, valid task options,
   and every setting builds its attention core."""
