@@ -3,7 +3,7 @@ r"""Score by evidence depth in a Sparse Frontier run directory.
 ``launch/frontier.py`` rows record a score per (setting, task, length, prompt). Where the
 evidence sat in the prompt (the needle's relative depth, ``Sample.meta['depths']``) is not
 in the rows; this script rebuilds the run's prompts from its grid.json (model tokenizer,
-seed, chat, task options: the same samples, checked token count by token count), joins
+seed, chat, task options: the same samples, checked by token count and answer), joins
 them to the rows and writes, per (task, length), the score of every setting in bins of
 the depth of the first evidence the task lists (the needle of passkey / kv_retrieval /
 ruler_niah's first query; for story and variable-tracking tasks the first queried chapter
@@ -37,20 +37,22 @@ def sample_depths(rows, grid: dict, tokenizer) -> dict[tuple, float]:
   from sparsity_jax.evals import frontier
 
   wanted = collections.defaultdict(set)
-  tokens_of = {}
+  seen = {}  # (task, length, index): (prompt tokens, gold) of the row.
   for r in rows:
     wanted[(r["task"], int(r["length"]))].add(int(r["index"]))
-    tokens_of[(r["task"], int(r["length"]), int(r["index"]))] = int(r["prompt_tokens"])
+    seen[(r["task"], int(r["length"]), int(r["index"]))] = (int(r["prompt_tokens"]),
+                                                            r.get("gold"))
   depths = {}
   for (task, length), indices in sorted(wanted.items()):
     samples = frontier.make_samples(task, tokenizer, length, num_samples=max(indices) + 1,
                                     seed=int(grid["seed"]), chat=grid["chat"],
                                     **grid.get("task_options", {}).get(task, {}))
     for i in indices:
-      if len(samples[i].tokens) != tokens_of[(task, length, i)]:
-        raise ValueError(f"{task} @ {length} #{i}: rebuilt prompt has "
-                         f"{len(samples[i].tokens)} tokens, the row {tokens_of[(task, length, i)]}"
-                         ": grid.json does not describe these rows")
+      tokens, gold = seen[(task, length, i)]
+      if len(samples[i].tokens) != tokens or (gold is not None and samples[i].gold != gold):
+        raise ValueError(f"{task} @ {length} #{i}: the rebuilt prompt ({len(samples[i].tokens)} "
+                         f"tokens, answer {samples[i].gold!r}) is not the row's ({tokens} "
+                         f"tokens, answer {gold!r}): grid.json does not describe these rows")
       if not samples[i].meta.get("depths"):
         continue  # A task without a single evidence position.
       depths[(task, length, i)] = float(samples[i].meta["depths"][0])

@@ -161,6 +161,42 @@ def test_score_by_depth_bins_rows():
     report.score_by_depth(rows[:1], {("t", 8, 0): 1.5})
 
 
+def test_frontier_depth_script_rebuilds_the_prompts(tmp_path):
+  """benchmarks/frontier_depth.py joins a run's rows to its rebuilt prompts' depths, and
+  refuses rows its grid.json does not describe."""
+  from sparsity_jax.checkpoints.hf_tokenizer import HFTokenizer
+  from sparsity_jax.evals import frontier
+
+  model = os.path.join(ROOT, "tests", "fixtures", "hf", "llama")
+  samples = frontier.make_samples("passkey", HFTokenizer.from_dir(model), 400, num_samples=4,
+                                  seed=7, chat=False)
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "grid.json").write_text(json.dumps({"model": model, "seed": 7, "chat": False,
+                                             "task_options": {"passkey": {}}}))
+  rows = [{"setting": s, "kind": s, "phase": "dense" if s == "dense" else "decode",
+           "task": "passkey", "length": 400, "index": i, "prompt_tokens": len(x.tokens),
+           "gold": x.gold, "score": float(s == "dense" or x.meta["depths"][0] >= 0.5)}
+          for s in ("dense", "quest") for i, x in enumerate(samples)]
+  (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location(
+      "frontier_depth", os.path.join(ROOT, "benchmarks", "frontier_depth.py"))
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  script.main([f"--run={run}", "--bins=2"])
+  table, = json.loads((run / "depth.json").read_text())
+  late = sum(x.meta["depths"][0] >= 0.5 for x in samples)
+  assert table["settings"]["quest"] == [{"score": 0.0 if late < 4 else None, "n": 4 - late},
+                                        {"score": 1.0 if late else None, "n": late}]
+  assert (run / "depth.png").stat().st_size > 1000 and "passkey @ 400" in (
+      run / "depth.md").read_text()
+  (run / "grid.json").write_text(json.dumps({"model": model, "seed": 8, "chat": False}))
+  with pytest.raises(ValueError, match="grid.json does not describe these rows"):
+    script.main([f"--run={run}"])
+
+
 @pytest.mark.parametrize("arg", [None, "runlocal", "moa,windows"])
 def test_frontier_config_is_valid(arg):
   """configs/frontier.py: one dense setting, known kinds and tasks, valid task options,
