@@ -65,6 +65,9 @@ def get_config(arg: str | None = None):
   if unknown:
     raise ValueError(f"configs/frontier.py takes 'moa', 'windows', 'runlocal' (comma-joined) or "
                      f"nothing, got {unknown}")
+  if "runlocal" in extras and len(extras) > 1:  # runlocal replaces every setting.
+    raise ValueError("configs/frontier.py: 'runlocal' is a smoke grid of its own; do not join "
+                     f"it with {sorted(extras - {'runlocal'})}")
   if "windows" in extras:  # The estimate's window, the official 256 queries vs a few.
     c.settings.update({
         "vertical_slash_256_128_q64": {"kind": "vertical_slash", "vertical_size": 256,

@@ -197,6 +197,19 @@ def test_frontier_depth_script_rebuilds_the_prompts(tmp_path):
     script.main([f"--run={run}"])
 
 
+def test_frontier_config_refuses_runlocal_with_extras():
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("frontier_cfg",
+                                                os.path.join(ROOT, "configs", "frontier.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  with pytest.raises(ValueError, match="smoke grid of its own"):
+    module.get_config("runlocal,moa")
+  with pytest.raises(ValueError, match="got \\['mao'\\]"):
+    module.get_config("moa,mao")
+
+
 @pytest.mark.parametrize("arg", [None, "runlocal", "moa,windows"])
 def test_frontier_config_is_valid(arg):
   """configs/frontier.py: one dense setting, known kinds and tasks, valid task options,

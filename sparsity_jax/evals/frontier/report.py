@@ -94,9 +94,6 @@ def max_compression(cells: Sequence[dict]) -> dict:
   return best
 
 
-# ---- FLOPs -------------------------------------------------------------------------------
-
-
 def score_by_depth(rows: Sequence[dict], depths: dict, bins: int = 5) -> dict:
   """Mean score per setting in equal-width bins of evidence depth.
 
@@ -131,6 +128,9 @@ def score_by_depth(rows: Sequence[dict], depths: dict, bins: int = 5) -> dict:
                 "settings": {s: [{"score": t / n if n else None, "n": n} for t, n in cells]
                              for s, cells in per.items()}}
           for key, per in acc.items()}
+
+
+# ---- FLOPs -------------------------------------------------------------------------------
 
 
 def flops(model_cfg, cell: dict, attention: dict) -> dict:
