@@ -51,8 +51,9 @@ flags.DEFINE_integer("loss_tokens", 0, "Profile and validate on the first k resp
 flags.DEFINE_integer("retrieval_heads", 0, "A variant: keep the k KV heads with the most "
                      "attention on retrieval evidence at full span (moa.retrieval); 0: MoA "
                      "as published.")
-flags.DEFINE_string("calibration_from", "", "Copy calibrate + profile from this finished --out "
-                    "(same model and calibration options; another budget or variant).")
+flags.DEFINE_string("calibration_from", "", "Copy the calibration (and the profile, when "
+                    "sink, block_size and loss_tokens match) from this --out made with the "
+                    "same model and calibration options; another budget or variant.")
 flags.DEFINE_integer("min_cache", 128, "Every head keeps at least this many tokens (sink + "
                      "window; the official runtime's minimum).")
 flags.DEFINE_integer("num_rules", 2, "Max distinct rules per layer.")

@@ -327,7 +327,17 @@ def test_retrieval_heads_variant_holds_the_most_attending_heads(tmp_path, monkey
     assert open(os.path.join(other.out, name), "rb").read() == open(
         os.path.join(opts.out, name), "rb").read()
   assert pipeline.load_plans(other.out)[0].density(384) <= 0.75 + 1e-9
-  with pytest.raises(ValueError, match="is not a MoA directory with finished"):
+  # Another --loss_tokens shares the calibration but not the profile: profiled here.
+  focused = dataclasses.replace(other, out=str(tmp_path / "lt"), loss_tokens=2)
+  logged = []
+  pipeline.run(model, focused, stages=("calibrate", "profile"), log=logged.append)
+  assert any("copied from" in line and "profiling here" in line for line in logged)
+  assert any(line.startswith("[moa] profile: done") for line in logged)
+  assert open(os.path.join(focused.out, "calib_384.npz"), "rb").read() == open(
+      os.path.join(opts.out, "calib_384.npz"), "rb").read()
+  assert not np.array_equal(np.load(os.path.join(focused.out, "influence_384.npz"))["distance"],
+                            np.load(os.path.join(opts.out, "influence_384.npz"))["distance"])
+  with pytest.raises(ValueError, match="is not a MoA directory with a finished calibrate"):
     pipeline.check_options(model, dataclasses.replace(other, calibration_from=str(tmp_path)))
   with pytest.raises(ValueError, match="calibrated with other options .num_samples"):
     pipeline.run(model, dataclasses.replace(other, out=str(tmp_path / "x"), num_samples=3),

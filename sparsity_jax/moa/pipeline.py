@@ -339,19 +339,23 @@ def check_directory(opts: Options, restart: bool = False, log=print) -> None:
       shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
 
 
-# What the calibrate and profile stages depend on: directories equal on these share them.
-CALIBRATION_KEYS = ("lengths", "validate_length", "sink", "block_size", "num_samples",
-                    "response_len", "tasks", "chat", "model", "seed", "loss_tokens")
+# What the calibrate stage depends on, and the profile stage besides: a directory equal on
+# CALIBRATION_KEYS shares the calibration, equal on PROFILE_KEYS the profile too.
+CALIBRATION_KEYS = ("lengths", "validate_length", "num_samples", "response_len", "tasks",
+                    "chat", "model", "seed")
+PROFILE_KEYS = CALIBRATION_KEYS + ("sink", "block_size", "loss_tokens")
 
 
-def check_calibration_source(opts: Options) -> None:
-  """Raises unless ``opts.calibration_from`` is a finished directory calibrated with the
-  same options (budget, search and retrieval-head options may differ)."""
+def check_calibration_source(opts: Options) -> bool:
+  """Raises unless ``opts.calibration_from`` is a directory with a finished calibration made
+  with the same options (budget, search and retrieval-head options may differ). Returns
+  whether its profile can be shared too (finished, and equal on PROFILE_KEYS); if not,
+  the profile stage runs here on the copied calibration (e.g. another --loss_tokens)."""
   src = opts.calibration_from
   path = os.path.join(src, "options.json")
-  if not (os.path.exists(path) and done(src, "calibrate") and done(src, "profile")):
-    raise ValueError(f"--calibration_from={src} is not a MoA directory with finished "
-                     "calibrate and profile stages")
+  if not (os.path.exists(path) and done(src, "calibrate")):
+    raise ValueError(f"--calibration_from={src} is not a MoA directory with a finished "
+                     "calibrate stage")
   with open(path) as f:
     theirs = {**Options(out="").to_json(), **json.load(f)}
   ours = opts.to_json()
@@ -360,20 +364,25 @@ def check_calibration_source(opts: Options) -> None:
     raise ValueError(f"--calibration_from={src} was calibrated with other options ("
                      + "; ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} now"
                                  for k in diff) + ")")
+  return done(src, "profile") and all(theirs.get(k) == ours.get(k) for k in PROFILE_KEYS)
 
 
 def copy_calibration(opts: Options, log=print) -> None:
-  """Copies calibrate + profile results from ``opts.calibration_from``."""
+  """Copies the calibration from ``opts.calibration_from``, and its profile when the
+  profile options match (``check_calibration_source``)."""
   import shutil
-  check_calibration_source(opts)
+  with_profile = check_calibration_source(opts)
   src = opts.calibration_from
-  for pattern in ("calib_*.npz", "calib_*.json", "influence_*.npz"):
+  patterns = ("calib_*.npz", "calib_*.json") + (("influence_*.npz",) if with_profile else ())
+  for pattern in patterns:
     for f in glob.glob(os.path.join(src, pattern)):
       shutil.copy2(f, opts.out)
-  for stage in ("calibrate", "profile"):
+  stages = ("calibrate", "profile") if with_profile else ("calibrate",)
+  for stage in stages:
     os.makedirs(os.path.join(opts.out, "stages"), exist_ok=True)
     shutil.copy2(_marker(src, stage), _marker(opts.out, stage))
-  log(f"[moa] calibrate, profile: copied from {src}")
+  log(f"[moa] {', '.join(stages)}: copied from {src}"
+      + ("" if with_profile else " (profile options differ: profiling here)"))
 
 
 def run(model, opts: Options, stages: Sequence[str] = STAGES, *, force: bool = False,
