@@ -44,6 +44,8 @@ flags.DEFINE_integer("response_len", 128, "Dense-model response tokens per sampl
                      "official default).")
 flags.DEFINE_list("tasks", list(pipeline.calibrate_lib.DEFAULT_TASKS), "Calibration tasks, mixed: passkey, "
                   "kv_retrieval, document, lines.")
+flags.DEFINE_bool("spread_depths", False, "Stratify the evidence depths of each retrieval "
+                  "task's calibration samples (default: uniformly random, as before).")
 flags.DEFINE_enum("chat", "auto", ["auto", "true", "false"], "Chat template around calibration "
                   "prompts (auto: when the tokenizer has one).")
 flags.DEFINE_integer("loss_tokens", 0, "Profile and validate on the first k response tokens "
@@ -97,7 +99,8 @@ def main(argv):
       response_len=FLAGS.response_len, num_rules=FLAGS.num_rules,
       num_intervals=FLAGS.num_intervals, alpha_interval=FLAGS.alpha_interval,
       lower_ratio=FLAGS.lower_ratio, min_cache=FLAGS.min_cache, tasks=tuple(FLAGS.tasks),
-      loss_tokens=FLAGS.loss_tokens, retrieval_heads=FLAGS.retrieval_heads,
+      spread_depths=FLAGS.spread_depths, loss_tokens=FLAGS.loss_tokens,
+      retrieval_heads=FLAGS.retrieval_heads,
       calibration_from=FLAGS.calibration_from,
       chat=FLAGS.chat, model=sources[0], seed=FLAGS.seed)
   try:  # Options against the model and the directory, before any stage runs.

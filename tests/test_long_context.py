@@ -54,7 +54,8 @@ def test_every_generated_prompt_has_its_length_and_its_evidence(name, request):
       length, response = int(rng.integers(800, 1200)), int(rng.integers(1, 130))
       for p in calibrate.default_prompts(length, 3, response_len=response, tasks=(task,),
                                          seed=int(rng.integers(1 << 30)), tokenizer=tok,
-                                         chat=chat, documents=documents):
+                                         chat=chat, documents=documents,
+                                         spread_depths=bool(rng.integers(2))):
         lc.check_prompt(p, tok, length + 1 - response)
 
 
@@ -70,6 +71,15 @@ def test_depths_are_controlled_and_questions_batch():
       assert i / 4 - 0.03 <= d <= (i + 1) / 4 + 0.03  # to the nearest sentence start).
   depths = [p.depth for p in lc.make_prompts("passkey", tok, 1500, 5, seed=0)]
   np.testing.assert_allclose(depths, [0.1, 0.3, 0.5, 0.7, 0.9], atol=0.05)
+  # Calibration with spread_depths: a task's j-th of m samples has its evidence in [j/m,
+  # (j+1)/m) (snapped to a sentence start); the default draws it anywhere.
+  prompts = calibrate.default_prompts(1500, 8, response_len=16, seed=1, spread_depths=True,
+                                      tasks=("passkey", "kv_retrieval"), tokenizer=tok)
+  for task in ("passkey", "kv_retrieval"):
+    depths = [p.depth for p in prompts if p.task == task]
+    assert len(depths) == 4
+    for j, d in enumerate(depths):
+      assert j / 4 - 0.03 <= d <= (j + 1) / 4 + 0.03, (task, j, d)
 
 
 def test_prompts_that_cannot_hold_their_evidence_raise():

@@ -37,13 +37,15 @@ MIN_CORRECT = 0.5  # Below this fraction of correct answers, ``check`` warns.
 
 def default_prompts(length: int, num_samples: int, *, response_len: int,
                     tasks: Sequence[str] = DEFAULT_TASKS, seed: int = 0, tokenizer=None,
-                    chat: bool = False,
-                    documents: Sequence[np.ndarray] | None = None) -> list[lc.Prompt]:
+                    chat: bool = False, documents: Sequence[np.ndarray] | None = None,
+                    spread_depths: bool = False) -> list[lc.Prompt]:
   """``num_samples`` prompts of exactly ``length + 1 - response_len`` tokens, tasks mixed
   round-robin, each with its evidence inside (kv_retrieval: 4 needles, one asked).
 
   ``tokenizer`` (default bytes) must be the model's; ``documents`` (token arrays in its
-  vocabulary) feed the 'document' task.
+  vocabulary) feed the 'document' task. The evidence sits at a uniformly random depth, or
+  with ``spread_depths`` the j-th of a task's m samples at a random depth in [j/m, (j+1)/m)
+  (stratified: a few samples still cover near and far evidence).
   """
   tok = ByteTokenizer() if tokenizer is None else tokenizer
   context = length + 1 - response_len
@@ -53,16 +55,28 @@ def default_prompts(length: int, num_samples: int, *, response_len: int,
   if unknown:
     raise ValueError(f"unknown calibration tasks {unknown}; tasks: {', '.join(lc.TASKS)}")
   rng = np.random.default_rng([seed, length])
+  order = [tasks[i % len(tasks)] for i in range(num_samples)]
+
+  def stratum(i, task):  # Sample i's depth (its task's j-th of m), or None: random.
+    if not spread_depths:
+      return None
+    return (order[:i].count(task) + float(rng.random())) / order.count(task)
+
   prompts = []
   for i in range(num_samples):
     task = tasks[i % len(tasks)]
     if task == "passkey":
-      p = lc.passkey(tok, context, rng, chat=chat, context_id=i)
+      p = lc.passkey(tok, context, rng, depth=stratum(i, task), chat=chat, context_id=i)
     elif task == "kv_retrieval":
-      p = lc.kv_retrieval(tok, context, rng, num_needles=4, chat=chat, context_id=i)[
-          int(rng.integers(4))]
+      depth = stratum(i, task)
+      if depth is None:
+        p = lc.kv_retrieval(tok, context, rng, num_needles=4, chat=chat, context_id=i)[
+            int(rng.integers(4))]
+      else:  # The asked needle at its stratum, the 3 distractors anywhere.
+        depths = [depth] + list(rng.random(3))
+        p = lc.kv_retrieval(tok, context, rng, depths=depths, chat=chat, context_id=i)[0]
     elif task == "lines":
-      p = lc.lines(tok, context, rng, chat=chat, context_id=i)
+      p = lc.lines(tok, context, rng, depth=stratum(i, task), chat=chat, context_id=i)
     else:
       if not documents:
         raise ValueError("the 'document' calibration task needs corpus documents")

@@ -57,6 +57,7 @@ class Options:
   lower_ratio: float = 0.0  # Density lower bound as a fraction of the budget.
   min_cache: int = 128  # Every head keeps at least this many tokens (sink + window).
   tasks: Sequence[str] = calibrate_lib.DEFAULT_TASKS  # Calibration tasks, mixed.
+  spread_depths: bool = False  # Stratify the evidence depths of each task's samples.
   loss_tokens: int = 0  # Profile / validate on the first k response tokens only (0: all).
   chat: str = "auto"  # Chat template around calibration prompts: auto / true / false.
   retrieval_heads: int = 0  # KV heads kept at full span (moa.retrieval; 0: the paper's MoA).
@@ -128,7 +129,8 @@ def stage_calibrate(model, opts: Options, documents=None, tokenizer=None, log=pr
   for n in list(opts.lengths) + [opts.validate_length]:
     prompts = calibrate_lib.default_prompts(n, opts.num_samples, response_len=opts.response_len,
                                             tasks=opts.tasks, seed=opts.seed, tokenizer=tok,
-                                            chat=chat, documents=documents)
+                                            chat=chat, documents=documents,
+                                            spread_depths=opts.spread_depths)
     tokens, mask, responses = calibrate_lib.calibration_set(
         dense, prompts, length=n, response_len=opts.response_len, eos_id=tok.eos_id)
     graded = calibrate_lib.grade(prompts, responses, tok)
@@ -342,7 +344,7 @@ def check_directory(opts: Options, restart: bool = False, log=print) -> None:
 # What the calibrate stage depends on, and the profile stage besides: a directory equal on
 # CALIBRATION_KEYS shares the calibration, equal on PROFILE_KEYS the profile too.
 CALIBRATION_KEYS = ("lengths", "validate_length", "num_samples", "response_len", "tasks",
-                    "chat", "model", "seed")
+                    "spread_depths", "chat", "model", "seed")
 PROFILE_KEYS = CALIBRATION_KEYS + ("sink", "block_size", "loss_tokens")
 
 
