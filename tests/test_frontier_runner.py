@@ -141,6 +141,14 @@ def test_report_plots_score_by_length(tmp_path):
   assert "lengths.png" in (tmp_path / "report.md").read_text()
   report.write_report([r for r in rows if r["length"] == 8], str(tmp_path / "one"))
   assert not (tmp_path / "one" / "lengths.png").exists()  # One length: nothing to plot.
+  # A setting's variant suffix draws its own line; budgets of one method share one.
+  series = {s: report._series({"kind": k, "setting": s}) for k, s in [
+      ("snapkv", "snapkv_512_w32"), ("snapkv", "snapkv_512"), ("flexprefill", "flexprefill_g90"),
+      ("vertical_slash", "vertical_slash_256_128_q64"), ("vertical_slash", "vertical_slash_64_64")]}
+  assert series == {"snapkv_512_w32": "snapkv w32", "snapkv_512": "snapkv",
+                    "flexprefill_g90": "flexprefill",
+                    "vertical_slash_256_128_q64": "vertical_slash q64",
+                    "vertical_slash_64_64": "vertical_slash"}
 
 
 def test_score_by_depth_bins_rows():

@@ -265,6 +265,31 @@ def save_figure(fig, plt, path: str) -> str:
   return path
 
 
+_NICE_TICKS = (1, 1.5, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64, 96, 128)
+
+
+def _log_axis(ax, values) -> None:
+  """A log x-axis with plain labels (1.5x, 2x, ...) at round values within the data's range
+  (matplotlib's default reads "2 x 10^0", or shows no label on a short range)."""
+  from matplotlib import ticker
+  ax.set_xscale("log")
+  lo, hi = min(values) / 1.15, max(values) * 1.15
+  ticks = [t for t in _NICE_TICKS if lo <= t <= hi] or [round(min(values), 1)]
+  ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
+  ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+
+
+def _series(cell: dict) -> str:
+  """The line a cell is drawn on: its method, and a variant suffix of the setting name
+  (e.g. snapkv_512_w32 -> "snapkv w32"), so that variants at one compression do not draw
+  a vertical segment."""
+  kind, setting = cell["kind"], cell.get("setting", "")
+  rest = setting[len(kind) + 1:].split("_") if setting.startswith(kind + "_") else []
+  if len(rest) >= 2 and rest[-1][:1].isalpha():
+    return f"{kind} {rest[-1]}"
+  return kind
+
+
 def _mark_losses(ax, points, line) -> None:
   """An x on the (x, score) points significantly below dense."""
   if points:
@@ -290,15 +315,15 @@ def _plots(cells: Sequence[dict], out: str) -> list[str]:
                  and c["phase"] == "dense"]
         if dense:
           ax.axhline(dense[0]["score"], color="k", ls="--", lw=1, label="dense")
-        for kind in sorted({c["kind"] for c in here}):
+        for kind in sorted({_series(c) for c in here}):
           pts = sorted((c["compression"], c["score"], c.get("retains") is not False)
-                       for c in here if c["task"] == task and c["kind"] == kind)
+                       for c in here if c["task"] == task and _series(c) == kind)
           if not pts:
             continue
           x, y, keep = zip(*pts)
           line, = ax.plot(x, y, marker="o", label=kind)
           _mark_losses(ax, [(a, b) for a, b, r in pts if not r], line)
-        ax.set_xscale("log")
+        _log_axis(ax, [c["compression"] for c in here if c["task"] == task] or [1.0])
         score_panel(ax, task, "compression (x)")
       fig.suptitle(f"{phase} methods (and MoA / uniform windows, which sparsify both), "
                    f"{length} tokens; x: significantly below dense", fontsize=9)
