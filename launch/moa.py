@@ -53,6 +53,9 @@ flags.DEFINE_integer("loss_tokens", 0, "Profile and validate on the first k resp
 flags.DEFINE_integer("retrieval_heads", 0, "A variant: keep the k KV heads with the most "
                      "attention on retrieval evidence at full span (moa.retrieval); 0: MoA "
                      "as published.")
+flags.DEFINE_float("min_head_density", 0.0, "A variant: every KV head keeps at least this "
+                   "fraction of the cache at every length (only such rules are searched); 0: "
+                   "MoA as published.")
 flags.DEFINE_string("calibration_from", "", "Copy the calibration (and the profile, when "
                     "sink, block_size and loss_tokens match) from this --out made with the "
                     "same model and calibration options; another budget or variant.")
@@ -100,7 +103,7 @@ def main(argv):
       num_intervals=FLAGS.num_intervals, alpha_interval=FLAGS.alpha_interval,
       lower_ratio=FLAGS.lower_ratio, min_cache=FLAGS.min_cache, tasks=tuple(FLAGS.tasks),
       spread_depths=FLAGS.spread_depths, loss_tokens=FLAGS.loss_tokens,
-      retrieval_heads=FLAGS.retrieval_heads,
+      retrieval_heads=FLAGS.retrieval_heads, min_head_density=FLAGS.min_head_density,
       calibration_from=FLAGS.calibration_from,
       chat=FLAGS.chat, model=sources[0], seed=FLAGS.seed)
   try:  # Options against the model and the directory, before any stage runs.

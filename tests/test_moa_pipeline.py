@@ -217,6 +217,7 @@ def test_forced_answer_nll_matches_a_direct_computation():
     (dict(lengths=(128, 1024), extend_length=1024), "lengths 1024 exceeds the model's context"),
     (dict(validate_length=600), "validate_length 600 exceeds the model's context of 512"),
     (dict(budget=0.02), "budget=0.02 is infeasible at length 128"),
+    (dict(min_head_density=0.6), "min_head_density=0.6 must be in \\[0, budget=0.5\\]"),
     (dict(tasks=("poems",)), "choose from passkey"),
     (dict(tasks=("passkey",)), "passkey prompts need at least"),
 ])

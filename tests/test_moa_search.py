@@ -117,6 +117,23 @@ def test_full_heads_keep_full_span_and_the_rest_shares_the_budget():
                   full_heads=np.ones((2, 2), bool))
 
 
+def test_min_head_density_floors_every_head():
+  """--min_head_density: every head of every plan keeps at least the floor at every length
+  (profiled and extension), the budget holds, and a floor no rule meets is refused."""
+  rng = np.random.default_rng(np.random.randint(1 << 30))
+  profiles = [random_influence(rng, n) for n in (64, 128)]
+  plans = search.search(profiles, budget=0.5, extend_length=256, num_heads=4,
+                        num_intervals=1, min_head_density=0.3)
+  assert plans
+  for plan in plans:
+    assert plan.meta["min_head_density"] == 0.3
+    for n in (64, 128, 256):
+      assert (plan.capacities(n) / n >= 0.3 - 1e-9).all(), n
+      assert plan.density(n) <= 0.5 + 1e-9
+  with pytest.raises(ValueError, match="no candidate rule keeps"):
+    search.search(profiles, budget=0.5, extend_length=256, num_heads=4, min_head_density=1.5)
+
+
 def test_retrieval_head_selection():
   from sparsity_jax.moa import retrieval
   scores = np.array([[0.1, 0.5], [0.5, 0.05], [0.3, 0.2]])

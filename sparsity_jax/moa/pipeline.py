@@ -61,6 +61,7 @@ class Options:
   loss_tokens: int = 0  # Profile / validate on the first k response tokens only (0: all).
   chat: str = "auto"  # Chat template around calibration prompts: auto / true / false.
   retrieval_heads: int = 0  # KV heads kept at full span (moa.retrieval; 0: the paper's MoA).
+  min_head_density: float = 0.0  # Every head's KV fraction floor (0: the paper's MoA).
   model: str = ""  # What the model is (path or name): part of the directory's identity.
   seed: int = 0
   # A finished directory whose calibration and profile to copy (not part of the identity).
@@ -181,7 +182,8 @@ def stage_search(model, opts: Options, tokenizer=None, log=print) -> dict:
                             num_heads=model.cfg.num_heads, max_rules_per_layer=opts.num_rules,
                             alpha_interval=opts.alpha_interval or None,
                             lower_ratio=opts.lower_ratio, num_intervals=opts.num_intervals,
-                            min_window=opts.min_window, full_heads=full_heads)
+                            min_window=opts.min_window, full_heads=full_heads,
+                            min_head_density=opts.min_head_density)
   os.makedirs(os.path.join(opts.out, "plans"), exist_ok=True)
   for old in glob.glob(os.path.join(opts.out, "plans", "plan_*.json")):
     os.remove(old)
@@ -274,6 +276,9 @@ def check_options(model, opts: Options, tokenizer=None) -> None:
     problems.append(f"retrieval_heads={opts.retrieval_heads} at full span alone use "
                     f"{opts.retrieval_heads / num_kv:.3f} of the KV cache, not below the "
                     f"budget {opts.budget}")
+  if not 0.0 <= opts.min_head_density <= opts.budget:
+    problems.append(f"min_head_density={opts.min_head_density} must be in [0, budget="
+                    f"{opts.budget}] (a floor on every head's KV fraction)")
   if opts.sink < 0 or opts.min_cache < 1:
     problems.append(f"need sink >= 0 and min_cache >= 1, got {opts.sink}, {opts.min_cache}")
   unknown = [t for t in opts.tasks if t not in lc.TASKS]

@@ -201,7 +201,7 @@ def search(influences: Sequence[Influence], *, budget: float | Mapping[int, floa
            extend_length: int, num_heads: int, max_rules_per_layer: int = 2,
            alpha_interval: int | None = None, num_betas: int = 9, lower_ratio: float = 0.0,
            num_intervals: int = 4, min_window: int = 1, full_heads: np.ndarray | None = None,
-           time_limit: float = 60.0) -> list[plan_lib.Plan]:
+           min_head_density: float = 0.0, time_limit: float = 60.0) -> list[plan_lib.Plan]:
   """Pareto-optimal plans for the profiled lengths (objectives) and the extension.
 
   Args:
@@ -211,6 +211,9 @@ def search(influences: Sequence[Influence], *, budget: float | Mapping[int, floa
     num_heads: the model's query heads (recorded in the plan).
     full_heads: optional bool [L, K]: heads held at full span (the rule alpha=0, beta=1;
       ``moa.retrieval``), the others searched under what remains of the budget.
+    min_head_density: a variant (0: off, as the paper): only rules keeping at least this
+      KV fraction at every profiled length and the extension are candidates, so every head
+      sees at least the most recent min_head_density x N tokens.
   """
   if not influences:
     raise ValueError("no profiles to search: run `launch/moa.py profile` first")
@@ -230,6 +233,13 @@ def search(influences: Sequence[Influence], *, budget: float | Mapping[int, floa
              for n in lengths + [extend_length]}
   rules = candidate_rules(lengths[0], lengths[-1], extend_length, alpha_interval=alpha_interval,
                           num_betas=num_betas)
+  if min_head_density > 0:
+    keep = np.all([rule_densities(rules, sink, n, min_window) >= min_head_density - 1e-9
+                   for n in budgets], axis=0)
+    if not keep.any():
+      raise ValueError(f"min_head_density={min_head_density}: no candidate rule keeps that "
+                       "fraction at every length; lower it")
+    rules = rules[keep]
   fixed = None
   if full_heads is not None and np.any(full_heads):
     full_heads = np.asarray(full_heads, bool)
@@ -259,5 +269,6 @@ def search(influences: Sequence[Influence], *, budget: float | Mapping[int, floa
               "densities": {str(n): float(densities[n][choice].mean()) for n in budgets},
               "budgets": {str(n): b for n, b in budgets.items()},
               "profiled_lengths": lengths, "max_rules_per_layer": max_rules_per_layer,
-              "full_heads": int(0 if fixed is None else (fixed >= 0).sum())}))
+              "full_heads": int(0 if fixed is None else (fixed >= 0).sum()),
+              "min_head_density": float(min_head_density)}))
   return plans
