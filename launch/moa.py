@@ -44,8 +44,9 @@ flags.DEFINE_integer("response_len", 128, "Dense-model response tokens per sampl
                      "official default).")
 flags.DEFINE_list("tasks", list(pipeline.calibrate_lib.DEFAULT_TASKS), "Calibration tasks, mixed: passkey, "
                   "kv_retrieval, document, lines.")
-flags.DEFINE_bool("spread_depths", False, "Stratify the evidence depths of each retrieval "
-                  "task's calibration samples (default: uniformly random, as before).")
+flags.DEFINE_bool("spread_depths", False, "Stratify the evidence depths of each task's "
+                  "calibration samples (passkey, kv_retrieval, lines; the j-th of m in "
+                  "[j/m, (j+1)/m)); off: uniformly random depths.")
 flags.DEFINE_enum("chat", "auto", ["auto", "true", "false"], "Chat template around calibration "
                   "prompts (auto: when the tokenizer has one).")
 flags.DEFINE_integer("loss_tokens", 0, "Profile and validate on the first k response tokens "
@@ -54,11 +55,12 @@ flags.DEFINE_integer("retrieval_heads", 0, "A variant: keep the k KV heads with 
                      "attention on retrieval evidence at full span (moa.retrieval); 0: MoA "
                      "as published.")
 flags.DEFINE_float("min_head_density", 0.0, "A variant: every KV head keeps at least this "
-                   "fraction of the cache at every length (only such rules are searched); 0: "
-                   "MoA as published.")
+                   "fraction of the cache (sink included) at the profiled lengths and the "
+                   "extension (only such rules are searched); 0: MoA as published.")
 flags.DEFINE_string("calibration_from", "", "Copy the calibration (and the profile, when "
                     "sink, block_size and loss_tokens match) from this --out made with the "
-                    "same model and calibration options; another budget or variant.")
+                    "same model, lengths, num_samples, response_len, tasks, spread_depths, "
+                    "chat and seed; another budget or variant.")
 flags.DEFINE_integer("min_cache", 128, "Every head keeps at least this many tokens (sink + "
                      "window; the official runtime's minimum).")
 flags.DEFINE_integer("num_rules", 2, "Max distinct rules per layer.")
@@ -90,6 +92,9 @@ def main(argv):
                     "(token counts, e.g. 2048,4096)") from None
   if FLAGS.retrieval_heads < 0:
     raise UserError(f"--retrieval_heads={FLAGS.retrieval_heads} must be >= 0")
+  if not 0.0 <= FLAGS.min_head_density <= FLAGS.budget:
+    raise UserError(f"--min_head_density={FLAGS.min_head_density} must be in [0, --budget="
+                    f"{FLAGS.budget}] (a floor on every head's KV fraction)")
   if FLAGS.calibration_from and not os.path.exists(
       os.path.join(FLAGS.calibration_from, "options.json")):
     raise UserError(f"--calibration_from={FLAGS.calibration_from} is not a MoA output "

@@ -218,6 +218,7 @@ def test_forced_answer_nll_matches_a_direct_computation():
     (dict(validate_length=600), "validate_length 600 exceeds the model's context of 512"),
     (dict(budget=0.02), "budget=0.02 is infeasible at length 128"),
     (dict(min_head_density=0.6), "min_head_density=0.6 must be in \\[0, budget=0.5\\]"),
+    (dict(min_head_density=0.45), "infeasible at length 128.*lower --min_head_density"),
     (dict(tasks=("poems",)), "choose from passkey"),
     (dict(tasks=("passkey",)), "passkey prompts need at least"),
 ])
@@ -338,6 +339,11 @@ def test_retrieval_heads_variant_holds_the_most_attending_heads(tmp_path, monkey
       os.path.join(opts.out, "calib_384.npz"), "rb").read()
   assert not np.array_equal(np.load(os.path.join(focused.out, "influence_384.npz"))["distance"],
                             np.load(os.path.join(opts.out, "influence_384.npz"))["distance"])
+  with pytest.raises(ValueError, match="run the profile stage here first"):
+    pipeline.run(model, dataclasses.replace(focused, out=str(tmp_path / "lt3"), loss_tokens=3),
+                 stages=("search",), log=lambda *_: None)
+  with pytest.raises(ValueError, match="is --out itself"):
+    pipeline.check_options(model, dataclasses.replace(focused, calibration_from=focused.out))
   with pytest.raises(ValueError, match="is not a MoA directory with a finished calibrate"):
     pipeline.check_options(model, dataclasses.replace(other, calibration_from=str(tmp_path)))
   with pytest.raises(ValueError, match="calibrated with other options .num_samples"):

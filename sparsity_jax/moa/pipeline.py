@@ -64,7 +64,8 @@ class Options:
   min_head_density: float = 0.0  # Every head's KV fraction floor (0: the paper's MoA).
   model: str = ""  # What the model is (path or name): part of the directory's identity.
   seed: int = 0
-  # A finished directory whose calibration and profile to copy (not part of the identity).
+  # A directory whose calibration (and profile, when PROFILE_KEYS match) to copy; not part
+  # of the identity.
   calibration_from: str = ""
 
   @property
@@ -312,12 +313,27 @@ def check_options(model, opts: Options, tokenizer=None) -> None:
     retrieval.prompts(tok, min(lengths), 2, seed=opts.seed, chat=chat)
   rules = search_lib.candidate_rules(lengths[0], lengths[-1], opts.extend_length,
                                      alpha_interval=opts.alpha_interval or None)
-  for n in lengths + [opts.extend_length]:
+  sizes = lengths + [opts.extend_length]
+  if opts.min_head_density > 0:  # The search's filter: rules above the floor everywhere.
+    keep = np.all([search_lib.rule_densities(rules, opts.sink, n, opts.min_window)
+                   >= opts.min_head_density - 1e-9 for n in sizes], axis=0)
+    if not keep.any():
+      raise ValueError(f"min_head_density={opts.min_head_density}: no candidate rule keeps "
+                       "that fraction at every profiled length and the extension; lower "
+                       "--min_head_density")
+    rules = rules[keep]
+  held = opts.retrieval_heads / num_kv  # Retrieval heads at full span (density 1).
+  for n in sizes:
     sparsest = search_lib.rule_densities(rules, opts.sink, n, opts.min_window).min()
-    if sparsest > opts.budget + 1e-9:
+    if held + (1 - held) * sparsest > opts.budget + 1e-9:
+      hint = ("lower --min_head_density" if opts.min_head_density > 0 else
+              "keep fewer --retrieval_heads" if opts.retrieval_heads else
+              "lower --sink / --min_cache")
       raise ValueError(f"budget={opts.budget} is infeasible at length {n}: the sparsest rule "
                        f"keeps {sparsest:.3f} of the KV cache (sink {opts.sink}, min_cache "
-                       f"{opts.min_cache}). Raise the budget or lower --sink / --min_cache.")
+                       f"{opts.min_cache}, min_head_density {opts.min_head_density}, "
+                       f"{opts.retrieval_heads} retrieval heads at full span). Raise the "
+                       f"budget or {hint}.")
 
 
 def check_directory(opts: Options, restart: bool = False, log=print) -> None:
@@ -359,6 +375,9 @@ def check_calibration_source(opts: Options) -> bool:
   whether its profile can be shared too (finished, and equal on PROFILE_KEYS); if not,
   the profile stage runs here on the copied calibration (e.g. another --loss_tokens)."""
   src = opts.calibration_from
+  if os.path.realpath(src) == os.path.realpath(opts.out):
+    raise ValueError(f"--calibration_from={src} is --out itself: give another finished "
+                     "directory, or leave it out to resume this one")
   path = os.path.join(src, "options.json")
   if not (os.path.exists(path) and done(src, "calibrate")):
     raise ValueError(f"--calibration_from={src} is not a MoA directory with a finished "
@@ -388,8 +407,9 @@ def copy_calibration(opts: Options, log=print) -> None:
   for stage in stages:
     os.makedirs(os.path.join(opts.out, "stages"), exist_ok=True)
     shutil.copy2(_marker(src, stage), _marker(opts.out, stage))
-  log(f"[moa] {', '.join(stages)}: copied from {src}"
-      + ("" if with_profile else " (profile options differ: profiling here)"))
+  why = ("" if with_profile else " (its profile is not finished: profiling here)"
+         if not done(src, "profile") else " (profile options differ: profiling here)")
+  log(f"[moa] {', '.join(stages)}: copied from {src}{why}")
 
 
 def run(model, opts: Options, stages: Sequence[str] = STAGES, *, force: bool = False,
@@ -409,6 +429,11 @@ def run(model, opts: Options, stages: Sequence[str] = STAGES, *, force: bool = F
   os.makedirs(opts.out, exist_ok=True)
   _write_json(os.path.join(opts.out, "options.json"), {"out": opts.out, **opts.to_json()})
   if opts.calibration_from and not done(opts.out, "profile"):
+    later = [s for s in stages if STAGES.index(s) > STAGES.index("profile")]
+    if later and "profile" not in stages and not check_calibration_source(opts):
+      raise ValueError(f"--calibration_from={opts.calibration_from}: its profile cannot be "
+                       "shared (other sink / block_size / loss_tokens, or unfinished): run "
+                       "the profile stage here first (`launch/moa.py profile` or `all`)")
     copy_calibration(opts, log)
   results = {}
   for stage in STAGES:

@@ -212,8 +212,8 @@ def search(influences: Sequence[Influence], *, budget: float | Mapping[int, floa
     full_heads: optional bool [L, K]: heads held at full span (the rule alpha=0, beta=1;
       ``moa.retrieval``), the others searched under what remains of the budget.
     min_head_density: a variant (0: off, as the paper): only rules keeping at least this
-      KV fraction at every profiled length and the extension are candidates, so every head
-      sees at least the most recent min_head_density x N tokens.
+      KV fraction (sink + window) at every profiled length and the extension are
+      candidates, so every head keeps at least min_head_density x N tokens there.
   """
   if not influences:
     raise ValueError("no profiles to search: run `launch/moa.py profile` first")
