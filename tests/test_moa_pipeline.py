@@ -48,6 +48,7 @@ def test_pipeline_end_to_end_and_resume(tmp_path):
   assert applied["512"]["ratio"] == pytest.approx(plan.density(512))
   text = pipeline.summary(out)
   assert "chosen plan" in text and "vs dense" in text and "KV cache @512" in text
+  assert "not the paper's defaults" not in text
   logged = []
   again = pipeline.run(model, opts, log=logged.append)  # Everything is done: all skipped.
   assert again == {} and len(logged) == len(pipeline.STAGES)
@@ -329,6 +330,7 @@ def test_retrieval_heads_variant_holds_the_most_attending_heads(tmp_path, monkey
     assert open(os.path.join(other.out, name), "rb").read() == open(
         os.path.join(opts.out, name), "rb").read()
   assert pipeline.load_plans(other.out)[0].density(384) <= 0.75 + 1e-9
+  assert "not the paper's defaults: retrieval_heads=1" in pipeline.summary(opts.out)
   # Another --loss_tokens shares the calibration but not the profile: profiled here.
   focused = dataclasses.replace(other, out=str(tmp_path / "lt"), loss_tokens=2)
   logged = []

@@ -468,6 +468,10 @@ def summary(out: str) -> str:
   if opts:
     lines.append(f"  budget {opts['budget']}, profiled at {opts['lengths']}, validated at "
                  f"{opts['validate_length']}, budget checked up to {opts['extend_length']}")
+    variant = [f"{k}={opts[k]}" for k in ("loss_tokens", "spread_depths", "retrieval_heads",
+                                          "min_head_density") if opts.get(k)]
+    if variant:
+      lines.append(f"  not the paper's defaults: {', '.join(variant)}")
   for n in (opts or {}).get("lengths", []) + [(opts or {}).get("validate_length")]:
     graded = read(f"calib_{n}.json")
     answered = [g["correct"] for g in graded or [] if "correct" in g]
