@@ -57,6 +57,9 @@ flags.DEFINE_integer("retrieval_heads", 0, "A variant: keep the k KV heads with 
 flags.DEFINE_float("min_head_density", 0.0, "A variant: every KV head keeps at least this "
                    "fraction of the cache (sink included) at the profiled lengths and the "
                    "extension (only such rules are searched); 0: MoA as published.")
+flags.DEFINE_string("full_span_layers", "", "A variant: layers whose KV heads all keep full "
+                    "span, e.g. 20-24 or 3,20-24 (the MILP spreads the rest of the budget); "
+                    "empty: MoA as published.")
 flags.DEFINE_string("calibration_from", "", "Copy the calibration (and the profile, when "
                     "sink, block_size and loss_tokens match) from this --out made with the "
                     "same model, lengths, num_samples, response_len, tasks, spread_depths, "
@@ -92,6 +95,11 @@ def main(argv):
                     "(token counts, e.g. 2048,4096)") from None
   if FLAGS.retrieval_heads < 0:
     raise UserError(f"--retrieval_heads={FLAGS.retrieval_heads} must be >= 0")
+  try:
+    full_span_layers = _layers(FLAGS.full_span_layers)
+  except ValueError:
+    raise UserError(f"--full_span_layers={FLAGS.full_span_layers} must be layer numbers and "
+                    "ranges, e.g. 20-24 or 3,20-24") from None
   if not 0.0 <= FLAGS.min_head_density <= FLAGS.budget:
     raise UserError(f"--min_head_density={FLAGS.min_head_density} must be in [0, --budget="
                     f"{FLAGS.budget}] (a floor on every head's KV fraction)")
@@ -109,6 +117,7 @@ def main(argv):
       lower_ratio=FLAGS.lower_ratio, min_cache=FLAGS.min_cache, tasks=tuple(FLAGS.tasks),
       spread_depths=FLAGS.spread_depths, loss_tokens=FLAGS.loss_tokens,
       retrieval_heads=FLAGS.retrieval_heads, min_head_density=FLAGS.min_head_density,
+      full_span_layers=full_span_layers,
       calibration_from=FLAGS.calibration_from,
       chat=FLAGS.chat, model=sources[0], seed=FLAGS.seed)
   try:  # Options against the model and the directory, before any stage runs.
@@ -122,6 +131,15 @@ def main(argv):
   pipeline.run(model, opts, stages, force=FLAGS.force, restart=FLAGS.restart, documents=docs,
                tokenizer=tokenizer)
   print(pipeline.summary(opts.out))
+
+
+def _layers(text: str) -> tuple[int, ...]:
+  """'3,20-24' -> (3, 20, 21, 22, 23, 24); raises ValueError on anything else."""
+  out = []
+  for part in [p for p in text.split(",") if p.strip()]:
+    lo, _, hi = part.partition("-")
+    out += range(int(lo), int(hi or lo) + 1)
+  return tuple(out)
 
 
 def _load(workdir, source):

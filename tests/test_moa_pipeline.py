@@ -331,6 +331,16 @@ def test_retrieval_heads_variant_holds_the_most_attending_heads(tmp_path, monkey
         os.path.join(opts.out, name), "rb").read()
   assert pipeline.load_plans(other.out)[0].density(384) <= 0.75 + 1e-9
   assert "not the paper's defaults: retrieval_heads=1" in pipeline.summary(opts.out)
+  # --full_span_layers: every KV head of the named layers at full span, the budget holds.
+  layered = dataclasses.replace(other, out=str(tmp_path / "layers"), full_span_layers=(1,))
+  pipeline.run(model, layered, stages=("calibrate", "profile", "search"), log=lambda *_: None)
+  for plan in pipeline.load_plans(layered.out):
+    assert (plan.alpha[1] == 0).all() and (plan.beta[1] == 1).all()
+    assert plan.density(512) <= 0.75 + 1e-9
+  for bad, message in [((5,), "must be distinct layers in \\[0, 2\\)"),
+                       ((0, 1), "alone use 1.000")]:
+    with pytest.raises(ValueError, match=message):
+      pipeline.check_options(model, dataclasses.replace(layered, full_span_layers=bad))
   # Another --loss_tokens shares the calibration but not the profile: profiled here.
   focused = dataclasses.replace(other, out=str(tmp_path / "lt"), loss_tokens=2)
   logged = []

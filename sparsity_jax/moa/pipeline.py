@@ -62,6 +62,7 @@ class Options:
   chat: str = "auto"  # Chat template around calibration prompts: auto / true / false.
   retrieval_heads: int = 0  # KV heads kept at full span (moa.retrieval; 0: the paper's MoA).
   min_head_density: float = 0.0  # Every head's KV fraction floor (0: the paper's MoA).
+  full_span_layers: Sequence[int] = ()  # Layers whose KV heads all keep full span (a variant).
   model: str = ""  # What the model is (path or name): part of the directory's identity.
   seed: int = 0
   # A directory whose calibration (and profile, when PROFILE_KEYS match) to copy; not part
@@ -172,6 +173,11 @@ def stage_search(model, opts: Options, tokenizer=None, log=print) -> dict:
                  "full_span": np.argwhere(full_heads).tolist()})
     log(f"[moa] search: {opts.retrieval_heads} retrieval heads at full span (layer, kv head): "
         f"{', '.join(f'{l}.{k}' for l, k in np.argwhere(full_heads))}")
+  if opts.full_span_layers:
+    layers = np.zeros((model.cfg.num_layers, model.cfg.num_kv_heads), bool)
+    layers[list(opts.full_span_layers)] = True
+    full_heads = layers if full_heads is None else full_heads | layers
+    log(f"[moa] search: every KV head of layers {list(opts.full_span_layers)} at full span")
   influences = []
   for n in opts.lengths:
     path = os.path.join(opts.out, f"influence_{n}.npz")
@@ -280,6 +286,14 @@ def check_options(model, opts: Options, tokenizer=None) -> None:
   if not 0.0 <= opts.min_head_density <= opts.budget:
     problems.append(f"min_head_density={opts.min_head_density} must be in [0, budget="
                     f"{opts.budget}] (a floor on every head's KV fraction)")
+  layers = [int(x) for x in opts.full_span_layers]
+  if any(not 0 <= x < model.cfg.num_layers for x in layers) or len(set(layers)) != len(layers):
+    problems.append(f"full_span_layers={layers} must be distinct layers in [0, "
+                    f"{model.cfg.num_layers})")
+  elif len(layers) * model.cfg.num_kv_heads / num_kv >= opts.budget:
+    problems.append(f"full_span_layers={layers} at full span alone use "
+                    f"{len(layers) / model.cfg.num_layers:.3f} of the KV cache, not below the "
+                    f"budget {opts.budget}")
   if opts.sink < 0 or opts.min_cache < 1:
     problems.append(f"need sink >= 0 and min_cache >= 1, got {opts.sink}, {opts.min_cache}")
   unknown = [t for t in opts.tasks if t not in lc.TASKS]
@@ -322,17 +336,18 @@ def check_options(model, opts: Options, tokenizer=None) -> None:
                        "that fraction at every profiled length and the extension; lower "
                        "--min_head_density")
     rules = rules[keep]
-  held = opts.retrieval_heads / num_kv  # Retrieval heads at full span (density 1).
+  # Heads held at full span (density 1): at least the larger of the two sets.
+  held = max(opts.retrieval_heads, len(layers) * model.cfg.num_kv_heads) / num_kv
   for n in sizes:
     sparsest = search_lib.rule_densities(rules, opts.sink, n, opts.min_window).min()
     if held + (1 - held) * sparsest > opts.budget + 1e-9:
       hint = ("lower --min_head_density" if opts.min_head_density > 0 else
-              "keep fewer --retrieval_heads" if opts.retrieval_heads else
+              "hold fewer heads (--retrieval_heads, --full_span_layers)" if held else
               "lower --sink / --min_cache")
       raise ValueError(f"budget={opts.budget} is infeasible at length {n}: the sparsest rule "
                        f"keeps {sparsest:.3f} of the KV cache (sink {opts.sink}, min_cache "
                        f"{opts.min_cache}, min_head_density {opts.min_head_density}, "
-                       f"{opts.retrieval_heads} retrieval heads at full span). Raise the "
+                       f"{held * num_kv:.0f}+ heads held at full span). Raise the "
                        f"budget or {hint}.")
 
 
@@ -469,7 +484,8 @@ def summary(out: str) -> str:
     lines.append(f"  budget {opts['budget']}, profiled at {opts['lengths']}, validated at "
                  f"{opts['validate_length']}, budget checked up to {opts['extend_length']}")
     variant = [f"{k}={opts[k]}" for k in ("loss_tokens", "spread_depths", "retrieval_heads",
-                                          "min_head_density") if opts.get(k)]
+                                          "min_head_density", "full_span_layers")
+               if opts.get(k)]
     if variant:
       lines.append(f"  not the paper's defaults: {', '.join(variant)}")
   for n in (opts or {}).get("lengths", []) + [(opts or {}).get("validate_length")]:
