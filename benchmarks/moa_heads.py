@@ -15,7 +15,9 @@ head:
   MoA span           the plan's (sink + window) / N at ``--length``.
 
 Writes <out>.json and <out>.png (one heatmap per quantity) and prints, per plan, how
-much needle attention sits in heads whose span cannot reach the needle. With
+much needle attention sits in heads whose span cannot reach the needle, and the Spearman
+rank correlation over KV heads between each profile's long-range share and the needle
+attention (does the profile rank the retrieval heads?). With
 ``--ablate_dir``, also the passkey accuracy at ``--ablate_length`` of that directory's
 plan with one group of layers restored to full span, and of the dense model with one group
 cut to the plan's spans (which layers' spans decide retrieval).
@@ -31,6 +33,7 @@ import json
 import os
 
 import numpy as np
+import scipy.stats
 
 from sparsity_jax.checkpoints import load_pretrained
 from sparsity_jax.evals import long_context as lc
@@ -114,8 +117,12 @@ def main():
     # Needle attention in heads whose window is shorter than half the context: those
     # heads cannot see a needle in the first half of the prompt.
     short = span < 0.5
+    # Does the profile rank the heads that attend to the needle? (Spearman, over KV heads.)
+    rank = {n: float(scipy.stats.spearmanr(np.ravel(v), needle.ravel())[0])
+            for n, v in shares.items()}
     result["plans"][d] = {
         "budget": opts["budget"], "span": span.tolist(), "long_range_share": shares,
+        "share_vs_needle_spearman": rank,
         "needle_attention_in_short_heads": float(needle[short].sum() / needle.sum()),
         "top_needle_heads": [[int(l), int(k), float(needle[l, k]), float(span[l, k])]
                              for l, k in zip(*np.unravel_index(np.argsort(-needle, axis=None)[:12],
@@ -123,6 +130,8 @@ def main():
     print(f"{d}: {short.sum()} of {short.size} KV heads have span < N/2 at N={args.length}; "
           f"they hold {result['plans'][d]['needle_attention_in_short_heads']:.0%} of the "
           "needle attention")
+    print(f"{d}: Spearman(profile's long-range share, needle attention) "
+          + ", ".join(f"{v:.2f} @{n}" for n, v in rank.items()))
   if args.ablate_dir:
     plan = plan_lib.load_plan(os.path.join(args.ablate_dir, "plan.json"))
     groups = [tuple(int(x) for x in g.split("-")) for g in args.ablate_groups.split(",")]
