@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import tempfile
@@ -228,7 +229,7 @@ def answer_kinds(cells) -> str:
       none = np.mean([lc.first_integer(r["output"]) is None for r in rows])
       halves = [[r["correct"] for r in rows if (r["depth"] >= 0.5) == h] for h in (0, 1)]
       lines.append("| " + " | ".join([
-          str(c["length"]), c["variant"], task, f"{right:.2f}", f"{1 - right - none:.2f}",
+          str(c["length"]), c["variant"], task, f"{right:.2f}", f"{abs(1 - right - none):.2f}",
           f"{none:.2f}"] + [f"{np.mean(h):.2f} ({len(h)})" if h else "-" for h in halves])
           + " |")
   return "\n".join(lines)
@@ -241,7 +242,7 @@ def plot(cells, path):
   lengths = sorted({c["length"] for c in cells})
   fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
   kinds = sorted({c["variant"].rsplit(" ", 1)[0] for c in cells} - {"dense"})
-  markers = iter(["o", "s", "^", "D", "v"])
+  markers = itertools.cycle(["o", "s", "^", "D", "v", "P", "*", "h"])  # Any number of variants.
   styles = {k: dict(ls="--", marker="x") if k == "uniform" else dict(ls="-", marker=next(markers))
             for k in kinds}
   for col, task in enumerate(TASKS):

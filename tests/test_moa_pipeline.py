@@ -395,3 +395,25 @@ def _evidence_mass_by_hand(model, seq, prompt, monkeypatch):
       p /= p.sum(-1, keepdims=True)
       out[layer, n] = p[:, start:end].sum(-1).mean()
   return out.reshape(cfg.num_layers, cfg.num_kv_heads, group).mean(-1)
+
+
+def test_long_context_benchmark_plots_any_number_of_variants(tmp_path):
+  """benchmarks/moa_long_context.py draws and tabulates a grid of many variants (it ran
+  out of markers past five)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "moa_long_context", os.path.join(ROOT, "benchmarks", "moa_long_context.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  rows = [{"depth": d, "answer": "1", "output": "1" if d > 0.5 else "a", "correct": d > 0.5,
+           "forced": True, "answer_nll": 0.1} for d in (0.2, 0.8)]
+  task = {"accuracy": 0.5, "n": 2, "answer_nll": 0.1, "by_depth": {"0.0-0.5": 0.0, "0.5-1.0": 1.0},
+          "rows": rows}
+  names = ["dense", "uniform 50%"] + [f"V{i} 50%" for i in range(9)]
+  cells = [{"variant": v, "length": 64, "density": 1.0 if v == "dense" else 0.5,
+            "passkey": task, "kv_retrieval": task, "cache_bytes": 1, "prefill_tok_s": None,
+            "decode_tok_s": None} for v in names]
+  bench.plot(cells, str(tmp_path / "grid.png"))
+  assert os.path.getsize(tmp_path / "grid.png") > 1000
+  assert bench.table(cells).count("\n") == len(names) + 1
+  assert "-0.00" not in bench.answer_kinds(cells)
