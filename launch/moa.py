@@ -99,7 +99,7 @@ def main(argv):
     full_span_layers = _layers(FLAGS.full_span_layers)
   except ValueError:
     raise UserError(f"--full_span_layers={FLAGS.full_span_layers} must be layer numbers and "
-                    "ranges, e.g. 20-24 or 3,20-24") from None
+                    "ascending ranges, e.g. 20-24 or 3,20-24") from None
   if not 0.0 <= FLAGS.min_head_density <= FLAGS.budget:
     raise UserError(f"--min_head_density={FLAGS.min_head_density} must be in [0, --budget="
                     f"{FLAGS.budget}] (a floor on every head's KV fraction)")
@@ -134,12 +134,18 @@ def main(argv):
 
 
 def _layers(text: str) -> tuple[int, ...]:
-  """'3,20-24' -> (3, 20, 21, 22, 23, 24); raises ValueError on anything else."""
+  """'3,20-24' -> (3, 20, 21, 22, 23, 24); raises ValueError on anything else.
+
+  A reversed range ('24-20') is an error, not an empty set of layers.
+  """
   out = []
   for part in [p for p in text.split(",") if p.strip()]:
     lo, _, hi = part.partition("-")
-    out += range(int(lo), int(hi or lo) + 1)
-  return tuple(out)
+    lo, hi = int(lo), int(hi or lo)
+    if hi < lo:
+      raise ValueError(f"reversed range {part.strip()}")
+    out += range(lo, hi + 1)
+  return tuple(sorted(set(out)))
 
 
 def _load(workdir, source):

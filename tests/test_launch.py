@@ -152,6 +152,10 @@ def test_user_errors_are_one_line_and_write_nothing(tmp_path):
   line = _one_line_error([sys.executable, os.path.join(ROOT, "launch", "moa.py"),
                           f"--out={tmp_path / 'moa'}"])
   assert "usage: moa.py <calibrate|" in line
+  line = _one_line_error([sys.executable, os.path.join(ROOT, "launch", "moa.py"), "all",
+                          f"--out={tmp_path / 'moa'}", "--model=smollm2",
+                          "--full_span_layers=24-20"])  # Reversed: not an empty layer set.
+  assert "--full_span_layers=24-20 must be layer numbers and ascending ranges" in line
   assert not workdir.exists()
 
 

@@ -328,14 +328,8 @@ def check_options(model, opts: Options, tokenizer=None) -> None:
   rules = search_lib.candidate_rules(lengths[0], lengths[-1], opts.extend_length,
                                      alpha_interval=opts.alpha_interval or None)
   sizes = lengths + [opts.extend_length]
-  if opts.min_head_density > 0:  # The search's filter: rules above the floor everywhere.
-    keep = np.all([search_lib.rule_densities(rules, opts.sink, n, opts.min_window)
-                   >= opts.min_head_density - 1e-9 for n in sizes], axis=0)
-    if not keep.any():
-      raise ValueError(f"min_head_density={opts.min_head_density}: no candidate rule keeps "
-                       "that fraction at every profiled length and the extension; lower "
-                       "--min_head_density")
-    rules = rules[keep]
+  rules = search_lib.floor_rules(rules, opts.min_head_density, opts.sink, sizes,
+                                 opts.min_window)  # The search's own filter.
   # Heads held at full span (density 1): at least the larger of the two sets.
   held = max(opts.retrieval_heads, len(layers) * model.cfg.num_kv_heads) / num_kv
   for n in sizes:

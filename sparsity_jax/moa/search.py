@@ -197,6 +197,23 @@ def shapes_only(influences: Sequence[Influence]) -> tuple[int, int]:
   return tuple(influences[0].distance.shape[:2])
 
 
+def floor_rules(rules: np.ndarray, min_head_density: float, sink: int,
+                lengths: Sequence[int], min_window: int = 1) -> np.ndarray:
+  """The rules [R, 2] keeping >= min_head_density of the KV cache at every length.
+
+  The ``min_head_density`` variant's filter (0 keeps every rule, as the paper). Raises
+  ValueError naming --min_head_density when no rule is left.
+  """
+  if min_head_density <= 0:
+    return rules
+  keep = np.all([rule_densities(rules, sink, n, min_window) >= min_head_density - 1e-9
+                 for n in lengths], axis=0)
+  if not keep.any():
+    raise ValueError(f"min_head_density={min_head_density}: no candidate rule keeps that "
+                     f"fraction at every length {sorted(lengths)}; lower --min_head_density")
+  return rules[keep]
+
+
 def search(influences: Sequence[Influence], *, budget: float | Mapping[int, float],
            extend_length: int, num_heads: int, max_rules_per_layer: int = 2,
            alpha_interval: int | None = None, num_betas: int = 9, lower_ratio: float = 0.0,
@@ -233,13 +250,7 @@ def search(influences: Sequence[Influence], *, budget: float | Mapping[int, floa
              for n in lengths + [extend_length]}
   rules = candidate_rules(lengths[0], lengths[-1], extend_length, alpha_interval=alpha_interval,
                           num_betas=num_betas)
-  if min_head_density > 0:
-    keep = np.all([rule_densities(rules, sink, n, min_window) >= min_head_density - 1e-9
-                   for n in budgets], axis=0)
-    if not keep.any():
-      raise ValueError(f"min_head_density={min_head_density}: no candidate rule keeps that "
-                       "fraction at every length; lower it")
-    rules = rules[keep]
+  rules = floor_rules(rules, min_head_density, sink, list(budgets), min_window)
   fixed = None
   if full_heads is not None and np.any(full_heads):
     full_heads = np.asarray(full_heads, bool)
