@@ -29,6 +29,7 @@ setup(
         "jinja2>=3.1",  # Chat templates.
     ],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3",
+                "pytest-xdist>=3.5"],
     },
 )

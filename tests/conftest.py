@@ -16,6 +16,14 @@ for path in (TESTS, os.path.dirname(TESTS)):  # tests/support.py, and configs/ +
 import pytest  # noqa: E402  (after the environment set-up above)
 
 
+def pytest_collection_modifyitems(config, items):
+  """Under pytest-xdist (``-n``), every test of the real model runs in one worker, so the
+  suite still loads SmolLM2 once (``--dist loadgroup``, pyproject.toml)."""
+  for item in items:
+    if "smollm2" in getattr(item, "fixturenames", ()):
+      item.add_marker(pytest.mark.xdist_group("smollm2"))
+
+
 @pytest.fixture(scope="session")
 def smollm2():
   """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, loaded once per session."""
