@@ -235,19 +235,27 @@ def answer_kinds(cells) -> str:
   return "\n".join(lines)
 
 
+def variant_styles(cells) -> dict[str, dict]:
+  """{variant kind: matplotlib color and marker}, distinct for up to 40 kinds; the same in
+  every panel. Line styles tell lengths (by density) and budgets (by depth) apart."""
+  kinds = sorted({c["variant"].rsplit(" ", 1)[0] for c in cells} - {"dense"})
+  markers = itertools.cycle(["o", "s", "^", "D", "v", "P", "*", "h"])
+  colors = itertools.cycle([f"C{i}" for i in range(10)])
+  return {k: dict(marker="x", color="tab:gray") if k == "uniform"
+          else dict(marker=next(markers), color=next(colors)) for k in kinds}
+
+
 def plot(cells, path):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   lengths = sorted({c["length"] for c in cells})
   fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-  kinds = sorted({c["variant"].rsplit(" ", 1)[0] for c in cells} - {"dense"})
-  markers = itertools.cycle(["o", "s", "^", "D", "v", "P", "*", "h"])  # Any number of variants.
-  styles = {k: dict(ls="--", marker="x") if k == "uniform" else dict(ls="-", marker=next(markers))
-            for k in kinds}
+  styles = variant_styles(cells)
+  dashes = dict(zip(lengths, itertools.cycle(["-", "--", ":", "-."])))
   for col, task in enumerate(TASKS):
     ax = axes[0, col]
-    for color, length in zip(("tab:blue", "tab:red", "tab:green"), lengths):
+    for length in lengths:
       dense = [(c["density"], c[task]["accuracy"]) for c in cells
                if c["length"] == length and c["variant"] == "dense"]
       for kind, style in styles.items():
@@ -255,18 +263,22 @@ def plot(cells, path):
                               if c["length"] == length
                               and c["variant"].rsplit(" ", 1)[0] == kind])
         if len(pts) > len(dense):
-          ax.plot(*zip(*pts), label=f"{kind} N={length}", color=color, **style)
+          ax.plot(*zip(*pts), label=f"{kind} N={length}", ls=dashes[length], **style)
     ax.set(xlabel="KV-cache density", ylabel="exact match", ylim=(-0.03, 1.03),
            title=f"{task}: accuracy by density (dense at 1.0)")
     ax.legend(fontsize=7)
     ax = axes[1, col]
     longest = max(lengths)
+    budgets = sorted({c["variant"].rpartition(" ")[2] for c in cells if c["variant"] != "dense"},
+                     key=lambda b: -float(b.rstrip("%")))
+    budget_ls = dict(zip(budgets, itertools.cycle(["-", ":", "-.", "--"])))  # Line per budget.
     for c in _sorted(c for c in cells if c["length"] == longest):
       bins = c[task]["by_depth"]
       xs = [float(k.split("-")[0]) + 0.1 for k, v in bins.items() if v is not None]
       ys = [v for v in bins.values() if v is not None]
-      style = styles.get(c["variant"].rsplit(" ", 1)[0], dict(ls="-", marker="s", color="black"))
-      ax.plot(xs, ys, label=c["variant"], **style)
+      kind, _, budget = c["variant"].rpartition(" ")
+      style = styles.get(kind, dict(marker="s", color="black"))
+      ax.plot(xs, ys, label=c["variant"], ls=budget_ls.get(budget, "-"), **style)
     ax.set(xlabel="depth of the key in the context", ylabel="exact match", ylim=(-0.03, 1.03),
            title=f"{task}: by key depth at N={longest}")
     ax.legend(fontsize=7)

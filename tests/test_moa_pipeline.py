@@ -414,6 +414,8 @@ def test_long_context_benchmark_plots_any_number_of_variants(tmp_path):
             "passkey": task, "kv_retrieval": task, "cache_bytes": 1, "prefill_tok_s": None,
             "decode_tok_s": None} for v in names]
   bench.plot(cells, str(tmp_path / "grid.png"))
+  styles = bench.variant_styles(cells)  # Each variant its own color and marker.
+  assert len({(s["color"], s["marker"]) for s in styles.values()}) == len(names) - 1
   assert os.path.getsize(tmp_path / "grid.png") > 1000
   assert bench.table(cells).count("\n") == len(names) + 1
   assert "-0.00" not in bench.answer_kinds(cells)
