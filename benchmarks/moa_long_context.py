@@ -189,6 +189,8 @@ def main():
   print(table(saved["cells"]))
   print()
   print(answer_kinds(saved["cells"]))
+  print()
+  print(passkey_table(saved["cells"]))
 
 
 def _sorted(cells):
@@ -232,6 +234,28 @@ def answer_kinds(cells) -> str:
           str(c["length"]), c["variant"], task, f"{right:.2f}", f"{abs(1 - right - none):.2f}",
           f"{none:.2f}"] + [f"{np.mean(h):.2f} ({len(h)})" if h else "-" for h in halves])
           + " |")
+  return "\n".join(lines)
+
+
+def passkey_table(cells) -> str:
+  """One row per cell for many-prompt passkey runs: accuracy with its standard error, the
+  share answered in words (no number), accuracy by half and by fifth of key depth, and the
+  teacher-forced answer NLL (nats/token)."""
+  head = ["N", "attention", "KV density", "passkey (n)", "std. error", "no number",
+          "right, key in 1st / 2nd half", "by depth (fifths)", "answer NLL"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for c in _sorted(cells):
+    pk = c["passkey"]
+    rows = pk["rows"]
+    acc = pk["accuracy"]
+    none = np.mean([lc.first_integer(r["output"]) is None for r in rows])
+    halves = [np.mean([r["correct"] for r in rows if (r["depth"] >= 0.5) == h] or [np.nan])
+              for h in (0, 1)]
+    fifths = " ".join("-" if v is None else f"{v:.1f}" for v in pk["by_depth"].values())
+    lines.append("| " + " | ".join([
+        str(c["length"]), c["variant"], f"{c['density']:.3f}", f"{acc:.2f} ({pk['n']})",
+        f"{np.sqrt(acc * (1 - acc) / pk['n']):.2f}", f"{none:.2f}",
+        f"{halves[0]:.2f} / {halves[1]:.2f}", fifths, f"{pk['answer_nll']:.3f}"]) + " |")
   return "\n".join(lines)
 
 

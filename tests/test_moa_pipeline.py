@@ -419,3 +419,5 @@ def test_long_context_benchmark_plots_any_number_of_variants(tmp_path):
   assert os.path.getsize(tmp_path / "grid.png") > 1000
   assert bench.table(cells).count("\n") == len(names) + 1
   assert "-0.00" not in bench.answer_kinds(cells)
+  row = bench.passkey_table(cells).splitlines()[2].split(" | ")
+  assert row[3:8] == ["0.50 (2)", "0.35", "0.50", "0.00 / 1.00", "0.0 1.0"], row
