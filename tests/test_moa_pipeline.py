@@ -347,6 +347,7 @@ def test_retrieval_heads_variant_holds_the_most_attending_heads(tmp_path, monkey
   pipeline.run(model, focused, stages=("calibrate", "profile"), log=logged.append)
   assert any("copied from" in line and "profiling here" in line for line in logged)
   assert any(line.startswith("[moa] profile: done") for line in logged)
+  assert any(line.startswith("[moa] profile 384: 2 samples in") for line in logged)  # Progress.
   assert open(os.path.join(focused.out, "calib_384.npz"), "rb").read() == open(
       os.path.join(opts.out, "calib_384.npz"), "rb").read()
   assert not np.array_equal(np.load(os.path.join(focused.out, "influence_384.npz"))["distance"],

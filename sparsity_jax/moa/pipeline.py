@@ -149,12 +149,14 @@ def stage_calibrate(model, opts: Options, documents=None, tokenizer=None, log=pr
   return info
 
 
-def stage_profile(model, opts: Options) -> dict:
+def stage_profile(model, opts: Options, log=print) -> dict:
   for n in opts.lengths:
+    start = time.time()
     samples = calibrate_lib.load(os.path.join(opts.out, f"calib_{n}.npz"), opts.loss_tokens)
     inf = profile_lib.profile_length(model, samples, length=n, block_size=opts.block_size,
                                      sink=opts.sink, remat=True)
     inf.save(os.path.join(opts.out, f"influence_{n}.npz"))
+    log(f"[moa] profile {n}: {len(samples)} samples in {time.time() - start:.0f}s")
   return {"lengths": list(opts.lengths)}
 
 
@@ -454,7 +456,8 @@ def run(model, opts: Options, stages: Sequence[str] = STAGES, *, force: bool = F
     start = time.time()
     kwargs = ({"documents": documents, "tokenizer": tokenizer, "log": log}
               if stage == "calibrate" else
-              {"tokenizer": tokenizer, "log": log} if stage == "search" else {})
+              {"tokenizer": tokenizer, "log": log} if stage == "search" else
+              {"log": log} if stage == "profile" else {})
     results[stage] = _RUN[stage](model, opts, **kwargs)
     _finish(opts.out, stage, {"seconds": time.time() - start})
     log(f"[moa] {stage}: done in {time.time() - start:.1f}s")
