@@ -17,7 +17,8 @@ and prompt length (``sparsity_jax.evals.long_context``, all generated locally):
 
 Variants: dense; for each --moa_dirs entry (budget b, sink s from its options.json) the
 uniform plan "s sinks + window b*N - s" (KV density exactly b at every N) and the MoA
-plan.json. Prompts are plain text (no chat template: SmolLM2 answers them, it does not
+plan.json. An entry may also be a plan file (e.g. the committed
+docs/results/moa_smollm2/plan_50.json): b is the budget in its meta, s its sink, block 64. Prompts are plain text (no chat template: SmolLM2 answers them, it does not
 answer the passkey inside its chat template; docs/results/moa.md).
 
   python benchmarks/moa_long_context.py --moa_dirs=runs/moa_smollm2_50,runs/moa_smollm2_25 \
@@ -60,18 +61,38 @@ def variants(model, moa_dirs):
   out = [("dense", None, 1.0, 64)]
   for entry in moa_dirs:
     d, _, label = entry.partition(":")
-    with open(os.path.join(d, "options.json")) as f:
-      opts = json.load(f)
-    plan = plan_lib.load_plan(os.path.join(d, "plan.json"))
-    budget, sink = float(opts["budget"]), int(opts["sink"])
+    plan, budget, sink, block = moa_entry(d)
     uniform = plan_lib.uniform_plan(cfg.num_layers, cfg.num_kv_heads, cfg.num_heads,
                                     alpha=-sink, beta=budget, sink=sink,
                                     max_length=plan.max_length, min_window=plan.min_window,
                                     kind="uniform", budget=budget)
     if f"uniform {budget:.0%}" not in [v[0] for v in out]:
-      out.append((f"uniform {budget:.0%}", uniform, budget, int(opts["block_size"])))
-    out.append((f"{label or 'MoA'} {budget:.0%}", plan, budget, int(opts["block_size"])))
+      out.append((f"uniform {budget:.0%}", uniform, budget, block))
+    out.append((f"{label or 'MoA'} {budget:.0%}", plan, budget, block))
   return out
+
+
+def moa_entry(path: str) -> tuple:
+  """(plan, budget, sink, block size) of a launch/moa.py --out dir or of a plan file.
+
+  Raises ValueError, saying what to give, when ``path`` is neither."""
+  if os.path.isdir(path):
+    for name in ("options.json", "plan.json"):
+      if not os.path.exists(os.path.join(path, name)):
+        raise ValueError(f"{path} has no {name} (give finished launch/moa.py --out dirs)")
+    with open(os.path.join(path, "options.json")) as f:
+      opts = json.load(f)
+    return (plan_lib.load_plan(os.path.join(path, "plan.json")), float(opts["budget"]),
+            int(opts["sink"]), int(opts["block_size"]))
+  if not (path.endswith(".json") and os.path.isfile(path)):
+    raise ValueError(f"{path} is neither a launch/moa.py --out dir nor a plan .json file")
+  plan = plan_lib.load_plan(path)
+  budgets = plan.meta.get("budgets")
+  sinks = set(np.asarray(plan.sink).ravel().tolist())
+  if not budgets or len(sinks) != 1:
+    raise ValueError(f"{path}: a plan file needs meta.budgets and one sink for all heads "
+                     "(launch/moa.py writes both); give its --out dir instead")
+  return plan, float(max(budgets.values())), int(sinks.pop()), 64
 
 
 def documents_of_length(tokenizer, length: int, num: int) -> list[np.ndarray]:
@@ -141,10 +162,10 @@ def main():
   except ValueError:
     p.error(f"--lengths={args.lengths} must be comma-separated integers")
   for entry in [d for d in args.moa_dirs.split(",") if d]:  # Before loading the model.
-    d = entry.partition(":")[0]
-    for name in ("options.json", "plan.json"):
-      if not os.path.exists(os.path.join(d, name)):
-        p.error(f"--moa_dirs: {d} has no {name} (give finished launch/moa.py --out dirs)")
+    try:
+      moa_entry(entry.partition(":")[0])
+    except (ValueError, OSError) as e:
+      p.error(f"--moa_dirs: {e}")
   model, tok = load_pretrained(args.model)
   every = variants(model, [d for d in args.moa_dirs.split(",") if d])
   unknown = set(args.variants.split(",")) - {v[0] for v in every} if args.variants else set()

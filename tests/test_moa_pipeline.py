@@ -420,5 +420,13 @@ def test_long_context_benchmark_plots_any_number_of_variants(tmp_path):
   assert os.path.getsize(tmp_path / "grid.png") > 1000
   assert bench.table(cells).count("\n") == len(names) + 1
   assert "-0.00" not in bench.answer_kinds(cells)
+  # A committed plan file stands for its --out dir (budget from its meta, its sink).
+  committed = os.path.join(ROOT, "docs", "results", "moa_smollm2", "plan_25_rh8.json")
+  plan, budget, sink, block = bench.moa_entry(committed)
+  assert (budget, sink, block) == (0.25, 64, 64) and plan.density(2048) <= 0.25 + 1e-9
+  for bad, message in [(str(tmp_path), "has no options.json"),
+                       (os.path.join(ROOT, "README.md"), "neither a launch/moa.py --out dir")]:
+    with pytest.raises(ValueError, match=message):
+      bench.moa_entry(bad)
   row = bench.passkey_table(cells).splitlines()[2].split(" | ")
   assert row[3:8] == ["0.50 (2)", "0.35", "0.50", "0.00 / 1.00", "0.0 1.0"], row
