@@ -3,14 +3,17 @@
 import os
 import sys
 
-# Must happen before jax is imported anywhere: sharded tests build 2x2x2 meshes in-process.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
 TESTS = os.path.dirname(os.path.abspath(__file__))
 for path in (TESTS, os.path.dirname(TESTS)):  # tests/support.py, and configs/ + launch/.
   if path not in sys.path:
     sys.path.insert(0, path)
+
+from support import FAST_COMPILE_XLA_FLAGS  # noqa: E402  (support imports no jax)
+
+# Must happen before jax is imported anywhere: sharded tests build 2x2x2 meshes in-process.
+os.environ.setdefault(
+    "XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_XLA_FLAGS}")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 import pytest  # noqa: E402  (after the environment set-up above)

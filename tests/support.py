@@ -6,6 +6,12 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# XLA:CPU without LLVM's optimisations: the tests' programs are tiny, so compiling is most of
+# their time, and this cuts the whole suite by ~30% (every comparison is against a reference
+# computed under the same flags).
+FAST_COMPILE_XLA_FLAGS = ("--xla_backend_optimization_level=0 "
+                          "--xla_llvm_disable_expensive_passes=true")
+
 
 def make_tiny_config(**overrides):
   """A seconds-long causal-LM config on the embedded corpus; dotted keys override fields."""
@@ -37,9 +43,9 @@ def make_tiny_config(**overrides):
 def subprocess_env(num_devices: int | None = None) -> dict:
   """Environment for launching launch/*.py in a subprocess."""
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = FAST_COMPILE_XLA_FLAGS
   if num_devices:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+    env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={num_devices}"
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   return env

@@ -43,7 +43,7 @@ def _final_params(workdir, step):
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_matches_uninterrupted(tmp_path):
-  steps = ["--config.train.steps=200", "--config.train.checkpoint_every=5",
+  steps = ["--config.train.steps=60", "--config.train.checkpoint_every=5",
            "--config.train.keep_checkpoints=2"]
   killed = str(tmp_path / "killed")
   proc = subprocess.Popen(_train_cmd(killed, *steps), env=subprocess_env(), cwd=ROOT,
@@ -68,7 +68,7 @@ def test_sigkill_then_rerun_matches_uninterrupted(tmp_path):
   full = subprocess.run(_train_cmd(clean, *steps), env=subprocess_env(), cwd=ROOT,
                         capture_output=True, text=True, timeout=600)
   assert full.returncode == 0, full.stdout + full.stderr
-  for a, b in zip(_final_params(killed, 200), _final_params(clean, 200), strict=True):
+  for a, b in zip(_final_params(killed, 60), _final_params(clean, 60), strict=True):
     np.testing.assert_array_equal(a, b)
 
 

@@ -3,10 +3,11 @@
 Runs in a subprocess so the device count does not depend on the test process.
 """
 
-import os
 import subprocess
 import sys
 import textwrap
+
+from support import ROOT, subprocess_env
 
 SCRIPT = textwrap.dedent('''
     import numpy as np, jax, jax.numpy as jnp
@@ -52,9 +53,6 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_sharded_attention_on_8_fake_devices():
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu', PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', ''))
-  proc = subprocess.run([sys.executable, '-c', SCRIPT], env=env, cwd=root,
+  proc = subprocess.run([sys.executable, '-c', SCRIPT], env=subprocess_env(8), cwd=ROOT,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0 and 'SHARDING_OK' in proc.stdout, proc.stdout + proc.stderr
