@@ -203,9 +203,10 @@ def main():
         with open(path + ".tmp", "w") as f:
           json.dump(saved, f, indent=1)
         os.replace(path + ".tmp", path)
-        print(f"{name} @{length}: passkey {cell['passkey']['accuracy']:.2f}, kv "
-              f"{cell['kv_retrieval']['accuracy']:.2f}, ppl {cell.get('ppl', float('nan')):.3f}"
-              f" [{cell['seconds']:.0f}s]", flush=True)
+        scores = [f"{task} {cell[task]['accuracy']:.2f}" for task in TASKS
+                  if "accuracy" in cell[task]]  # A task with no prompts has no score.
+        print(f"{name} @{length}: {', '.join(scores)}, ppl "
+              f"{cell.get('ppl', float('nan')):.3f} [{cell['seconds']:.0f}s]", flush=True)
   plot(saved["cells"], args.out + ".png")
   print(table(saved["cells"]))
   print()
@@ -227,11 +228,11 @@ def table(cells) -> str:
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   fmt = lambda x, f: "-" if x is None else format(x, f)
   for c in _sorted(cells):
-    pk, kv = c["passkey"], c["kv_retrieval"]
+    pk, kv = c["passkey"], c["kv_retrieval"]  # Only "rows" for a task with no prompts.
+    acc = lambda t: f"{t['accuracy']:.2f} ({t['n']})" if "accuracy" in t else "-"
     lines.append("| " + " | ".join([
-        str(c["length"]), c["variant"], f"{c['density']:.3f}",
-        f"{pk['accuracy']:.2f} ({pk['n']})", f"{kv['accuracy']:.2f} ({kv['n']})",
-        f"{pk['answer_nll']:.3f} / {kv['answer_nll']:.3f}",
+        str(c["length"]), c["variant"], f"{c['density']:.3f}", acc(pk), acc(kv),
+        f"{fmt(pk.get('answer_nll'), '.3f')} / {fmt(kv.get('answer_nll'), '.3f')}",
         f"{fmt(c.get('ppl'), '.3f')} / {fmt(c.get('ppl_second_half'), '.3f')}",
         f"{c['cache_bytes']:,}", fmt(c["prefill_tok_s"], ".0f"),
         fmt(c["decode_tok_s"], ".1f")]) + " |")
@@ -248,6 +249,8 @@ def answer_kinds(cells) -> str:
   for c in _sorted(cells):
     for task in TASKS:
       rows = c[task]["rows"]
+      if not rows:
+        continue
       right = np.mean([r["correct"] for r in rows])
       none = np.mean([lc.first_integer(r["output"]) is None for r in rows])
       halves = [[r["correct"] for r in rows if (r["depth"] >= 0.5) == h] for h in (0, 1)]
@@ -265,7 +268,7 @@ def passkey_table(cells) -> str:
   head = ["N", "attention", "KV density", "passkey (n)", "std. error", "no number",
           "right, key in 1st / 2nd half", "by depth (fifths)", "answer NLL"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for c in _sorted(cells):
+  for c in _sorted(c for c in cells if c["passkey"]["rows"]):
     pk = c["passkey"]
     rows = pk["rows"]
     acc = pk["accuracy"]
@@ -295,10 +298,12 @@ def plot(cells, path):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   lengths = sorted({c["length"] for c in cells})
-  fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+  tasks = [t for t in TASKS if any(c[t]["rows"] for c in cells)]  # Tasks with prompts.
+  fig, axes = plt.subplots(2, len(tasks), figsize=(5.5 * len(tasks), 7.5), squeeze=False)
   styles = variant_styles(cells)
   dashes = dict(zip(lengths, itertools.cycle(["-", "--", ":", "-."])))
-  for col, task in enumerate(TASKS):
+  cells = [c for c in cells if all(c[t]["rows"] for t in tasks)]
+  for col, task in enumerate(tasks):
     ax = axes[0, col]
     for length in lengths:
       dense = [(c["density"], c[task]["accuracy"]) for c in cells
