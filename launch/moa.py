@@ -60,6 +60,9 @@ flags.DEFINE_float("min_head_density", 0.0, "A variant: every KV head keeps at l
 flags.DEFINE_string("full_span_layers", "", "A variant: layers whose KV heads all keep full "
                     "span, e.g. 20-24 or 3,20-24 (the MILP spreads the rest of the budget); "
                     "empty: MoA as published.")
+flags.DEFINE_bool("streaming_rest", False, "A variant (DuoAttention's layout): the heads of "
+                  "--retrieval_heads / --full_span_layers at full span, every other head "
+                  "sinks + one window at the density left over; no profile, no MILP.")
 flags.DEFINE_string("calibration_from", "", "Copy the calibration (and the profile, when "
                     "sink, block_size and loss_tokens match) from this --out made with the "
                     "same model, lengths, num_samples, response_len, tasks, spread_depths, "
@@ -117,7 +120,7 @@ def main(argv):
       lower_ratio=FLAGS.lower_ratio, min_cache=FLAGS.min_cache, tasks=tuple(FLAGS.tasks),
       spread_depths=FLAGS.spread_depths, loss_tokens=FLAGS.loss_tokens,
       retrieval_heads=FLAGS.retrieval_heads, min_head_density=FLAGS.min_head_density,
-      full_span_layers=full_span_layers,
+      full_span_layers=full_span_layers, streaming_rest=FLAGS.streaming_rest,
       calibration_from=FLAGS.calibration_from,
       chat=FLAGS.chat, model=sources[0], seed=FLAGS.seed)
   try:  # Options against the model and the directory, before any stage runs.

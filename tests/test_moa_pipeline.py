@@ -430,3 +430,59 @@ def test_long_context_benchmark_plots_any_number_of_variants(tmp_path):
       bench.moa_entry(bad)
   row = bench.passkey_table(cells).splitlines()[2].split(" | ")
   assert row[3:8] == ["0.50 (2)", "0.35", "0.50", "0.00 / 1.00", "0.0 1.0"], row
+  # A passkey-only run (--kv=0): the empty task is a "-" in the table, left out elsewhere.
+  for c in cells:
+    c["kv_retrieval"] = {"rows": []}
+  bench.plot(cells, str(tmp_path / "passkey_only.png"))
+  assert os.path.getsize(tmp_path / "passkey_only.png") > 1000
+  assert bench.table(cells).splitlines()[2].split(" | ")[4] == "-"
+  assert "kv_retrieval" not in bench.answer_kinds(cells)
+  assert bench.passkey_table(cells).count("\n") == len(names) + 1
+
+
+def test_streaming_rest_variant_skips_the_profile_and_streams_the_other_heads(tmp_path):
+  """--streaming_rest (DuoAttention's layout): no profile, one plan; the held layer at full
+  span, every other head one sink + window rule, the budget holds at every length."""
+  model = TransformerLM(ModelConfig(**BASE), rngs=nnx.Rngs(0))
+  opts = pipeline.Options(out=str(tmp_path / "duo"), **{**TINY_OPTIONS, "budget": 0.6},
+                          full_span_layers=(0,), streaming_rest=True)
+  logged = []
+  results = pipeline.run(model, opts, log=logged.append)
+  assert "profile" not in results and not os.path.exists(os.path.join(opts.out,
+                                                                       "influence_128.npz"))
+  assert any("profile: not needed" in line for line in logged)
+  plan = plan_lib.load_plan(os.path.join(opts.out, "plan.json"))
+  assert (plan.capacities(512)[0] == 512).all()
+  assert len({tuple(r) for r in zip(plan.alpha[1], plan.beta[1])}) == 1
+  for n in (128, 192, 256, 512):
+    assert plan.density(n) <= 0.6 + 1e-9
+  assert "streaming_rest=True" in pipeline.summary(opts.out)
+  for change, message in [(dict(full_span_layers=()), "give at least one of them"),
+                          (dict(min_head_density=0.1), "leave min_head_density at 0")]:
+    with pytest.raises(ValueError, match=message):
+      pipeline.check_options(model, dataclasses.replace(opts, **change))
+
+
+def test_streaming_tradeoff_benchmark_plans_and_curves(tmp_path):
+  """benchmarks/moa_streaming_tradeoff.py: one budget-matched plan per (budget, k) holding
+  the k best-scored heads, k past the budget skipped; curves by k with uniform as k = 0."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "moa_streaming_tradeoff", os.path.join(ROOT, "benchmarks", "moa_streaming_tradeoff.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  scores = np.random.default_rng(np.random.randint(1 << 30)).random((4, 2))
+  entries = bench.write_plans(scores, [0.5], [1, 3, 4], 4, str(tmp_path), max_length=1024,
+                              min_window=8)
+  assert [e.rpartition(":")[2] for e in entries] == ["Duo-k1", "Duo-k3"]  # 4 of 8 = 0.5.
+  plan = plan_lib.load_plan(entries[1].rpartition(":")[0])
+  top = np.argsort(-scores.ravel())[:3]
+  assert (plan.capacities(1024).ravel()[top] == 1024).all()
+  assert plan.density(1024) == pytest.approx(0.5, abs=1e-3)
+  rows = lambda right: [{"depth": d, "correct": c} for d, c in zip((0.2, 0.4, 0.6, 0.8), right)]
+  cells = [{"variant": v, "length": 64, "passkey": {"accuracy": np.mean(r), "rows": rows(r)}}
+           for v, r in [("uniform 50%", (0, 0, 1, 1)), ("Duo-k3 50%", (1, 0, 1, 0)),
+                        ("MoA 50%", (1, 1, 1, 1))]]
+  assert bench.tradeoff(cells) == {"50%": [(0, 0.5, 0.0, 1.0, 4), (3, 0.5, 0.5, 0.5, 4)]}
+  bench.plot(bench.tradeoff(cells), 1.0, str(tmp_path / "t.png"))
+  assert os.path.getsize(tmp_path / "t.png") > 1000

@@ -144,3 +144,21 @@ def test_retrieval_head_selection():
     retrieval.select(scores, 7)
   with pytest.raises(ValueError, match="NaN or inf"):
     retrieval.select(np.where(scores > 0.4, np.nan, scores), 2)
+
+
+def test_streaming_plan_keeps_full_heads_and_the_budget():
+  """DuoAttention layout: held heads see every token at every length, the rest one
+  sink + window rule, and the KV density is the budget (within one token per head)."""
+  rng = np.random.default_rng(np.random.randint(1 << 30))
+  full = rng.random((4, 3)) < 0.3
+  budget = float(rng.uniform(full.mean() + 0.05, 1.0))
+  plan = plan_lib.streaming_plan(full, 6, budget=budget, sink=16, max_length=4096,
+                                 min_window=8, budgets={"4096": budget})
+  assert plan.meta["full_heads"] == full.sum() and plan.meta["budgets"] == {"4096": budget}
+  for n in (1000, 4096):  # Lengths where the window (>= 0.05 n - 16) is over min_window.
+    caps = plan.capacities(n)
+    assert (caps[full] == n).all()
+    assert len(set(caps[~full].tolist())) <= 1  # One streaming rule.
+    assert budget - full.size / n <= plan.density(n) <= budget + 1e-9, n
+  with pytest.raises(ValueError, match="over the budget 0.1: keep fewer heads"):
+    plan_lib.streaming_plan(np.ones((2, 2), bool), 4, budget=0.1, max_length=512)

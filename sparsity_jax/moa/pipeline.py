@@ -63,6 +63,10 @@ class Options:
   retrieval_heads: int = 0  # KV heads kept at full span (moa.retrieval; 0: the paper's MoA).
   min_head_density: float = 0.0  # Every head's KV fraction floor (0: the paper's MoA).
   full_span_layers: Sequence[int] = ()  # Layers whose KV heads all keep full span (a variant).
+  # The held heads at full span and every other head one sink + window rule at the density
+  # left over (DuoAttention's layout, budget-matched; plan.streaming_plan): no profile, no
+  # MILP. A variant.
+  streaming_rest: bool = False
   model: str = ""  # What the model is (path or name): part of the directory's identity.
   seed: int = 0
   # A directory whose calibration (and profile, when PROFILE_KEYS match) to copy; not part
@@ -180,19 +184,24 @@ def stage_search(model, opts: Options, tokenizer=None, log=print) -> dict:
     layers[list(opts.full_span_layers)] = True
     full_heads = layers if full_heads is None else full_heads | layers
     log(f"[moa] search: every KV head of layers {list(opts.full_span_layers)} at full span")
-  influences = []
-  for n in opts.lengths:
-    path = os.path.join(opts.out, f"influence_{n}.npz")
-    if not os.path.exists(path):
-      raise ValueError(f"length {n} was not profiled ({path} missing): profile it or drop it "
-                       "from --lengths")
-    influences.append(profile_lib.Influence.load(path))
-  plans = search_lib.search(influences, budget=opts.budget, extend_length=opts.extend_length,
-                            num_heads=model.cfg.num_heads, max_rules_per_layer=opts.num_rules,
-                            alpha_interval=opts.alpha_interval or None,
-                            lower_ratio=opts.lower_ratio, num_intervals=opts.num_intervals,
-                            min_window=opts.min_window, full_heads=full_heads,
-                            min_head_density=opts.min_head_density)
+  if opts.streaming_rest:
+    sizes = sorted({*map(int, opts.lengths), opts.validate_length, opts.extend_length})
+    plan = plan_lib.streaming_plan(
+        full_heads, model.cfg.num_heads, budget=opts.budget, sink=opts.sink,
+        max_length=opts.extend_length, min_window=opts.min_window, plan_id=0,
+        budgets={str(n): opts.budget for n in sizes}, objectives={})
+    plan.meta["densities"] = {str(n): plan.density(n) for n in sizes}
+    log(f"[moa] search: the other {int((~full_heads).sum())} KV heads stream (sinks + "
+        f"window) at {plan.meta['streaming_density']:.3f} of N")
+    plans = [plan]
+  else:
+    plans = search_lib.search(_influences(opts), budget=opts.budget,
+                              extend_length=opts.extend_length,
+                              num_heads=model.cfg.num_heads, max_rules_per_layer=opts.num_rules,
+                              alpha_interval=opts.alpha_interval or None,
+                              lower_ratio=opts.lower_ratio, num_intervals=opts.num_intervals,
+                              min_window=opts.min_window, full_heads=full_heads,
+                              min_head_density=opts.min_head_density)
   os.makedirs(os.path.join(opts.out, "plans"), exist_ok=True)
   for old in glob.glob(os.path.join(opts.out, "plans", "plan_*.json")):
     os.remove(old)
@@ -202,6 +211,17 @@ def stage_search(model, opts: Options, tokenizer=None, log=print) -> dict:
              "densities": [p.meta["densities"] for p in plans]}
   _write_json(os.path.join(opts.out, "search.json"), summary)
   return summary
+
+
+def _influences(opts: Options) -> list:
+  out = []
+  for n in opts.lengths:
+    path = os.path.join(opts.out, f"influence_{n}.npz")
+    if not os.path.exists(path):
+      raise ValueError(f"length {n} was not profiled ({path} missing): profile it or drop it "
+                       "from --lengths")
+    out.append(profile_lib.Influence.load(path))
+  return out
 
 
 def load_plans(out: str) -> list[plan_lib.Plan]:
@@ -296,6 +316,12 @@ def check_options(model, opts: Options, tokenizer=None) -> None:
     problems.append(f"full_span_layers={layers} at full span alone use "
                     f"{len(layers) / model.cfg.num_layers:.3f} of the KV cache, not below the "
                     f"budget {opts.budget}")
+  if opts.streaming_rest and not (opts.retrieval_heads or layers):
+    problems.append("streaming_rest holds the --retrieval_heads / --full_span_layers at full "
+                    "span and streams the rest: give at least one of them")
+  if opts.streaming_rest and opts.min_head_density:
+    problems.append("streaming_rest gives every other head the same window: leave "
+                    "min_head_density at 0")
   if opts.sink < 0 or opts.min_cache < 1:
     problems.append(f"need sink >= 0 and min_cache >= 1, got {opts.sink}, {opts.min_cache}")
   unknown = [t for t in opts.tasks if t not in lc.TASKS]
@@ -441,7 +467,8 @@ def run(model, opts: Options, stages: Sequence[str] = STAGES, *, force: bool = F
   _write_json(os.path.join(opts.out, "options.json"), {"out": opts.out, **opts.to_json()})
   if opts.calibration_from and not done(opts.out, "profile"):
     later = [s for s in stages if STAGES.index(s) > STAGES.index("profile")]
-    if later and "profile" not in stages and not check_calibration_source(opts):
+    if (later and "profile" not in stages and not opts.streaming_rest
+        and not check_calibration_source(opts)):
       raise ValueError(f"--calibration_from={opts.calibration_from}: its profile cannot be "
                        "shared (other sink / block_size / loss_tokens, or unfinished): run "
                        "the profile stage here first (`launch/moa.py profile` or `all`)")
@@ -452,6 +479,9 @@ def run(model, opts: Options, stages: Sequence[str] = STAGES, *, force: bool = F
       continue
     if done(opts.out, stage) and not force:
       log(f"[moa] {stage}: already done ({_marker(opts.out, stage)})")
+      continue
+    if stage == "profile" and opts.streaming_rest:
+      log("[moa] profile: not needed with streaming_rest (no MILP)")
       continue
     start = time.time()
     kwargs = ({"documents": documents, "tokenizer": tokenizer, "log": log}
@@ -481,7 +511,8 @@ def summary(out: str) -> str:
     lines.append(f"  budget {opts['budget']}, profiled at {opts['lengths']}, validated at "
                  f"{opts['validate_length']}, budget checked up to {opts['extend_length']}")
     variant = [f"{k}={opts[k]}" for k in ("loss_tokens", "spread_depths", "retrieval_heads",
-                                          "min_head_density", "full_span_layers")
+                                          "min_head_density", "full_span_layers",
+                                          "streaming_rest")
                if opts.get(k)]
     if variant:
       lines.append(f"  not the paper's defaults: {', '.join(variant)}")

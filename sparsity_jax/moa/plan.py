@@ -174,6 +174,37 @@ def uniform_plan(num_layers: int, num_kv_heads: int, num_heads: int, *, alpha: f
               meta=dict(meta))
 
 
+def streaming_plan(full_heads: np.ndarray, num_heads: int, *, budget: float, sink: int = 64,
+                   max_length: int, min_window: int = 1, **meta) -> Plan:
+  """Full-span heads, every other head a StreamingLLM window at the density left over.
+
+  The DuoAttention layout (Xiao et al. 2024: retrieval heads keep the whole KV cache,
+  streaming heads keep sinks + recent tokens), budget-matched and elastic instead of
+  DuoAttention's constant streaming window: with a fraction f of the KV heads full, the
+  others keep ``sink`` sinks + a window of r*N - sink, r = (budget - f) / (1 - f), so the
+  plan's KV density is ``budget`` at every N (up to rounding; more where min_window binds).
+
+  Args:
+    full_heads: bool [L, K], the heads at full span (e.g. ``moa.retrieval.select``).
+    budget: mean KV-cache fraction in (0, 1]; must be >= the fraction of full heads.
+  Raises:
+    ValueError if the full heads alone exceed the budget.
+  """
+  full = np.asarray(full_heads, bool)
+  if full.ndim != 2:
+    raise ValueError(f"full_heads must be bool [layers, kv_heads], got shape {full.shape}")
+  frac = float(full.mean())
+  if not 0.0 < budget <= 1.0 or frac > budget + 1e-12:
+    raise ValueError(f"{int(full.sum())} full heads of {full.size} are a KV fraction of "
+                     f"{frac:.3f}, over the budget {budget}: keep fewer heads at full span")
+  rest = 1.0 if frac >= 1.0 else (budget - frac) / (1.0 - frac)
+  return Plan(np.where(full, 0.0, -float(sink)), np.where(full, 1.0, rest),
+              np.full(full.shape, sink, np.int64), num_heads=num_heads,
+              max_length=max_length, min_window=min_window,
+              meta=dict(meta, kind="streaming", full_heads=int(full.sum()),
+                        streaming_density=rest))
+
+
 def save_plan(plan: Plan, path: str) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp"
