@@ -41,7 +41,8 @@ def write_plans(scores: np.ndarray, budgets, ks, num_heads: int, out_dir: str, *
     for k in ks:
       full = retrieval.select(scores, k)
       if full.mean() >= budget:
-        print(f"k={k}: {k} full heads exceed the budget {budget}; skipped")
+        print(f"k={k}: {k} full heads are {full.mean():.3f} of the KV cache, not below the "
+              f"budget {budget}; skipped")
         continue
       plan = plan_lib.streaming_plan(full, num_heads, budget=budget, sink=sink,
                                      max_length=max_length, min_window=min_window,
@@ -109,9 +110,21 @@ def main():
     ks = [int(x) for x in args.ks.split(",")]
   except ValueError:
     p.error("--budgets and --ks must be comma-separated numbers")
-  with open(args.scores) as f:
-    scores = np.asarray(json.load(f)["needle_attention"], np.float64)
+  if not all(0.0 < b <= 1.0 for b in budgets):
+    p.error(f"--budgets={args.budgets}: each must be in (0, 1] (a KV-cache fraction)")
+  if args.length < 1 or args.passkey < 1:
+    p.error("--length and --passkey must be positive")
+  try:
+    with open(args.scores) as f:
+      scores = np.asarray(json.load(f)["needle_attention"], np.float64)
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    p.error(f"--scores={args.scores}: not a retrieval_heads.json of launch/moa.py "
+            f"--retrieval_heads ({type(e).__name__}: {e})")
+  if scores.ndim != 2 or not all(0 <= k <= scores.size for k in ks):
+    p.error(f"--ks={args.ks}: each must be in [0, {scores.size}] (the KV heads scored)")
   entries = write_plans(scores, budgets, ks, args.num_heads, args.out + "_plans")
+  if not entries:
+    p.error("no k leaves any density for the streaming heads at these --budgets")
   subprocess.run([sys.executable, os.path.join(HERE, "moa_long_context.py"),
                   f"--model={args.model}", f"--lengths={args.length}",
                   f"--passkey={args.passkey}", "--kv=0", "--docs=0", f"--seed={args.seed}",

@@ -160,5 +160,15 @@ def test_streaming_plan_keeps_full_heads_and_the_budget():
     assert (caps[full] == n).all()
     assert len(set(caps[~full].tolist())) <= 1  # One streaming rule.
     assert budget - full.size / n <= plan.density(n) <= budget + 1e-9, n
-  with pytest.raises(ValueError, match="over the budget 0.1: keep fewer heads"):
-    plan_lib.streaming_plan(np.ones((2, 2), bool), 4, budget=0.1, max_length=512)
+  for full, budget, message in [
+      (np.ones((2, 2), bool), 0.1, "not below the budget 0.1: keep fewer heads"),
+      (np.eye(2, dtype=bool), 0.5, "not below the budget 0.5"),  # Nothing left to stream.
+      (np.zeros((2, 2), bool), 1.5, "budget=1.5 must be in \\(0, 1\\]"),
+      (np.zeros((2, 2), bool), float("nan"), "budget=nan must be in"),
+      (np.full((2, 2), 0.3), 0.5, "must be a bool mask"),
+      (np.zeros((0, 2), bool), 0.5, "non-empty bool"),
+      (np.zeros(4, bool), 0.5, "non-empty bool \\[layers, kv_heads\\]")]:
+    with pytest.raises(ValueError, match=message):
+      plan_lib.streaming_plan(full, 4, budget=budget, max_length=512)
+  every = plan_lib.streaming_plan(np.ones((2, 2), bool), 4, budget=1.0, max_length=512)
+  assert every.density(512) == 1.0

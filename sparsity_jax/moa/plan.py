@@ -180,23 +180,37 @@ def streaming_plan(full_heads: np.ndarray, num_heads: int, *, budget: float, sin
 
   The DuoAttention layout (Xiao et al. 2024: retrieval heads keep the whole KV cache,
   streaming heads keep sinks + recent tokens), budget-matched and elastic instead of
-  DuoAttention's constant streaming window: with a fraction f of the KV heads full, the
-  others keep ``sink`` sinks + a window of r*N - sink, r = (budget - f) / (1 - f), so the
-  plan's KV density is ``budget`` at every N (up to rounding; more where min_window binds).
+  DuoAttention's constant streaming window: with a fraction f of the KV heads full, each
+  other head keeps ``sink`` sinks + a window of r*N - sink tokens (r*N in all),
+  r = (budget - f) / (1 - f), so the plan's KV density is ``budget`` at every N where
+  r*N - sink >= min_window. Below that (short N, or a sink larger than r*N) the window is
+  held at min_window and the density exceeds the budget: check ``plan.density(N)``.
 
   Args:
     full_heads: bool [L, K], the heads at full span (e.g. ``moa.retrieval.select``).
-    budget: mean KV-cache fraction in (0, 1]; must be >= the fraction of full heads.
+    num_heads: query heads per layer (a multiple of K).
+    budget: mean KV-cache fraction in (0, 1]; above the fraction of full heads (or 1 with
+      every head full).
+    sink: sink tokens of every streaming head; max_length: the longest length the plan
+      accepts; min_window: the window floor (``Plan``); meta: provenance kept in the plan.
   Raises:
-    ValueError if the full heads alone exceed the budget.
+    ValueError (one line) for a budget outside (0, 1], a mask that is not bool [L, K] or is
+    empty, or full heads that leave no density for the others.
   """
-  full = np.asarray(full_heads, bool)
-  if full.ndim != 2:
-    raise ValueError(f"full_heads must be bool [layers, kv_heads], got shape {full.shape}")
+  if not 0.0 < budget <= 1.0:  # Also refuses NaN.
+    raise ValueError(f"budget={budget} must be in (0, 1] (the mean KV-cache fraction)")
+  full = np.asarray(full_heads)
+  if full.ndim != 2 or full.size == 0:
+    raise ValueError(f"full_heads must be a non-empty bool [layers, kv_heads] mask, got shape "
+                     f"{full.shape}")
+  if full.dtype != bool:
+    raise ValueError(f"full_heads must be a bool mask (e.g. retrieval.select), got dtype "
+                     f"{full.dtype}")
   frac = float(full.mean())
-  if not 0.0 < budget <= 1.0 or frac > budget + 1e-12:
+  if frac > budget or (frac == budget and frac < 1.0):  # All full needs budget 1.
     raise ValueError(f"{int(full.sum())} full heads of {full.size} are a KV fraction of "
-                     f"{frac:.3f}, over the budget {budget}: keep fewer heads at full span")
+                     f"{frac:.3f}, not below the budget {budget}: keep fewer heads at full "
+                     "span (the others need some cache)")
   rest = 1.0 if frac >= 1.0 else (budget - frac) / (1.0 - frac)
   return Plan(np.where(full, 0.0, -float(sink)), np.where(full, 1.0, rest),
               np.full(full.shape, sink, np.int64), num_heads=num_heads,
