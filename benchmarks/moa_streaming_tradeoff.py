@@ -2,7 +2,8 @@ r"""How many heads to hold at full span: the far / near passkey trade-off of a b
 
 For each budget and each k in --ks, the DuoAttention layout at that KV density
 (``plan.streaming_plan``): the k KV heads with the most dense attention on retrieval evidence
-(the scores of a ``launch/moa.py --retrieval_heads`` run, ``retrieval_heads.json``) at full
+(the scores of a ``launch/moa.py --retrieval_heads`` run, ``retrieval_heads.json``, or
+DuoAttention's trained gates, ``gates.json`` of ``launch/duo_gates.py``) at full
 span, every other head 64 sinks + one window at the density left over; k = 0 is the uniform
 StreamingLLM plan. Runs ``benchmarks/moa_long_context.py`` on them (passkey only, its own
 --seed, so that k can be chosen on prompts the reported evaluation never sees) and plots
@@ -26,6 +27,7 @@ import sys
 
 import numpy as np
 
+from sparsity_jax.moa import duo
 from sparsity_jax.moa import plan as plan_lib
 from sparsity_jax.moa import retrieval
 
@@ -95,7 +97,8 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--scores", required=True, help="retrieval_heads.json of a launch/moa.py "
-                 "--retrieval_heads run (its needle_attention [layers, kv heads]).")
+                 "--retrieval_heads run (its needle_attention [layers, kv heads]) or a "
+                 "gates.json of launch/duo_gates.py (DuoAttention's trained gates).")
   p.add_argument("--num_heads", type=int, default=9, help="Query heads per layer.")
   p.add_argument("--budgets", default="0.5,0.25", help="KV densities.")
   p.add_argument("--ks", default="5,10,15,22,30", help="Heads at full span.")
@@ -115,11 +118,9 @@ def main():
   if args.length < 1 or args.passkey < 1:
     p.error("--length and --passkey must be positive")
   try:
-    with open(args.scores) as f:
-      scores = np.asarray(json.load(f)["needle_attention"], np.float64)
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    p.error(f"--scores={args.scores}: not a retrieval_heads.json of launch/moa.py "
-            f"--retrieval_heads ({type(e).__name__}: {e})")
+    scores = duo.load_scores(args.scores)
+  except ValueError as e:
+    p.error(f"--scores: {e}")
   if scores.ndim != 2 or not all(0 <= k <= scores.size for k in ks):
     p.error(f"--ks={args.ks}: each must be in [0, {scores.size}] (the KV heads scored)")
   entries = write_plans(scores, budgets, ks, args.num_heads, args.out + "_plans")

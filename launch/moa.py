@@ -54,6 +54,10 @@ flags.DEFINE_integer("loss_tokens", 0, "Profile and validate on the first k resp
 flags.DEFINE_integer("retrieval_heads", 0, "A variant: keep the k KV heads with the most "
                      "attention on retrieval evidence at full span (moa.retrieval); 0: MoA "
                      "as published.")
+flags.DEFINE_string("retrieval_scores", "", "Pick the --retrieval_heads by these [layers, KV "
+                    "heads] scores: a gates.json of launch/duo_gates.py (DuoAttention's "
+                    "trained gates) or a retrieval_heads.json; default: the dense model's "
+                    "attention on the evidence.")
 flags.DEFINE_float("min_head_density", 0.0, "A variant: every KV head keeps at least this "
                    "fraction of the cache (sink included) at the profiled lengths and the "
                    "extension (only such rules are searched); 0: MoA as published.")
@@ -119,7 +123,8 @@ def main(argv):
       num_intervals=FLAGS.num_intervals, alpha_interval=FLAGS.alpha_interval,
       lower_ratio=FLAGS.lower_ratio, min_cache=FLAGS.min_cache, tasks=tuple(FLAGS.tasks),
       spread_depths=FLAGS.spread_depths, loss_tokens=FLAGS.loss_tokens,
-      retrieval_heads=FLAGS.retrieval_heads, min_head_density=FLAGS.min_head_density,
+      retrieval_heads=FLAGS.retrieval_heads, retrieval_scores=FLAGS.retrieval_scores,
+      min_head_density=FLAGS.min_head_density,
       full_span_layers=full_span_layers, streaming_rest=FLAGS.streaming_rest,
       calibration_from=FLAGS.calibration_from,
       chat=FLAGS.chat, model=sources[0], seed=FLAGS.seed)

@@ -5,8 +5,9 @@
              for tasks with an answer)
   profile    influence_<N>.npz per profiled length
   search     plans/plan_<i>.json (Pareto set), search.json; with ``retrieval_heads`` > 0
-             first retrieval_heads.json (the dense model's attention on the evidence of
-             retrieval prompts per KV head, and the heads held at full span)
+             first retrieval_heads.json (per KV head the scores of ``retrieval_scores``
+             when given, e.g. a gates.json of launch/duo_gates.py, else the dense model's
+             attention on the evidence of retrieval prompts; and the heads held at full span)
   validate   validate.json (response loss per plan at the unseen length), plan.json
              (the best), plan.png (span heatmap)
   apply      apply.json: the plan loaded into the model, KV-cache bytes and density
@@ -61,6 +62,9 @@ class Options:
   loss_tokens: int = 0  # Profile / validate on the first k response tokens only (0: all).
   chat: str = "auto"  # Chat template around calibration prompts: auto / true / false.
   retrieval_heads: int = 0  # KV heads kept at full span (moa.retrieval; 0: the paper's MoA).
+  # [L, K] head scores to pick the retrieval heads from (a gates.json of launch/duo_gates.py
+  # or a retrieval_heads.json) instead of the dense model's attention on the evidence.
+  retrieval_scores: str = ""
   min_head_density: float = 0.0  # Every head's KV fraction floor (0: the paper's MoA).
   full_span_layers: Sequence[int] = ()  # Layers whose KV heads all keep full span (a variant).
   # The held heads at full span and every other head one sink + window rule at the density
@@ -168,15 +172,20 @@ def stage_search(model, opts: Options, tokenizer=None, log=print) -> dict:
   full_heads = None
   if opts.retrieval_heads:
     from sparsity_jax.moa import retrieval
-    tok = tokenizer if tokenizer is not None else calibrate_lib.ByteTokenizer()
-    n = min(opts.lengths)
-    prompts = retrieval.prompts(tok, n, 2 * opts.num_samples, seed=opts.seed,
-                                chat=_chat(opts, tokenizer))
-    scores = retrieval.needle_attention(dense_model(model), prompts)
+    if opts.retrieval_scores:
+      from sparsity_jax.moa import duo
+      scores = duo.load_scores(opts.retrieval_scores)
+      record = {"scores_from": opts.retrieval_scores, "scores": scores.tolist()}
+    else:
+      tok = tokenizer if tokenizer is not None else calibrate_lib.ByteTokenizer()
+      n = min(opts.lengths)
+      prompts = retrieval.prompts(tok, n, 2 * opts.num_samples, seed=opts.seed,
+                                  chat=_chat(opts, tokenizer))
+      scores = retrieval.needle_attention(dense_model(model), prompts)
+      record = {"length": n, "prompts": len(prompts), "needle_attention": scores.tolist()}
     full_heads = retrieval.select(scores, opts.retrieval_heads)
     _write_json(os.path.join(opts.out, "retrieval_heads.json"),
-                {"length": n, "prompts": len(prompts), "needle_attention": scores.tolist(),
-                 "full_span": np.argwhere(full_heads).tolist()})
+                {**record, "full_span": np.argwhere(full_heads).tolist()})
     log(f"[moa] search: {opts.retrieval_heads} retrieval heads at full span (layer, kv head): "
         f"{', '.join(f'{l}.{k}' for l, k in np.argwhere(full_heads))}")
   if opts.full_span_layers:
@@ -305,6 +314,20 @@ def check_options(model, opts: Options, tokenizer=None) -> None:
     problems.append(f"retrieval_heads={opts.retrieval_heads} at full span alone use "
                     f"{opts.retrieval_heads / num_kv:.3f} of the KV cache, not below the "
                     f"budget {opts.budget}")
+  if opts.retrieval_scores:
+    if not opts.retrieval_heads:
+      problems.append("retrieval_scores picks the --retrieval_heads: give their number too")
+    else:
+      from sparsity_jax.moa import duo
+      try:
+        shape = duo.load_scores(opts.retrieval_scores).shape
+      except ValueError as e:
+        problems.append(str(e))
+      else:
+        if shape != (model.cfg.num_layers, model.cfg.num_kv_heads):
+          problems.append(f"retrieval_scores {opts.retrieval_scores} has scores of shape "
+                          f"{shape}, the model {model.cfg.num_layers} layers x "
+                          f"{model.cfg.num_kv_heads} KV heads")
   if not 0.0 <= opts.min_head_density <= opts.budget:
     problems.append(f"min_head_density={opts.min_head_density} must be in [0, budget="
                     f"{opts.budget}] (a floor on every head's KV fraction)")
@@ -350,7 +373,7 @@ def check_options(model, opts: Options, tokenizer=None) -> None:
       if shortest <= fixed:
         raise ValueError(f"document prompts need more than {fixed} tokens; the shortest "
                          f"calibration prompt has {shortest}")
-  if opts.retrieval_heads:  # The retrieval-head prompts (full length) must fit too.
+  if opts.retrieval_heads and not opts.retrieval_scores:  # Its prompts must fit too.
     from sparsity_jax.moa import retrieval
     retrieval.prompts(tok, min(lengths), 2, seed=opts.seed, chat=chat)
   rules = search_lib.candidate_rules(lengths[0], lengths[-1], opts.extend_length,
@@ -511,7 +534,7 @@ def summary(out: str) -> str:
     lines.append(f"  budget {opts['budget']}, profiled at {opts['lengths']}, validated at "
                  f"{opts['validate_length']}, budget checked up to {opts['extend_length']}")
     variant = [f"{k}={opts[k]}" for k in ("loss_tokens", "spread_depths", "retrieval_heads",
-                                          "min_head_density", "full_span_layers",
+                                          "retrieval_scores", "min_head_density", "full_span_layers",
                                           "streaming_rest")
                if opts.get(k)]
     if variant:
