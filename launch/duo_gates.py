@@ -73,15 +73,16 @@ def main(argv):
   from sparsity_jax.moa import duo
   ckpt = open_pretrained(FLAGS.model)
   tokenizer = ckpt.tokenizer()
-  model = ckpt.load_model(scan_layers=False)
-  too_long = [n for n in lengths if n > model.cfg.max_len]
+  max_len = ckpt.model_config().max_len
+  too_long = [n for n in lengths if n > max_len]
   if too_long:
-    raise UserError(f"--lengths {too_long} exceed the model's context {model.cfg.max_len}")
-  try:
+    raise UserError(f"--lengths {too_long} exceed the model's context {max_len}")
+  try:  # Bad data options fail here, before the weights load.
     data = duo.samples(tokenizer, lengths, FLAGS.num_samples, seed=FLAGS.seed,
                        num_passkeys=FLAGS.num_passkeys, passkey_length=FLAGS.passkey_length)
   except ValueError as e:
     raise UserError(str(e)) from None
+  model = ckpt.load_model(scan_layers=False)
   print(f"[duo] {len(data)} prompts of {sorted(set(lengths))} tokens, "
         f"{int(np.mean([s.labels.sum() for s in data]))} label tokens each on average; "
         f"{FLAGS.num_steps} steps", flush=True)

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparsity_jax.checkpoints import open_pretrained
 from sparsity_jax.data.tokenizer import ByteTokenizer
 from sparsity_jax.evals import long_context as lc
 from sparsity_jax.models import ModelConfig, TransformerLM
@@ -119,6 +118,9 @@ def test_multi_passkey_prompts_hold_every_needle_and_label_every_answer():
       assert len(key.split()) == 4 and set(key.split()) <= set(duo.NATO)
       assert duo.NEEDLE.format(ordinal) + key in context
       assert duo.QUESTION.format(ordinal) + key in qa
+  # The book stops tokenizing once it has enough: the same prefix as the whole corpus.
+  whole = np.concatenate(lc.corpus_documents(tok, split="train"))
+  np.testing.assert_array_equal(duo.haystack(tok, 5000), whole[:5000])
   with pytest.raises(ValueError, match="use fewer or shorter passkeys"):
     duo.samples(tok, [300], 1, num_passkeys=3, passkey_length=8)
   with pytest.raises(ValueError, match="num_passkeys=11"):
@@ -138,9 +140,8 @@ def test_schedule_is_the_official_one():
 def test_gate_training_resumes_where_it_stopped(tmp_path):
   """An interrupted run resumes from its last save and ends with the gates of an
   uninterrupted one; gates stay in [0, 1] and the loss history is kept."""
-  ckpt = open_pretrained(FIXTURE)
-  model, tok = ckpt.load_model(scan_layers=False), ckpt.tokenizer()
-  data = duo.samples(tok, [448], 2, seed=1, num_passkeys=1, passkey_length=3)
+  model = TransformerLM(ModelConfig(**BASE), rngs=nnx.Rngs(np.random.randint(1 << 30)))
+  data = duo.samples(ByteTokenizer(), [320], 2, seed=1, num_passkeys=1, passkey_length=3)
   kw = dict(num_steps=4, sink=4, recent=16, save_every=2, log=lambda *_: None)
   whole = duo.optimise(model, data, out=str(tmp_path / "a"), **kw)
 
@@ -196,8 +197,8 @@ def test_scores_files_and_the_pipeline_option(tmp_path):
 def test_launcher_trains_plots_and_refuses_other_options(tmp_path):
   out = str(tmp_path / "gates")
   cmd = [sys.executable, "launch/duo_gates.py", f"--model={FIXTURE}", f"--out={out}",
-         "--lengths=448", "--num_samples=2", "--num_steps=2", "--num_passkeys=1",
-         "--passkey_length=3", "--sink=4", "--recent=16", "--save_every=1"]
+         "--lengths=256", "--num_samples=2", "--num_steps=2", "--num_passkeys=1",
+         "--passkey_length=2", "--sink=4", "--recent=16", "--save_every=1"]
   run = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
                        timeout=600)
   assert run.returncode == 0, run.stderr[-3000:]

@@ -364,9 +364,11 @@ def check_prompt(prompt: Prompt, tokenizer, length: int) -> None:
 
 
 def corpus_documents(tokenizer=None, data_config=None, split: str = "validation",
-                     min_tokens: int = 0) -> list[np.ndarray]:
+                     min_tokens: int = 0, total_tokens: int | None = None) -> list[np.ndarray]:
   """Token arrays of the embedded corpus's files (``data.corpus``; the stdlib by default),
-  one per file, in path order, keeping files of at least ``min_tokens`` tokens."""
+  one per file, in path order, keeping files of at least ``min_tokens`` tokens; with
+  ``total_tokens``, stops once the kept files hold that many (tokenizing every file takes
+  ~30 s with a BPE tokenizer)."""
   from sparsity_jax import config_lib
   from sparsity_jax.data import corpus
   data_config = config_lib.base_config().data if data_config is None else data_config
@@ -380,6 +382,8 @@ def corpus_documents(tokenizer=None, data_config=None, split: str = "validation"
     ids = encode(tok, text)
     if len(ids) >= min_tokens:
       docs.append(ids.astype(np.int32))
+      if total_tokens is not None and sum(map(len, docs)) >= total_tokens:
+        break
   return docs
 
 

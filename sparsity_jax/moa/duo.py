@@ -164,7 +164,7 @@ def haystack(tokenizer, num_tokens: int) -> np.ndarray:
   """``num_tokens`` tokens of the embedded corpus's training files, concatenated (the
   official code uses long Pile documents; the evaluation's passkey uses a repeated filler,
   so the gates never see its haystack)."""
-  docs = lc.corpus_documents(tokenizer, split="train")
+  docs = lc.corpus_documents(tokenizer, split="train", total_tokens=num_tokens)
   ids = np.concatenate(docs) if docs else np.zeros((0,), np.int32)
   if len(ids) < num_tokens:
     raise ValueError(f"the embedded corpus has {len(ids)} tokens, fewer than {num_tokens}")
