@@ -14,7 +14,6 @@ gates pick the heads held at full span: ``launch/moa.py --retrieval_heads=k
 
 import json
 import os
-import shutil
 
 import numpy as np
 from absl import flags, logging
@@ -41,11 +40,14 @@ flags.DEFINE_float("lr", 0.1, "Peak learning rate (AdamW, no weight decay).")
 flags.DEFINE_float("reg_weight", 0.05, "Weight of the L1 penalty on the mean gate.")
 flags.DEFINE_integer("save_every", 10, "Save (and log) every this many steps.")
 flags.DEFINE_integer("seed", 0, "Prompt seed.")
-flags.DEFINE_bool("restart", False, "Delete an --out made with other options and start over.")
+flags.DEFINE_bool("restart", False, "Delete the gates of an --out made with other options "
+                  "and start over.")
 
 OPTION_FLAGS = ("model", "lengths", "num_samples", "num_steps", "num_passkeys",
                 "passkey_length", "sink", "recent", "recent_fraction", "lr", "reg_weight",
                 "seed")
+
+OUTPUTS = ("gates.json", "state.npz", "gates.png", "options.json")
 
 
 def main(argv):
@@ -115,8 +117,10 @@ def _check_directory(out: str, options: dict, restart: bool) -> None:
       if not restart:
         diff = sorted(k for k in set(old) | set(options) if old.get(k) != options.get(k))
         raise UserError(f"{out} was made with other options ({', '.join(diff)}); give "
-                        "another --out or --restart to delete it and start over")
-      shutil.rmtree(out)
+                        "another --out or --restart to delete its gates and start over")
+      for name in OUTPUTS:  # Only what this launcher wrote: --out may hold other files.
+        if os.path.exists(os.path.join(out, name)):
+          os.remove(os.path.join(out, name))
   os.makedirs(out, exist_ok=True)
   with open(path, "w") as f:
     json.dump(options, f, indent=1)

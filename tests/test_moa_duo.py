@@ -208,6 +208,12 @@ def test_launcher_trains_plots_and_refuses_other_options(tmp_path):
   again = subprocess.run(cmd + ["--lr=0.2"], cwd=ROOT, env=subprocess_env(),
                          capture_output=True, text=True, timeout=600)
   assert again.returncode != 0 and "made with other options (lr)" in again.stderr
+  open(os.path.join(out, "notes.txt"), "w").write("mine")
+  restarted = subprocess.run(cmd + ["--lr=0.2", "--num_steps=1", "--restart"], cwd=ROOT,
+                             env=subprocess_env(), capture_output=True, text=True, timeout=600)
+  assert restarted.returncode == 0, restarted.stderr[-3000:]
+  assert json.load(open(os.path.join(out, "gates.json")))["step"] == 1  # Not resumed at 2.
+  assert open(os.path.join(out, "notes.txt")).read() == "mine"
   short = subprocess.run(cmd[:3] + [f"--out={tmp_path / 'x'}", "--lengths=64"], cwd=ROOT,
                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
   assert short.returncode != 0 and "use fewer or shorter passkeys" in short.stderr
