@@ -261,12 +261,40 @@ def answer_kinds(cells) -> str:
   return "\n".join(lines)
 
 
+def paired_vs_uniform(cells) -> dict[tuple[str, int], tuple[int, int, float]]:
+  """{(variant, N): (won, lost, p)} on the passkey against the uniform cell of the same N
+  and budget, prompt by prompt (the cells share prompts: same depths, same keys): won =
+  prompts it answers and uniform misses, lost = the reverse, p = the exact two-sided
+  McNemar test (a binomial test on the discordant pairs; scipy). Cells without a matching
+  uniform cell, or whose prompts differ, are left out."""
+  from scipy.stats import binomtest
+  uniform = {(c["length"], c["variant"].rpartition(" ")[2]): c for c in cells
+             if c["variant"].rpartition(" ")[0] == "uniform"}
+  out = {}
+  for c in cells:
+    base = uniform.get((c["length"], c["variant"].rpartition(" ")[2]))
+    if base is None or base is c or c["variant"] == "dense":
+      continue
+    ours, theirs = c["passkey"]["rows"], base["passkey"]["rows"]
+    if not ours or [(r["depth"], r["answer"]) for r in ours] != [
+        (r["depth"], r["answer"]) for r in theirs]:
+      continue
+    won = sum(a["correct"] and not b["correct"] for a, b in zip(ours, theirs))
+    lost = sum(b["correct"] and not a["correct"] for a, b in zip(ours, theirs))
+    out[c["variant"], c["length"]] = (won, lost, binomtest(won, won + lost).pvalue
+                                      if won + lost else 1.0)
+  return out
+
+
 def passkey_table(cells) -> str:
   """One row per cell for many-prompt passkey runs: accuracy with its standard error, the
-  share answered in words (no number), accuracy by half and by fifth of key depth, and the
-  teacher-forced answer NLL (nats/token)."""
+  share answered in words (no number), accuracy by half and by fifth of key depth, the
+  teacher-forced answer NLL (nats/token), and the prompt-by-prompt comparison with the
+  uniform window of the same budget (`paired_vs_uniform`: won / lost, McNemar p)."""
   head = ["N", "attention", "KV density", "passkey (n)", "std. error", "no number",
-          "right, key in 1st / 2nd half", "by depth (fifths)", "answer NLL"]
+          "right, key in 1st / 2nd half", "by depth (fifths)", "answer NLL",
+          "vs uniform: won / lost (p)"]
+  paired = paired_vs_uniform(cells)
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for c in _sorted(c for c in cells if c["passkey"]["rows"]):
     pk = c["passkey"]
@@ -276,10 +304,12 @@ def passkey_table(cells) -> str:
     halves = [np.mean([r["correct"] for r in rows if (r["depth"] >= 0.5) == h] or [np.nan])
               for h in (0, 1)]
     fifths = " ".join("-" if v is None else f"{v:.1f}" for v in pk["by_depth"].values())
+    vs = paired.get((c["variant"], c["length"]))
     lines.append("| " + " | ".join([
         str(c["length"]), c["variant"], f"{c['density']:.3f}", f"{acc:.2f} ({pk['n']})",
         f"{np.sqrt(acc * (1 - acc) / pk['n']):.2f}", f"{none:.2f}",
-        f"{halves[0]:.2f} / {halves[1]:.2f}", fifths, f"{pk['answer_nll']:.3f}"]) + " |")
+        f"{halves[0]:.2f} / {halves[1]:.2f}", fifths, f"{pk['answer_nll']:.3f}",
+        "-" if vs is None else f"{vs[0]} / {vs[1]} ({vs[2]:.3f})"]) + " |")
   return "\n".join(lines)
 
 

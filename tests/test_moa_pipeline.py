@@ -430,6 +430,8 @@ def test_long_context_benchmark_plots_any_number_of_variants(tmp_path):
       bench.moa_entry(bad)
   row = bench.passkey_table(cells).splitlines()[2].split(" | ")
   assert row[3:8] == ["0.50 (2)", "0.35", "0.50", "0.00 / 1.00", "0.0 1.0"], row
+  # Same answers as uniform everywhere: nothing won or lost, for each of the 9 variants.
+  assert bench.passkey_table(cells).count("| 0 / 0 (1.000) |") == len(names) - 2
   # A passkey-only run (--kv=0): the empty task is a "-" in the table, left out elsewhere.
   for c in cells:
     c["kv_retrieval"] = {"rows": []}
@@ -438,6 +440,44 @@ def test_long_context_benchmark_plots_any_number_of_variants(tmp_path):
   assert bench.table(cells).splitlines()[2].split(" | ")[4] == "-"
   assert "kv_retrieval" not in bench.answer_kinds(cells)
   assert bench.passkey_table(cells).count("\n") == len(names) + 1
+
+
+def test_passkey_table_pairs_each_cell_with_the_uniform_window_prompt_by_prompt():
+  """The 'vs uniform' column counts prompts one plan answers and the uniform window of the
+  same N and budget misses (and the reverse), with the exact McNemar p (checked against the
+  binomial sum by hand); cells with other prompts or no uniform twin get no comparison."""
+  import importlib.util
+  import math
+  spec = importlib.util.spec_from_file_location(
+      "moa_long_context", os.path.join(ROOT, "benchmarks", "moa_long_context.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  rng = np.random.default_rng()
+  n = 30
+  depths = np.sort(rng.uniform(size=n))
+
+  def cell(variant, correct, length=128, density=0.5, answers=None):
+    rows = [{"depth": float(d), "answer": a, "output": a if ok else " the", "correct": bool(ok),
+             "forced": True, "answer_nll": 0.1}
+            for d, ok, a in zip(depths, correct, answers or [str(i) for i in range(n)])]
+    task = {"accuracy": float(np.mean(correct)), "n": n, "answer_nll": 0.1,
+            "by_depth": {"0.0-1.0": float(np.mean(correct))}, "rows": rows}
+    return {"variant": variant, "length": length, "density": density, "passkey": task}
+
+  base, ours = rng.uniform(size=n) < 0.5, rng.uniform(size=n) < 0.5
+  cells = [cell("uniform 50%", base), cell("MoA 50%", ours), cell("MoA 25%", ours),
+           cell("MoA 50%", ours, length=256),
+           cell("other prompts 50%", ours, answers=[str(i + 1) for i in range(n)])]
+  paired = bench.paired_vs_uniform(cells)
+  assert set(paired) == {("MoA 50%", 128)}
+  won, lost = int(np.sum(ours & ~base)), int(np.sum(base & ~ours))
+  k, m = min(won, lost), won + lost
+  p = min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m) if m else 1.0
+  assert paired["MoA 50%", 128][:2] == (won, lost)
+  assert paired["MoA 50%", 128][2] == pytest.approx(p)
+  table = bench.passkey_table(cells).splitlines()
+  assert any(line.endswith(f"| {won} / {lost} ({p:.3f}) |") for line in table), table
+  assert sum(line.endswith("| - |") for line in table) == 4  # uniform and the unmatched.
 
 
 def test_streaming_rest_variant_skips_the_profile_and_streams_the_other_heads(tmp_path):
