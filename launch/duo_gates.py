@@ -5,15 +5,16 @@ r"""DuoAttention's retrieval heads: train per-KV-head gates between full and str
 trains the gates of ``sparsity_jax.moa.duo`` (Xiao et al. 2024; the official defaults:
 10 passkeys of 32 words, prompts of 1024-4096 tokens, sink 64, recent 256, lr 0.1,
 reg_weight 0.05, 1000 steps) and writes <out>/gates.json ([layers, KV heads] gates, loss
-history), state.npz (resume) and gates.png. Saves every --save_every steps; a rerun with the
-same options resumes, one with other options is refused (--restart starts over). The
-gates pick the heads held at full span: ``launch/moa.py --retrieval_heads=k
---retrieval_scores=<out>/gates.json [--streaming_rest]`` or
-``benchmarks/moa_streaming_tradeoff.py --scores=<out>/gates.json``.
+history), state.npz (resume) and gates.png. Saves every --save_every steps and on Ctrl-C or
+SIGTERM; a rerun with the same options resumes, one with other options is refused
+(--restart starts over); a run that fails a check writes nothing. The gates pick the heads
+held at full span: ``launch/moa.py --retrieval_heads=k --retrieval_scores=<out>/gates.json
+[--streaming_rest]`` or ``benchmarks/moa_streaming_tradeoff.py --scores=<out>/gates.json``.
 """
 
 import json
 import os
+import sys
 
 import numpy as np
 from absl import flags, logging
@@ -47,7 +48,9 @@ OPTION_FLAGS = ("model", "lengths", "num_samples", "num_steps", "num_passkeys",
                 "passkey_length", "sink", "recent", "recent_fraction", "lr", "reg_weight",
                 "seed")
 
-OUTPUTS = ("gates.json", "state.npz", "gates.png", "options.json")
+OUTPUTS = ("gates.json", "state.npz", "gates.png", "options.json", "gates.json.tmp",
+           "state.npz.tmp", "options.json.tmp")
+PREEMPTED_EXIT_CODE = 3  # As launch/train.py: non-zero so schedulers rerun; a rerun resumes.
 
 
 def main(argv):
@@ -57,22 +60,22 @@ def main(argv):
     raise UserError(f"unexpected arguments {argv[1:]}; every option is a --flag")
   if not FLAGS.out:
     raise UserError("give --out (the output directory)")
-  try:
-    lengths = [int(x) for x in FLAGS.lengths]
-  except ValueError:
-    raise UserError(f"--lengths={','.join(FLAGS.lengths)} must be comma-separated integers"
-                    ) from None
-  for name in ("num_samples", "num_steps", "save_every", "num_passkeys", "passkey_length",
-               "recent"):
-    if getattr(FLAGS, name) < 1:
-      raise UserError(f"--{name}={getattr(FLAGS, name)} must be >= 1")
-  if not 0.0 <= FLAGS.recent_fraction <= 1.0 or FLAGS.lr <= 0 or FLAGS.reg_weight < 0:
-    raise UserError("--recent_fraction must be in [0, 1], --lr > 0, --reg_weight >= 0")
+  lengths = _check_flags()
   options = {k: getattr(FLAGS, k) for k in OPTION_FLAGS}
-  _check_directory(FLAGS.out, options, FLAGS.restart)
+  clear = _check_directory(FLAGS.out, options, FLAGS.restart)
+  try:
+    _train(lengths, options, clear)
+  except KeyboardInterrupt:  # Outside the training loop (which saves and stops on it).
+    print("[duo] interrupted; rerun the same command to resume", file=sys.stderr, flush=True)
+    sys.exit(130)
 
+
+def _train(lengths: list[int], options: dict, clear: bool) -> None:
+  # Every check before anything is written: a failed run must not leave an options.json
+  # that refuses the corrected rerun.
   from sparsity_jax.checkpoints import open_pretrained
-  from sparsity_jax.moa import duo
+  from sparsity_jax.moa import duo, retrieval
+  from sparsity_jax.train.loop import Preempted
   ckpt = open_pretrained(FLAGS.model)
   tokenizer = ckpt.tokenizer()
   max_len = ckpt.model_config().max_len
@@ -85,45 +88,90 @@ def main(argv):
   except ValueError as e:
     raise UserError(str(e)) from None
   model = ckpt.load_model(scan_layers=False)
+  _write_options(FLAGS.out, options, clear)
   print(f"[duo] {len(data)} prompts of {sorted(set(lengths))} tokens, "
         f"{int(np.mean([s.labels.sum() for s in data]))} label tokens each on average; "
         f"{FLAGS.num_steps} steps", flush=True)
-  gates = duo.optimise(model, data, num_steps=FLAGS.num_steps, lr=FLAGS.lr,
-                       reg_weight=FLAGS.reg_weight, sink=FLAGS.sink, recent=FLAGS.recent,
-                       recent_fraction=FLAGS.recent_fraction, out=FLAGS.out,
-                       save_every=FLAGS.save_every,
-                       log=lambda m: print(m, flush=True))
+  try:
+    gates = duo.optimise(model, data, num_steps=FLAGS.num_steps, lr=FLAGS.lr,
+                         reg_weight=FLAGS.reg_weight, sink=FLAGS.sink, recent=FLAGS.recent,
+                         recent_fraction=FLAGS.recent_fraction, out=FLAGS.out,
+                         save_every=FLAGS.save_every, log=lambda m: print(m, flush=True))
+  except Preempted as e:
+    print(f"[duo] {e}", file=sys.stderr, flush=True)
+    sys.exit(PREEMPTED_EXIT_CODE)
   duo.plot_gates(gates, os.path.join(FLAGS.out, "gates.png"))
-  order = np.argsort(-gates.ravel(), kind="stable")[:15]
+  order = np.argsort(-gates.ravel(), kind="stable")[:15]  # retrieval.select's order.
   k = gates.shape[1]
   print("[duo] highest gates (layer.kv head): " + ", ".join(
       f"{i // k}.{i % k} {gates.ravel()[i]:.2f}" for i in order))
-  saturated = int((gates >= 0.995).sum())
-  if saturated > 1:
-    # Heads tied at the clamp are picked by index (retrieval.select): say so.
-    print(f"[duo] {saturated} gates at 1.0 (tied): a --retrieval_heads below {saturated} "
-          "picks among them by index; train longer or with a larger --reg_weight to rank them")
+  ties = retrieval.tie_groups(gates)
+  if ties:
+    # A --retrieval_heads cut inside a tie picks by index (retrieval.select warns): say so.
+    print(f"[duo] tied gates: {', '.join(f'{n} at {v:.3g}' for v, n in ties[:5])}"
+          f"{', ...' if len(ties) > 5 else ''}; a --retrieval_heads cut inside a tie picks "
+          "by index: train longer or with a larger --reg_weight to rank them")
   print(f"[duo] gates: {os.path.join(FLAGS.out, 'gates.json')}, plot: "
         f"{os.path.join(FLAGS.out, 'gates.png')}")
 
 
-def _check_directory(out: str, options: dict, restart: bool) -> None:
-  """Writes <out>/options.json; refuses an --out made with other options unless restart."""
+def _check_flags() -> list[int]:
+  """The prompt lengths; a UserError for any flag out of range (before the model loads)."""
+  try:
+    lengths = [int(x) for x in FLAGS.lengths]
+  except ValueError:
+    raise UserError(f"--lengths={','.join(FLAGS.lengths)} must be comma-separated integers"
+                    ) from None
+  if not lengths or min(lengths) < 1:
+    raise UserError(f"--lengths={','.join(FLAGS.lengths)} must be positive token counts")
+  for name in ("num_samples", "num_steps", "save_every", "num_passkeys", "passkey_length",
+               "recent"):
+    if getattr(FLAGS, name) < 1:
+      raise UserError(f"--{name}={getattr(FLAGS, name)} must be >= 1")
+  for name in ("sink", "seed"):
+    if getattr(FLAGS, name) < 0:
+      raise UserError(f"--{name}={getattr(FLAGS, name)} must be >= 0")
+  # At 1 the streaming window is the whole prompt: every gate would be free to drop to 0.
+  if not 0.0 <= FLAGS.recent_fraction < 1.0:
+    raise UserError(f"--recent_fraction={FLAGS.recent_fraction} must be in [0, 1) (0: a "
+                    "fixed --recent window)")
+  if not 0.0 < FLAGS.lr < float("inf"):
+    raise UserError(f"--lr={FLAGS.lr} must be > 0")
+  if not 0.0 <= FLAGS.reg_weight < float("inf"):
+    raise UserError(f"--reg_weight={FLAGS.reg_weight} must be >= 0")
+  return lengths
+
+
+def _check_directory(out: str, options: dict, restart: bool) -> bool:
+  """Refuses an --out made with other options unless restart; writes nothing. True when
+  its gates are to be deleted (``_write_options``)."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise UserError(f"--out={out} is a file, not a directory")
   path = os.path.join(out, "options.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    if old != options:
-      if not restart:
-        diff = sorted(k for k in set(old) | set(options) if old.get(k) != options.get(k))
-        raise UserError(f"{out} was made with other options ({', '.join(diff)}); give "
-                        "another --out or --restart to delete its gates and start over")
-      for name in OUTPUTS:  # Only what this launcher wrote: --out may hold other files.
-        if os.path.exists(os.path.join(out, name)):
-          os.remove(os.path.join(out, name))
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    old = json.load(f)
+  if old == options:
+    return False
+  if not restart:
+    diff = sorted(k for k in set(old) | set(options) if old.get(k) != options.get(k))
+    raise UserError(f"{out} was made with other options ({', '.join(diff)}); give "
+                    "another --out or --restart to delete its gates and start over")
+  return True
+
+
+def _write_options(out: str, options: dict, clear: bool) -> None:
+  """Deletes the old gates when ``clear``; writes <out>/options.json."""
+  if clear:
+    for name in OUTPUTS:  # Only what this launcher wrote: --out may hold other files.
+      if os.path.exists(os.path.join(out, name)):
+        os.remove(os.path.join(out, name))
   os.makedirs(out, exist_ok=True)
-  with open(path, "w") as f:
+  path = os.path.join(out, "options.json")
+  with open(path + ".tmp", "w") as f:
     json.dump(options, f, indent=1)
+  os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,12 @@
 
 import dataclasses
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -137,31 +140,80 @@ def test_schedule_is_the_official_one():
       assert float(fn(step)) == pytest.approx(want, rel=1e-6)
 
 
-def test_gate_training_resumes_where_it_stopped(tmp_path):
-  """An interrupted run resumes from its last save and ends with the gates of an
-  uninterrupted one; gates stay in [0, 1] and the loss history is kept."""
+def test_gate_training_resumes_where_it_stopped(tmp_path, monkeypatch):
+  """A run stopped by SIGTERM saves the step in flight and says so; a kill between the
+  writes of state.npz and gates.json resumes from state.npz; either way the final gates
+  are those of an uninterrupted run, in [0, 1], with the whole loss history."""
+  from sparsity_jax.train.loop import Preempted
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip("signal handlers need the main thread (else SIGTERM ends the runner)")
   model = TransformerLM(ModelConfig(**BASE), rngs=nnx.Rngs(np.random.randint(1 << 30)))
   data = duo.samples(ByteTokenizer(), [320], 2, seed=1, num_passkeys=1, passkey_length=3)
-  kw = dict(num_steps=4, sink=4, recent=16, save_every=2, log=lambda *_: None)
+  kw = dict(num_steps=4, sink=4, recent=16, save_every=3, log=lambda *_: None)
   whole = duo.optimise(model, data, out=str(tmp_path / "a"), **kw)
+  out = str(tmp_path / "b")
+  step = lambda name: json.load(open(os.path.join(out, name)))["step"]
 
-  class Stop(Exception):
-    pass
+  dense_hidden = duo.dense_hidden
 
-  def stop_at_two(line):
-    if "step 2/4" in line:
-      raise Stop
-  with pytest.raises(Stop):
-    duo.optimise(model, data, out=str(tmp_path / "b"), **{**kw, "log": stop_at_two})
-  assert json.load(open(tmp_path / "b" / "gates.json"))["step"] == 2
+  def signal_in_step_one(model, tokens):  # Computed once, in step 1, for data[1].
+    if tokens is data[1].tokens:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return dense_hidden(model, tokens)
+  monkeypatch.setattr(duo, "dense_hidden", signal_in_step_one)
+  with pytest.raises(Preempted, match="interrupted at step 2 of 4 .*rerun the same command"):
+    duo.optimise(model, data, out=out, **kw)  # save_every=3: step 2 saved for the signal.
+  monkeypatch.undo()
+  assert step("gates.json") == 2 and int(np.load(os.path.join(out, "state.npz"))["step"]) == 2
+
+  write_record = duo._write_record
+
+  def killed_before_gates_json(out, step, *args):
+    if step == 3:
+      raise KeyboardInterrupt  # After state.npz of step 3 is written.
+    write_record(out, step, *args)
+  monkeypatch.setattr(duo, "_write_record", killed_before_gates_json)
   logged = []
-  resumed = duo.optimise(model, data, out=str(tmp_path / "b"), **{**kw, "log": logged.append})
-  assert logged[0] == "[duo] resuming at step 2 of 4"
+  with pytest.raises(KeyboardInterrupt):
+    duo.optimise(model, data, out=out, **{**kw, "log": logged.append})
+  monkeypatch.undo()
+  assert logged == ["[duo] resuming at step 2 of 4"] and step("gates.json") == 2
+  logged = []
+  resumed = duo.optimise(model, data, out=out, **{**kw, "log": logged.append})
+  assert logged[0] == "[duo] resuming at step 3 of 4"
   np.testing.assert_allclose(resumed, whole, atol=1e-6)
   assert whole.shape == (2, 2) and (whole >= 0).all() and (whole <= 1).all() and (whole < 1).any()
-  record = json.load(open(tmp_path / "b" / "gates.json"))
-  assert len(record["history"]) == 4 and np.isfinite(record["history"]).all()
+  record = json.load(open(os.path.join(out, "gates.json")))
+  assert record["step"] == 4 and len(record["history"]) == 4
+  assert np.isfinite(record["history"]).all()
   assert record["history"][0][1] == pytest.approx(0.0, abs=1e-6)  # Gates at 1: dense.
+  logged = []
+  again = duo.optimise(model, data, out=out, **{**kw, "log": logged.append})
+  assert logged == [f"[duo] already done (4 of 4 steps); gates: {out}/gates.json"]
+  np.testing.assert_array_equal(again, resumed)
+
+
+def test_a_tie_across_the_cut_warns_once(caplog):
+  """retrieval.select (behind --retrieval_scores, --scores and duo_gates's summary) picks
+  tied heads by index and says so when the tie straddles the cut; distinct scores don't."""
+  from sparsity_jax.moa import retrieval
+  value = float(np.random.default_rng(np.random.randint(1 << 30)).uniform(0.2, 0.8))
+  scores = np.array([[0.95, value], [value, value * (1 + 1e-8)], [0.1, value]])
+  with caplog.at_level(logging.WARNING, logger=retrieval.__name__):
+    chosen = retrieval.select(scores, 3)
+    retrieval.select(scores, 3)  # The same tie again (a plan per budget): no repeat.
+  np.testing.assert_array_equal(chosen, [[True, True], [False, True], [False, False]])
+  assert [r.getMessage() for r in caplog.records] == [
+      f"4 heads tie at score {value:.6g} across the cut of 3: picked by index (the 2 "
+      "lowest); scores that separate them (e.g. gates trained longer) would rank them"]
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger=retrieval.__name__):
+    for num in (0, 1, 5, 6):  # Cuts outside the tie.
+      retrieval.select(scores, num)
+    retrieval.select(scores + np.arange(6).reshape(3, 2) * 1e-3, 3)
+  assert not caplog.records
+  assert retrieval.tie_groups(scores) == [(pytest.approx(value, rel=1e-6), 4)]
+  assert retrieval.tie_groups(np.arange(6.0)) == []
 
 
 def test_scores_files_and_the_pipeline_option(tmp_path):
@@ -217,3 +269,50 @@ def test_launcher_trains_plots_and_refuses_other_options(tmp_path):
   short = subprocess.run(cmd[:3] + [f"--out={tmp_path / 'x'}", "--lengths=64"], cwd=ROOT,
                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
   assert short.returncode != 0 and "use fewer or shorter passkeys" in short.stderr
+
+
+def _launcher_cmd(out, *args):
+  return [sys.executable, "launch/duo_gates.py", f"--model={FIXTURE}", f"--out={out}",
+          "--lengths=256", "--num_samples=2", "--num_passkeys=1", "--passkey_length=2",
+          "--sink=4", "--recent=16", "--save_every=1", *args]
+
+
+def test_launcher_checks_everything_before_writing(tmp_path):
+  """A run that fails a check writes nothing, so the corrected rerun is not refused; bad
+  numbers are one-line errors before the model loads (--model=/nowhere is not reached)."""
+  out = str(tmp_path / "gates")
+  for args, message in [(["--model=/nowhere", "--sink=-1"], "--sink=-1 must be >= 0"),
+                        (["--lengths=0"], "--lengths=0 must be positive"),
+                        (["--recent_fraction=1"], "--recent_fraction=1.0 must be in"),
+                        (["--reg_weight=-1"], "--reg_weight=-1.0 must be >= 0"),
+                        (["--num_passkeys=11"], "num_passkeys=11 must be in"),
+                        (["--lengths=100000"], "exceed the model's context")]:
+    failed = subprocess.run(_launcher_cmd(out, *args), cwd=ROOT, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert failed.returncode == 2 and failed.stderr.startswith("error: "), failed.stderr
+    assert message in failed.stderr and len(failed.stderr.splitlines()) == 1, failed.stderr
+    assert not os.path.exists(out), args
+  fixed = subprocess.run(_launcher_cmd(out, "--num_steps=1"), cwd=ROOT, env=subprocess_env(),
+                         capture_output=True, text=True, timeout=600)
+  assert fixed.returncode == 0 and "[duo] step 1/1" in fixed.stdout, fixed.stderr[-3000:]
+  assert "[duo] tied gates: 4 at 0.9;" in fixed.stdout  # One Adam step moves all alike.
+
+
+def test_launcher_saves_on_sigterm(tmp_path):
+  """SIGTERM saves the step in flight and says, in one line, how to resume (the resume
+  itself: test_gate_training_resumes_where_it_stopped)."""
+  out = str(tmp_path / "gates")
+  with open(tmp_path / "stderr", "w") as stderr:
+    proc = subprocess.Popen(_launcher_cmd(out, "--num_steps=100"), cwd=ROOT,
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=stderr,
+                            text=True)
+    for line in proc.stdout:
+      if line.startswith("[duo] step 1/100"):
+        proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=600)
+  err = open(tmp_path / "stderr").read()
+  assert proc.returncode == 3 and "Traceback" not in err, err[-3000:]
+  step = json.load(open(os.path.join(out, "gates.json")))["step"]
+  assert 1 <= step < 100 and int(np.load(os.path.join(out, "state.npz"))["step"]) == step
+  assert err.strip().splitlines()[-1] == (f"[duo] interrupted at step {step} of 100 (saved "
+                                          f"in {out}); rerun the same command to resume")

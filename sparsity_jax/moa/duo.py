@@ -28,6 +28,7 @@ KV head, h head dim, e embed, L layers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -288,14 +289,18 @@ def optimise(model: TransformerLM, data: list[Sample], *, num_steps: int = 1000,
   cycling through ``data``.
 
   With ``out`` (a directory), the gates, the optimiser state and the loss history are saved
-  every ``save_every`` steps and at the end (``gates.json``, ``state.npz``), and a rerun
-  resumes from the last save; a finished run returns its gates without training."""
+  every ``save_every`` steps, at the end and on SIGINT/SIGTERM (then ``Preempted`` is raised
+  after the step in flight) to ``state.npz`` and ``gates.json``; a rerun resumes from the
+  last save, and a finished run returns its gates without training."""
   if num_steps < 1 or not data:
     raise ValueError("gate training needs num_steps >= 1 and at least one sample")
   gated = gated_model(model, sink=sink, recent=recent, recent_fraction=recent_fraction)
   graphdef, gate_state, rest = nnx.split(gated, DuoGate, ...)
   tx = optax.adamw(schedule(lr, num_steps), weight_decay=0.0)
   opt_state = tx.init(gate_state)
+  meta = dict(lr=lr, reg_weight=reg_weight, sink=sink, recent=recent,
+              recent_fraction=recent_fraction, lengths=sorted({len(s.tokens) for s in data}),
+              samples=len(data))
   history, start = [], 0
   if out:
     os.makedirs(out, exist_ok=True)
@@ -306,52 +311,89 @@ def optimise(model: TransformerLM, data: list[Sample], *, num_steps: int = 1000,
       _, gate_state, _ = nnx.split(gated, DuoGate, ...)
       opt_state = jax.tree.unflatten(jax.tree.structure(opt_state),
                                      [jnp.asarray(x) for x in opt_leaves])
-      log(f"[duo] resuming at step {start} of {num_steps}")
+      # state.npz is the truth: a kill between the two writes left gates.json behind it.
+      _write_record(out, start, num_steps, values, history, meta)
+      if start >= num_steps:
+        log(f"[duo] already done ({start} of {num_steps} steps); gates: "
+            f"{os.path.join(out, 'gates.json')}")
+      else:
+        log(f"[duo] resuming at step {start} of {num_steps}")
   targets: dict[int, jax.Array] = {}
   t0 = time.time()
-  for step in range(start, num_steps):
-    i = step % len(data)
-    if i not in targets:
-      targets[i] = dense_hidden(model, data[i].tokens)
-    batch = (jnp.asarray(data[i].tokens[None]), jnp.asarray(data[i].labels[None]),
-             targets[i][None])
-    gate_state, opt_state, loss, (dl, rl) = _step(graphdef, gate_state, rest, opt_state,
-                                                   batch, reg_weight, tx)
-    history.append([float(loss), float(dl), float(rl)])
-    done = step + 1
-    if done % save_every == 0 or done == num_steps:
-      nnx.update(gated, gate_state)
-      g = np.clip(gates(gated), 0.0, 1.0)
-      if out:
-        _save(out, done, num_steps, g, opt_state, history,
-              dict(lr=lr, reg_weight=reg_weight, sink=sink, recent=recent,
-                   recent_fraction=recent_fraction,
-                   lengths=sorted({len(s.tokens) for s in data}), samples=len(data)))
-      log(f"[duo] step {done}/{num_steps}: distill {float(dl):.4f}, mean gate {g.mean():.3f}, "
-          f"gates > 0.5: {(g > 0.5).sum()}/{g.size} ({time.time() - t0:.0f} s)")
+  with _signals(out) as signals:
+    for step in range(start, num_steps):
+      i = step % len(data)
+      if i not in targets:
+        targets[i] = dense_hidden(model, data[i].tokens)
+      batch = (jnp.asarray(data[i].tokens[None]), jnp.asarray(data[i].labels[None]),
+               targets[i][None])
+      gate_state, opt_state, loss, (dl, rl) = _step(graphdef, gate_state, rest, opt_state,
+                                                     batch, reg_weight, tx)
+      history.append([float(loss), float(dl), float(rl)])
+      done = step + 1
+      stop = signals is not None and signals.requested and done < num_steps
+      if done % save_every == 0 or done == num_steps or stop:
+        nnx.update(gated, gate_state)
+        g = np.clip(gates(gated), 0.0, 1.0)
+        if out:
+          _save(out, done, num_steps, g, opt_state, history, meta)
+        log(f"[duo] step {done}/{num_steps}: distill {float(dl):.4f}, mean gate "
+            f"{g.mean():.3f}, gates > 0.5: {(g > 0.5).sum()}/{g.size} "
+            f"({time.time() - t0:.0f} s)")
+      if stop:
+        from sparsity_jax.train.loop import Preempted
+        raise Preempted(f"interrupted at step {done} of {num_steps} (saved in {out}); rerun "
+                        "the same command to resume")
   nnx.update(gated, gate_state)
   return np.clip(gates(gated), 0.0, 1.0)
 
 
+def _signals(out):
+  """With ``out``, SIGINT/SIGTERM set a flag polled at each step boundary (then the loop
+  saves and stops), as the training loop does; without, they interrupt as usual."""
+  if not out:
+    return contextlib.nullcontext(None)
+  from sparsity_jax.train.loop import _Preemption  # The training loop's handler.
+  return _Preemption()
+
+
+def _replace(path, write) -> None:
+  """``write(file)`` to a temporary file beside ``path``, then renames it over ``path``:
+  a kill leaves the old file or the new one, never half of one."""
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    write(f)
+  os.replace(tmp, path)
+
+
 def _save(out, step, num_steps, values, opt_state, history, meta):
-  leaves = jax.tree.leaves(opt_state)
-  np.savez(os.path.join(out, "state.tmp.npz"), *[np.asarray(x) for x in leaves])
-  os.replace(os.path.join(out, "state.tmp.npz"), os.path.join(out, "state.npz"))
-  record = {"step": step, "num_steps": num_steps, "gates": values.tolist(),
-            "history": history, **meta}
-  with open(os.path.join(out, "gates.tmp.json"), "w") as f:
-    json.dump(record, f)
-  os.replace(os.path.join(out, "gates.tmp.json"), os.path.join(out, "gates.json"))
+  # state.npz (the truth for resuming) first, each write atomic: a kill between the two
+  # leaves gates.json one save behind, and resuming rewrites it from state.npz.
+  arrays = {f"opt_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(opt_state))}
+  _replace(os.path.join(out, "state.npz"), lambda f: np.savez(
+      f, step=step, gates=np.asarray(values, np.float32),
+      history=np.asarray(history, np.float64).reshape(-1, 3), **arrays))
+  _write_record(out, step, num_steps, values, history, meta)
+
+
+def _write_record(out, step, num_steps, values, history, meta):
+  record = {"step": int(step), "num_steps": num_steps, "gates": np.asarray(values).tolist(),
+            "history": [list(map(float, h)) for h in history], **meta}
+  _replace(os.path.join(out, "gates.json"), lambda f: f.write(json.dumps(record).encode()))
 
 
 def _load(out):
-  path = os.path.join(out, "gates.json")
+  """(step, gates, optimiser leaves, history) of the last save, or None."""
+  path = os.path.join(out, "state.npz")
   if not os.path.exists(path):
     return None
-  with open(path) as f:
+  with np.load(path) as z:
+    if "step" in z.files:
+      leaves = [z[f"opt_{i}"] for i in range(sum(k.startswith("opt_") for k in z.files))]
+      return int(z["step"]), z["gates"], leaves, z["history"].tolist()
+    leaves = [z[f"arr_{i}"] for i in range(len(z.files))]  # Before state.npz held it all.
+  with open(os.path.join(out, "gates.json")) as f:
     record = json.load(f)
-  with np.load(os.path.join(out, "state.npz")) as z:
-    leaves = [z[f"arr_{i}"] for i in range(len(z.files))]
   return record["step"], np.asarray(record["gates"]), leaves, record["history"]
 
 

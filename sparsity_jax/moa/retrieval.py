@@ -16,6 +16,8 @@ Legend: L layers, K KV heads, n query heads, r answer-emitting rows, s keys, h h
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +27,10 @@ from sparsity_jax.evals import long_context as lc
 from sparsity_jax.moa import profile as profile_lib
 
 SEED_OFFSET = 7919  # Retrieval-head prompts never coincide with calibration or eval prompts.
+TIE_RTOL, TIE_ATOL = 1e-6, 1e-9  # Scores this close rank by index, not by score.
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()  # A caller that selects per budget would repeat each warning.
 
 
 @nnx.jit
@@ -70,15 +76,46 @@ def prompts(tokenizer, length: int, num: int, *, seed: int = 0, chat: bool = Fal
                             chat=chat))
 
 
+def tied(a: float, b: float) -> bool:
+  """Whether two head scores are equal up to float noise (TIE_RTOL, TIE_ATOL)."""
+  return abs(a - b) <= max(TIE_ATOL, TIE_RTOL * max(abs(a), abs(b)))
+
+
+def tie_groups(scores: np.ndarray) -> list[tuple[float, int]]:
+  """[(score, count)] of every run of two or more tied scores, highest first."""
+  values = np.sort(np.asarray(scores, np.float64).ravel())[::-1]
+  groups, start = [], 0
+  for i in range(1, len(values) + 1):
+    if i == len(values) or not tied(values[i - 1], values[i]):
+      if i - start > 1:
+        groups.append((float(values[start]), i - start))
+      start = i
+  return groups
+
+
 def select(scores: np.ndarray, num: int) -> np.ndarray:
-  """bool [L, K]: the ``num`` KV heads with the highest scores (ties: lower index)."""
+  """bool [L, K]: the ``num`` KV heads with the highest scores (ties: lower index; a tie
+  across the cut is logged as a warning, once per message)."""
   if not 0 <= num <= scores.size:
     raise ValueError(f"retrieval_heads={num} must be in [0, {scores.size}] (the model's KV "
                      "heads)")
   if not np.isfinite(scores).all():
     raise ValueError("retrieval scores hold NaN or inf (a profile of a diverged model?); "
                      "recompute them with the dense model")
-  order = np.argsort(-scores.ravel(), kind="stable")[:num]
+  ranked = np.argsort(-scores.ravel(), kind="stable")
+  order = ranked[:num]
+  if 0 < num < scores.size:
+    flat = scores.ravel()
+    cut = float(flat[ranked[num - 1]])
+    if tied(cut, float(flat[ranked[num]])):
+      tie = [tied(cut, float(x)) for x in flat]
+      inside = sum(tie[i] for i in order)
+      message = (f"{sum(tie)} heads tie at score {cut:.6g} across the cut of {num}: picked "
+                 f"by index (the {inside} lowest); scores that separate them (e.g. gates "
+                 "trained longer) would rank them")
+      if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
   chosen = np.zeros(scores.size, bool)
   chosen[order] = True
   return chosen.reshape(scores.shape)
