@@ -33,42 +33,54 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import itertools
 import json
 import os
+import re
 import tempfile
 import time
 
 import jax
 import numpy as np
 
-from sparsity_jax.checkpoints import load_pretrained
+from sparsity_jax.checkpoints.pretrained import open_pretrained
+from sparsity_jax.errors import UserError
 from sparsity_jax.evals import long_context as lc
 from sparsity_jax.layers import moa as moa_layer
 from sparsity_jax.moa import plan as plan_lib
 from sparsity_jax.moa import validate as validate_lib
 
 TASKS = ("passkey", "kv_retrieval")
+# What a cell's numbers depend on besides its plan and length, with the defaults (an older
+# results file without a key was run with its default).
+SETTINGS = {"passkey": 10, "kv": 50, "kv_needles": 10, "docs": 4, "new_tokens": 12,
+            "suffix_len": 48, "seed": 0, "model": "smollm2"}
 
 
-def variants(model, moa_dirs):
+def variants(cfg, moa_dirs):
   """[(name, plan or None, budget, block_size)]: dense, then uniform and MoA per dir.
 
-  A dir may carry a label, ``path:label`` (default "MoA"): the variant is "<label> <budget>";
-  the uniform plan of a budget is listed once.
+  ``cfg`` is the model's ModelConfig. A dir may carry a label, ``path:label`` (default
+  "MoA"): the variant is "<label> <budget>"; the uniform plan of a budget is listed once.
+  Raises ValueError when two entries would share a name (their cells could not be told
+  apart).
   """
-  cfg = model.cfg
   out = [("dense", None, 1.0, 64)]
   for entry in moa_dirs:
     d, _, label = entry.partition(":")
     plan, budget, sink, block = moa_entry(d)
     uniform = plan_lib.uniform_plan(cfg.num_layers, cfg.num_kv_heads, cfg.num_heads,
                                     alpha=-sink, beta=budget, sink=sink,
-                                    max_length=plan.max_length, min_window=plan.min_window,
+                                    max_length=int(cfg.max_len), min_window=plan.min_window,
                                     kind="uniform", budget=budget)
     if f"uniform {budget:.0%}" not in [v[0] for v in out]:
       out.append((f"uniform {budget:.0%}", uniform, budget, block))
-    out.append((f"{label or 'MoA'} {budget:.0%}", plan, budget, block))
+    name = f"{label or 'MoA'} {budget:.0%}"
+    if name in [v[0] for v in out]:
+      raise ValueError(f"--moa_dirs: two entries make the variant {name!r}: give each a "
+                       "label, path:label")
+    out.append((name, plan, budget, block))
   return out
 
 
@@ -109,11 +121,9 @@ def median_speed(results, key_s, key_tokens):
   return float(np.median(rates)) if rates else None
 
 
-def run_cell(variant, tok, name, plan, length, args):
-  cell = {"variant": name, "length": length, "started": time.time()}
-  prompts = (lc.make_prompts("passkey", tok, length, args.passkey, seed=args.seed)
-             + lc.make_prompts("kv_retrieval", tok, length, args.kv, seed=args.seed,
-                               needles=args.kv_needles))
+def run_cell(variant, tok, name, plan, length, prompts, args):
+  cell = {"variant": name, "length": length, "plan": plan_fingerprint(plan),
+          "started": time.time()}
   results = lc.score_prompts(variant, tok, prompts, new_tokens=args.new_tokens,
                              suffix_len=args.suffix_len, batch_size=args.batch,
                              log=lambda m: print(f"  [{name} @{length}] {m}", flush=True))
@@ -138,52 +148,148 @@ def run_cell(variant, tok, name, plan, length, args):
   return cell
 
 
-def main():
+def plan_fingerprint(plan) -> str | None:
+  """sha256 of what a plan computes (rules, sinks, floor, heads, max_length; not its meta):
+  a cell records it, so a rerun can tell a finished cell from another plan under its name."""
+  if plan is None:
+    return None
+  data = plan.to_json()
+  data.pop("meta", None)
+  return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_grid(cfg, chosen, lengths, new_tokens: int) -> list[str]:
+  """Raises ValueError (one line, what to do) for a grid that cannot run on this model:
+  prompts past its context, plans of another model or built for shorter lengths. Returns
+  warnings: plans that keep more of the KV cache than their budget at some N (below the
+  lengths they were profiled at, the window floor and sinks cost more), so that they are
+  not compared with the uniform window as if at equal density."""
+  context = int(cfg.max_len)
+  too_long = [n for n in lengths if n + new_tokens > context]
+  if too_long:
+    raise ValueError(f"--lengths {too_long} + --new_tokens {new_tokens} exceed the model's "
+                     f"context of {context} tokens: use lengths <= {context - new_tokens}")
+  warnings = []
+  for name, plan, budget, _ in chosen:
+    if plan is None:
+      continue
+    plan.validate(cfg)
+    for n in lengths:
+      try:
+        plan.check_length(n + new_tokens)
+      except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+      density = plan.density(n + new_tokens)
+      if density > budget + 1e-3:
+        warnings.append(f"{name} keeps {density:.3f} of the KV cache at N={n}, over its "
+                        f"budget {budget} (built for longer prompts): not at uniform's density")
+  return warnings
+
+
+def build_prompts(tok, lengths, args) -> dict[int, list]:
+  """{N: the cell's prompts}, built before any cell runs so a length too short for a task
+  fails at once (one line) instead of after the first cells."""
+  out = {}
+  for n in lengths:
+    try:
+      out[n] = (lc.make_prompts("passkey", tok, n, args.passkey, seed=args.seed)
+                + lc.make_prompts("kv_retrieval", tok, n, args.kv, seed=args.seed,
+                                  needles=args.kv_needles))
+    except lc.PromptTooShortError as e:
+      raise ValueError(f"--lengths: {e}") from None
+  return out
+
+
+def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--model", default="smollm2", help="smollm2, a .gguf file or an HF dir.")
-  p.add_argument("--moa_dirs", default="", help="Comma-separated launch/moa.py --out dirs, "
-                 "each optionally path:label (the variant is then '<label> <budget>').")
+  p.add_argument("--model", default=SETTINGS["model"], help="smollm2, a .gguf file or an HF dir.")
+  p.add_argument("--moa_dirs", default="", help="Comma-separated launch/moa.py --out dirs or "
+                 "plan .json files (e.g. docs/results/moa_smollm2/plan_50.json), each "
+                 "optionally path:label (the variant is then '<label> <budget>').")
   p.add_argument("--lengths", default="2048,4096", help="Prompt lengths in tokens.")
-  p.add_argument("--passkey", type=int, default=10, help="Passkey prompts per cell.")
-  p.add_argument("--kv", type=int, default=50, help="Key-value prompts per cell.")
-  p.add_argument("--kv_needles", type=int, default=10, help="Needles (questions) per haystack.")
-  p.add_argument("--docs", type=int, default=4, help="Perplexity documents per cell.")
-  p.add_argument("--new_tokens", type=int, default=12, help="Greedy tokens per answer.")
-  p.add_argument("--suffix_len", type=int, default=48, help="Question tokens per fork.")
+  p.add_argument("--passkey", type=int, default=SETTINGS["passkey"], help="Passkey prompts per cell.")
+  p.add_argument("--kv", type=int, default=SETTINGS["kv"], help="Key-value prompts per cell.")
+  p.add_argument("--kv_needles", type=int, default=SETTINGS["kv_needles"], help="Needles (questions) per haystack.")
+  p.add_argument("--docs", type=int, default=SETTINGS["docs"], help="Perplexity documents per cell.")
+  p.add_argument("--new_tokens", type=int, default=SETTINGS["new_tokens"], help="Greedy tokens per answer.")
+  p.add_argument("--suffix_len", type=int, default=SETTINGS["suffix_len"], help="Question tokens per fork.")
   p.add_argument("--batch", type=int, default=5, help="Questions decoded together.")
   p.add_argument("--variants", default="", help="Only these variant names (comma-separated).")
-  p.add_argument("--seed", type=int, default=0, help="Prompt seed.")
+  p.add_argument("--seed", type=int, default=SETTINGS["seed"], help="Prompt seed.")
   p.add_argument("--out", default="runs/moa_long_context/moa_smollm2",
                  help="Results prefix (<out>.json, <out>.png); a rerun resumes it.")
-  args = p.parse_args()
+  args = p.parse_args(argv)
   try:
-    lengths = [int(x) for x in args.lengths.split(",")]
+    args.lengths = [int(x) for x in args.lengths.split(",")]
   except ValueError:
     p.error(f"--lengths={args.lengths} must be comma-separated integers")
-  for entry in [d for d in args.moa_dirs.split(",") if d]:  # Before loading the model.
+  if min(args.lengths) < 1 or len(set(args.lengths)) < len(args.lengths):
+    p.error(f"--lengths={args.lengths}: give distinct positive token counts")
+  for name in ("passkey", "kv", "docs"):
+    if getattr(args, name) < 0:
+      p.error(f"--{name}={getattr(args, name)} must be >= 0")
+  if args.passkey + args.kv + args.docs == 0:
+    p.error("--passkey, --kv and --docs are all 0: nothing to measure")
+  for name in ("kv_needles", "new_tokens", "suffix_len", "batch"):
+    if getattr(args, name) < 1:
+      p.error(f"--{name}={getattr(args, name)} must be >= 1")
+  if not os.path.basename(args.out):
+    p.error(f"--out={args.out} is a prefix (<out>.json, <out>.png), not a directory: "
+            "add a name, e.g. --out=runs/eval/pk50")
+  args.moa_dirs = [d for d in args.moa_dirs.split(",") if d]
+  for entry in args.moa_dirs:  # Before loading the model.
     try:
       moa_entry(entry.partition(":")[0])
     except (ValueError, OSError) as e:
       p.error(f"--moa_dirs: {e}")
-  model, tok = load_pretrained(args.model)
-  every = variants(model, [d for d in args.moa_dirs.split(",") if d])
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  try:
+    run(args)
+  except UserError as e:  # Bad checkpoint path or file: one line, as the launchers.
+    raise SystemExit(f"error: {e}") from None
+  except ValueError as e:  # check_grid, build_prompts, variants.
+    raise SystemExit(f"error: {e}") from None
+
+
+def run(args):
+  ckpt = open_pretrained(args.model)
+  cfg, tok = ckpt.model_config(), ckpt.tokenizer()
+  every = variants(cfg, args.moa_dirs)
   unknown = set(args.variants.split(",")) - {v[0] for v in every} if args.variants else set()
   if unknown:
-    raise SystemExit(f"--variants: no variant named {sorted(unknown)}; variants: "
+    raise ValueError(f"--variants: no variant named {sorted(unknown)}; variants: "
                      f"{', '.join(v[0] for v in every)}")
   chosen = [v for v in every if not args.variants or v[0] in args.variants.split(",")]
+  for warning in check_grid(cfg, chosen, args.lengths, args.new_tokens):
+    print(f"warning: {warning}", flush=True)
   path = args.out + ".json"
   saved = json.load(open(path)) if os.path.exists(path) else {"cells": []}
-  settings = {k: getattr(args, k) for k in ("passkey", "kv", "kv_needles", "docs",
-                                            "new_tokens", "suffix_len", "seed")}
-  if saved.get("settings", settings) != settings:
-    raise SystemExit(f"{path} was written with other settings {saved['settings']}: use "
-                     "another --out")
+  settings = {k: getattr(args, k) for k in SETTINGS}
+  # A setting added later reads as its default in an older file (they were all run so).
+  before = {**{k: SETTINGS[k] for k in SETTINGS}, **saved.get("settings", settings)}
+  differ = sorted(k for k in settings if before.get(k) != settings[k])
+  if differ:
+    raise ValueError(f"{path} was written with other settings ("
+                     + ", ".join(f"{k}: {before.get(k)!r} there, {settings[k]!r} now"
+                                 for k in differ) + "): use another --out")
   saved["settings"] = settings
-  done = {(c["variant"], c["length"]) for c in saved["cells"]}
+  done = {(c["variant"], c["length"]): c for c in saved["cells"]}
+  for length in args.lengths:
+    for name, plan, _, _ in chosen:
+      cell = done.get((name, length))
+      # Cells written before fingerprints (the committed JSONs) are taken as they are.
+      if cell is not None and cell.get("plan", plan_fingerprint(plan)) != plan_fingerprint(plan):
+        raise ValueError(f"{path} holds a {name} @{length} cell of another plan: label this "
+                         "one (--moa_dirs=path:label) or use another --out")
+  prompts = build_prompts(tok, args.lengths, args)
+  model = ckpt.load_model()
   with tempfile.TemporaryDirectory() as tmp:
-    for length in lengths:
+    for length in args.lengths:
       for name, plan, _, block in chosen:
         if (name, length) in done:
           print(f"{name} @{length}: done", flush=True)
@@ -194,7 +300,7 @@ def main():
           plan_path = os.path.join(tmp, name.replace(" ", "_").replace("%", "") + ".json")
           plan_lib.save_plan(plan, plan_path)
           variant = validate_lib.with_plan(model, plan_path, block_size=block)
-        cell = run_cell(variant, tok, name, plan, length, args)
+        cell = run_cell(variant, tok, name, plan, length, prompts[length], args)
         del variant
         jax.clear_caches()  # Each variant compiles its own programs: free them.
         gc.collect()
@@ -205,9 +311,11 @@ def main():
         os.replace(path + ".tmp", path)
         scores = [f"{task} {cell[task]['accuracy']:.2f}" for task in TASKS
                   if "accuracy" in cell[task]]  # A task with no prompts has no score.
-        print(f"{name} @{length}: {', '.join(scores)}, ppl "
-              f"{cell.get('ppl', float('nan')):.3f} [{cell['seconds']:.0f}s]", flush=True)
-  plot(saved["cells"], args.out + ".png")
+        if "ppl" in cell:
+          scores.append(f"ppl {cell['ppl']:.3f}")
+        print(f"{name} @{length}: {', '.join(scores)} [{cell['seconds']:.0f}s]", flush=True)
+  if plot(saved["cells"], args.out + ".png"):
+    print(f"plot: {args.out}.png")
   print(table(saved["cells"]))
   print()
   print(answer_kinds(saved["cells"]))
@@ -217,8 +325,9 @@ def main():
 
 def _sorted(cells):
   """By length, then density (descending), uniform before MoA variants."""
+  natural = lambda name: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
   rank = lambda c: (c["length"], -round(c["density"], 1), c["variant"] != "dense",
-                    not c["variant"].startswith("uniform"), c["variant"])
+                    not c["variant"].startswith("uniform"), natural(c["variant"]))
   return sorted(cells, key=rank)
 
 
@@ -266,14 +375,16 @@ def paired_vs_uniform(cells) -> dict[tuple[str, int], tuple[int, int, float]]:
   and budget, prompt by prompt (the cells share prompts: same depths, same keys): won =
   prompts it answers and uniform misses, lost = the reverse, p = the exact two-sided
   McNemar test (a binomial test on the discordant pairs; scipy). Cells without a matching
-  uniform cell, or whose prompts differ, are left out."""
+  uniform cell, at another KV density (a plan run below its profiled lengths), or whose
+  prompts differ, are left out."""
   from scipy.stats import binomtest
   uniform = {(c["length"], c["variant"].rpartition(" ")[2]): c for c in cells
              if c["variant"].rpartition(" ")[0] == "uniform"}
   out = {}
   for c in cells:
     base = uniform.get((c["length"], c["variant"].rpartition(" ")[2]))
-    if base is None or base is c or c["variant"] == "dense":
+    if (base is None or base is c or c["variant"] == "dense"
+        or abs(c["density"] - base["density"]) > 0.01):  # Only at equal KV density.
       continue
     ours, theirs = c["passkey"]["rows"], base["passkey"]["rows"]
     if not ours or [(r["depth"], r["answer"]) for r in ours] != [
@@ -308,7 +419,8 @@ def passkey_table(cells) -> str:
     lines.append("| " + " | ".join([
         str(c["length"]), c["variant"], f"{c['density']:.3f}", f"{acc:.2f} ({pk['n']})",
         f"{np.sqrt(acc * (1 - acc) / pk['n']):.2f}", f"{none:.2f}",
-        f"{halves[0]:.2f} / {halves[1]:.2f}", fifths, f"{pk['answer_nll']:.3f}",
+        " / ".join("-" if np.isnan(h) else f"{h:.2f}" for h in halves), fifths,
+        f"{pk['answer_nll']:.3f}",
         "-" if vs is None else f"{vs[0]} / {vs[1]} ({vs[2]:.3f})"]) + " |")
   return "\n".join(lines)
 
@@ -323,12 +435,16 @@ def variant_styles(cells) -> dict[str, dict]:
           else dict(marker=next(markers), color=next(colors)) for k in kinds}
 
 
-def plot(cells, path):
+def plot(cells, path) -> bool:
+  """Accuracy by density and by key depth (longest N) per task; False (nothing drawn) for
+  a grid without passkey or key-value prompts."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   lengths = sorted({c["length"] for c in cells})
   tasks = [t for t in TASKS if any(c[t]["rows"] for c in cells)]  # Tasks with prompts.
+  if not tasks:
+    return False  # Perplexity only: the tables say it all.
   fig, axes = plt.subplots(2, len(tasks), figsize=(5.5 * len(tasks), 7.5), squeeze=False)
   styles = variant_styles(cells)
   dashes = dict(zip(lengths, itertools.cycle(["-", "--", ":", "-."])))
@@ -365,6 +481,7 @@ def plot(cells, path):
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+  return True
 
 
 if __name__ == "__main__":
