@@ -9,10 +9,13 @@ Subcommands: calibrate, profile, search, validate, apply, or all. The model is a
 run (--workdir) or a pretrained model (--model: smollm2, a .gguf file or a Hugging Face
 directory; --hf_dir=DIR is the older name; its tokenizer encodes the calibration
 prompts). Finished stages
-leave stages/<stage>.done markers; rerunning resumes after the last finished stage
-(--force reruns the named stage); an --out made with other options is refused (--restart
-deletes its results and starts over). Options are checked against the model before any
-stage runs, and the run ends with a summary (plan, density per length, loss vs dense, KV
+leave stages/<stage>.done markers; rerunning (e.g. after Ctrl-C) resumes after the last
+finished stage, and within calibrate and profile after the last finished length (--force
+reruns the named stage from scratch); a stage whose inputs are missing names the stage to
+run first; an --out made with other options is refused (--restart deletes its results and
+starts over), one made by another tool (e.g. launch/duo_gates.py) always. The directory
+is checked before the model loads, the options against the model before any stage runs,
+and the run ends with a summary (plan, density per length, loss vs dense, KV
 bytes, paths). Calibration follows the paper: the dense model's own responses (128 tokens)
 to long prompts with long-range dependencies (--tasks), in the chat template of instruct
 models (--chat). absl/JAX INFO lines are off unless --verbosity=0. The work is done by
@@ -114,7 +117,6 @@ def main(argv):
       os.path.join(FLAGS.calibration_from, "options.json")):
     raise UserError(f"--calibration_from={FLAGS.calibration_from} is not a MoA output "
                     "directory (no options.json); give a finished --out of launch/moa.py")
-  model, tokenizer, documents = _load(FLAGS.workdir, FLAGS.model or FLAGS.hf_dir)
   opts = pipeline.Options(
       out=FLAGS.out, lengths=lengths, extend_length=FLAGS.extend_length,
       validate_length=FLAGS.validate_length, budget=FLAGS.budget, sink=FLAGS.sink,
@@ -128,14 +130,24 @@ def main(argv):
       full_span_layers=full_span_layers, streaming_rest=FLAGS.streaming_rest,
       calibration_from=FLAGS.calibration_from,
       chat=FLAGS.chat, model=sources[0], seed=FLAGS.seed)
-  try:  # Options against the model and the directory, before any stage runs.
-    pipeline.check_options(model, opts, tokenizer)
-    if not FLAGS.restart:
+  stages = pipeline.STAGES if argv[1] == "all" else (argv[1],)
+  try:  # The directory and the stages it holds, before the model loads (minutes).
+    if FLAGS.restart:
+      pipeline.read_options(opts.out)  # Another tool's directory: refused even so.
+    else:
       pipeline.check_directory(opts)
+    pipeline.check_stages(opts, stages, restart=FLAGS.restart)
   except ValueError as e:
     raise UserError(str(e)) from None
-  stages = pipeline.STAGES if argv[1] == "all" else (argv[1],)
-  docs = documents() if "calibrate" in stages and "document" in opts.tasks else None
+  model, tokenizer, documents = _load(FLAGS.workdir, FLAGS.model or FLAGS.hf_dir)
+  try:  # Options against the model, before any stage runs.
+    pipeline.check_options(model, opts, tokenizer)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  # The corpus only when calibrate will generate (a restart deletes its results).
+  calibrating = "calibrate" in stages and (
+      FLAGS.force or FLAGS.restart or not pipeline.done(opts.out, "calibrate"))
+  docs = documents() if calibrating and "document" in opts.tasks else None
   pipeline.run(model, opts, stages, force=FLAGS.force, restart=FLAGS.restart, documents=docs,
                tokenizer=tokenizer)
   print(pipeline.summary(opts.out))

@@ -8,7 +8,13 @@
 ``cli.run`` is ``absl.app.run`` that reports a UserError (sparsity_jax.errors) raised by
 ``main``, a flag the command line gets wrong, a config override naming a field the
 config lacks, and a ``--config`` file that does not exist as ``error: <message>`` on one
-line (exit status 2). Set SPARSITY_JAX_TRACEBACK=1 to see their tracebacks too.
+line (exit status 2). Ctrl-C (a KeyboardInterrupt that reaches it) prints
+``interrupted; rerun the same command to resume`` instead of a traceback (exit status
+130, as a shell reports SIGINT). Set SPARSITY_JAX_TRACEBACK=1 to see their tracebacks too.
+
+Code that handles SIGINT itself (the training loop checkpoints, then raises
+``loop.Preempted``) installs its own handler, so no KeyboardInterrupt reaches ``run``
+from there.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from absl import app, flags
 from sparsity_jax.errors import UserError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C.
 
 
 def _one_line(text: str) -> str:
@@ -61,7 +68,8 @@ def config(holder):
 
 
 def run(main) -> None:
-  """absl.app.run(main) with user errors reported in one line (see the module docstring)."""
+  """absl.app.run(main) with user errors and Ctrl-C reported in one line (see the module
+  docstring)."""
   try:
     app.run(main, flags_parser=_parse_flags)
   except UserError as e:
@@ -69,3 +77,9 @@ def run(main) -> None:
       raise
     print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
+  except KeyboardInterrupt:
+    if os.environ.get("SPARSITY_JAX_TRACEBACK"):
+      raise
+    # Finished work is on disk (checkpoints, stage markers): the traceback tells nothing.
+    print("interrupted; rerun the same command to resume", file=sys.stderr, flush=True)
+    sys.exit(EXIT_INTERRUPTED)

@@ -73,7 +73,10 @@ def test_sigkill_then_rerun_matches_uninterrupted(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_then_resumes(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_checkpoints_then_resumes(tmp_path, sig):
+  """The training loop's own handler checkpoints on SIGTERM and SIGINT (exit 3): no
+  KeyboardInterrupt reaches cli.run's one-line Ctrl-C exit (130)."""
   workdir = str(tmp_path / "run")
   steps = ["--config.train.steps=100000", "--config.train.checkpoint_every=100000"]
   proc = subprocess.Popen(_train_cmd(workdir, *steps), env=subprocess_env(), cwd=ROOT,
@@ -84,7 +87,7 @@ def test_sigterm_checkpoints_then_resumes(tmp_path):
     if os.path.exists(metrics) and len(read_jsonl(metrics)) >= 3:
       break
     time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 3, err
   match = re.search(r"checkpoint saved at step (\d+)", err)
@@ -157,6 +160,49 @@ def test_user_errors_are_one_line_and_write_nothing(tmp_path):
                           "--full_span_layers=24-20"])  # Reversed: not an empty layer set.
   assert "--full_span_layers=24-20 must be layer numbers and ascending ranges" in line
   assert not workdir.exists()
+
+
+def test_ctrl_c_is_one_line_with_exit_status_130(tmp_path, monkeypatch, capsys):
+  """cli.run (every launcher): Ctrl-C prints one line, no traceback, and exits 130; with
+  SPARSITY_JAX_TRACEBACK=1 the KeyboardInterrupt goes on. Other exits are unchanged."""
+  from sparsity_jax import cli
+
+  def interrupted(argv):
+    del argv
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(cli.app, "run", lambda main, flags_parser: main(["fake"]))
+  monkeypatch.delenv("SPARSITY_JAX_TRACEBACK", raising=False)
+  with pytest.raises(SystemExit) as e:
+    cli.run(interrupted)
+  assert e.value.code == 130
+  assert capsys.readouterr().err == "interrupted; rerun the same command to resume\n"
+  monkeypatch.setenv("SPARSITY_JAX_TRACEBACK", "1")
+  with pytest.raises(KeyboardInterrupt):
+    cli.run(interrupted)
+
+  def preempted(argv):  # As launch/train.py after its own SIGTERM/SIGINT checkpoint.
+    del argv
+    sys.exit(3)
+
+  with pytest.raises(SystemExit) as e:
+    cli.run(preempted)
+  assert e.value.code == 3
+  # A real SIGINT to a launcher process, as Ctrl-C sends it.
+  script = tmp_path / "fake_launcher.py"
+  script.write_text("import time\nfrom sparsity_jax import cli\n\n\ndef main(argv):\n"
+                    "  print('ready', flush=True)\n  time.sleep(120)\n\n\ncli.run(main)\n")
+  env = {k: v for k, v in subprocess_env().items() if k != "SPARSITY_JAX_TRACEBACK"}
+  proc = subprocess.Popen([sys.executable, str(script)], env=env, cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 130 and err == "interrupted; rerun the same command to resume\n"
 
 
 def test_workdir_of_a_start_that_never_checkpointed_takes_a_corrected_config(tmp_path):

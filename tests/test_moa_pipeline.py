@@ -56,6 +56,199 @@ def test_pipeline_end_to_end_and_resume(tmp_path):
   assert set(pipeline.run(model, opts, log=lambda *_: None)) == {"apply"}
 
 
+# (stage, stages finished in --out, streaming_rest, the missing stages it names or None).
+@pytest.mark.parametrize("stage,finished,streaming,lacking", [
+    ("calibrate", (), False, None),
+    ("profile", (), False, "calibrate"),
+    ("profile", (), True, None),  # Skipped with streaming_rest: needs nothing.
+    ("search", (), False, "calibrate / profile"),
+    ("search", ("calibrate",), False, "profile"),
+    ("search", (), True, None),  # No profile, no MILP.
+    ("validate", (), False, "calibrate / profile / search"),
+    ("validate", ("calibrate",), False, "profile / search"),
+    ("validate", ("calibrate", "profile"), False, "search"),
+    ("validate", ("search",), False, "calibrate"),
+    ("validate", ("search",), True, "calibrate"),
+    ("validate", ("calibrate", "search"), True, None),
+    ("apply", (), False, "calibrate / profile / search / validate"),
+    ("apply", ("calibrate", "profile", "search"), False, "validate"),
+    ("apply", ("search",), False, "calibrate / validate"),
+    ("apply", ("search",), True, "calibrate / validate"),
+    ("apply", ("validate",), False, None),
+])
+def test_a_stage_whose_inputs_are_missing_names_the_stage_to_run_first(
+    tmp_path, stage, finished, streaming, lacking):
+  opts = pipeline.Options(out=str(tmp_path / "moa"), **TINY_OPTIONS, streaming_rest=streaming,
+                          full_span_layers=(0,) if streaming else ())
+  for done in finished:
+    pipeline._finish(opts.out, done, {})
+  if lacking is None:
+    pipeline.check_stages(opts, [stage])
+    return
+  first = lacking.split(" / ")[0]
+  with pytest.raises(ValueError) as e:
+    pipeline.check_stages(opts, [stage])
+  message = str(e.value)
+  assert message.startswith(f"{opts.out} has no {lacking} results: run `launch/moa.py {first} "
+                            "...`") and message.endswith(" (or `all`) first"), message
+  assert "\n" not in message and "config.model" not in message
+  # Run in the same command (in pipeline order), the missing stages are not missing.
+  pipeline.check_stages(opts, [stage] + lacking.split(" / "))
+
+
+def test_missing_inputs_are_refused_before_anything_runs_and_in_one_line(tmp_path):
+  """pipeline.run refuses before writing anything; launch/moa.py says it in one line,
+  before it loads the model (an --out where only search ran, as with streaming_rest)."""
+  model = TransformerLM(ModelConfig(**BASE), rngs=nnx.Rngs(0))
+  opts = pipeline.Options(out=str(tmp_path / "fresh"), **TINY_OPTIONS)
+  with pytest.raises(ValueError, match="has no calibrate / profile / search results"):
+    pipeline.run(model, opts, ["validate"], log=lambda *_: None)
+  assert not os.path.exists(opts.out)
+  out = tmp_path / "moa"
+  pipeline._finish(str(out), "search", {})
+  fixture = os.path.join(ROOT, "tests", "fixtures", "hf", "llama")
+  for stage, line in [
+      ("validate", f"error: {out} has no calibrate results: run `launch/moa.py calibrate ...` "
+                   "(or `all`) first"),
+      ("apply", f"error: {out} has no calibrate / validate results: run `launch/moa.py "
+                "calibrate ...` then validate (or `all`) first")]:
+    run = subprocess.run([sys.executable, "launch/moa.py", stage, f"--hf_dir={fixture}",
+                          f"--out={out}"], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 2 and run.stderr.strip() == line, run.stderr[-3000:]
+  assert sorted(os.listdir(out)) == ["stages"]  # Nothing written (no options.json either).
+
+
+def test_another_tools_directory_is_refused_in_one_line(tmp_path):
+  """An --out made by launch/duo_gates.py (its own options.json) is refused, --restart or
+  not, and none of its files is touched; an old MoA options.json (no "tool") still counts
+  as the pipeline's, a new one says "tool": "moa"."""
+  model = TransformerLM(ModelConfig(**BASE), rngs=nnx.Rngs(0))
+  out = tmp_path / "duo"
+  out.mkdir()
+  duo = {"model": "smollm2", "lengths": ["1024"], "num_samples": 20, "num_steps": 1000,
+         "sink": 64, "recent": 256, "seed": 0}
+  (out / "options.json").write_text(json.dumps(duo))
+  (out / "gates.json").write_text("{}")
+  (out / "plan.json").write_text("{}")  # A name the pipeline's --restart would delete.
+  opts = pipeline.Options(out=str(out), **TINY_OPTIONS)
+  message = (f"{out} holds another tool's run (options.json is not launch/moa.py's): use "
+             "another --out")
+  for restart in (False, True):
+    with pytest.raises(ValueError) as e:
+      pipeline.run(model, opts, ["calibrate"], restart=restart, log=lambda *_: None)
+    assert str(e.value) == message
+  (other := tmp_path / "tagged").mkdir()
+  (other / "options.json").write_text(json.dumps({**opts.to_json(), "tool": "duo_gates"}))
+  with pytest.raises(ValueError, match="holds another tool's run"):
+    pipeline.check_directory(dataclasses.replace(opts, out=str(other)))
+  assert sorted(os.listdir(out)) == ["gates.json", "options.json", "plan.json"]
+  assert json.loads((out / "options.json").read_text()) == duo
+  fixture = os.path.join(ROOT, "tests", "fixtures", "hf", "llama")
+  for restart in ([], ["--restart"]):
+    run = subprocess.run([sys.executable, "launch/moa.py", "all", f"--hf_dir={fixture}",
+                          f"--out={out}", *restart], cwd=ROOT, env=subprocess_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and run.stderr.strip() == f"error: {message}", run.stderr[-3000:]
+  assert sorted(os.listdir(out)) == ["gates.json", "options.json", "plan.json"]
+  legacy = dataclasses.replace(opts, out=str(tmp_path / "legacy"))
+  os.makedirs(legacy.out)
+  with open(os.path.join(legacy.out, "options.json"), "w") as f:
+    json.dump({"out": legacy.out, **legacy.to_json()}, f)  # Written before "tool" existed.
+  pipeline.check_directory(legacy)
+  pipeline.check_stages(legacy, ["calibrate"])
+
+
+def test_calibrate_and_profile_resume_at_the_length_they_were_on(tmp_path, monkeypatch):
+  """Ctrl-C during calibrate or profile: the rerun keeps every finished length (a file
+  half-written when interrupted is not one) and ends equal to an uninterrupted run; the
+  stage is marked done only when every length is."""
+  from sparsity_jax.moa import profile as profile_lib
+  model = TransformerLM(ModelConfig(**BASE), rngs=nnx.Rngs(0))
+  opts = pipeline.Options(out=str(tmp_path / "moa"), **TINY_OPTIONS)
+  quiet = lambda *_: None
+  calls = []
+  real_set, real_profile, real_replace = (calibrate.calibration_set,
+                                          profile_lib.profile_length, os.replace)
+
+  def counted(real, stop_at=None):
+    def call(*args, length, **kw):
+      calls.append(length)
+      if length == stop_at:
+        raise KeyboardInterrupt
+      return real(*args, length=length, **kw)
+    return call
+
+  def path(name):
+    return os.path.join(opts.out, name)
+
+  # Interrupted while generating length 256: 128 was finished.
+  monkeypatch.setattr(calibrate, "calibration_set", counted(real_set, stop_at=256))
+  with pytest.raises(KeyboardInterrupt):
+    pipeline.run(model, opts, ["calibrate", "profile"], log=quiet)
+  assert calls == [128, 256] and not pipeline.done(opts.out, "calibrate")
+  assert os.path.exists(path("calib_128.npz")) and not os.path.exists(path("calib_256.npz"))
+  kept = os.stat(path("calib_128.npz")).st_mtime_ns
+
+  # Interrupted while saving length 256: its half-written file is not a finished length.
+  def replace(src, dst):
+    if dst.endswith("calib_256.npz"):
+      raise KeyboardInterrupt
+    real_replace(src, dst)
+
+  monkeypatch.setattr(calibrate, "calibration_set", counted(real_set))
+  monkeypatch.setattr(os, "replace", replace)
+  calls.clear()
+  with pytest.raises(KeyboardInterrupt):
+    pipeline.run(model, opts, ["calibrate", "profile"], log=quiet)
+  monkeypatch.setattr(os, "replace", real_replace)
+  assert calls == [256] and os.path.exists(path("calib_256.npz.partial"))
+  assert not os.path.exists(path("calib_256.npz"))
+
+  # Calibrate finishes (128 kept); profile is interrupted on its second length.
+  monkeypatch.setattr(profile_lib, "profile_length", counted(real_profile, stop_at=256))
+  calls.clear()
+  logged = []
+  with pytest.raises(KeyboardInterrupt):
+    pipeline.run(model, opts, ["calibrate", "profile"], log=logged.append)
+  assert calls == [256, 192, 128, 256]  # calibrate 256 and 192, then profile 128 and 256.
+  assert any("calibrate 128: 2 samples (kept from an earlier run)" in l for l in logged)
+  assert os.stat(path("calib_128.npz")).st_mtime_ns == kept
+  assert pipeline.done(opts.out, "calibrate") and not pipeline.done(opts.out, "profile")
+  profiled = os.stat(path("influence_128.npz")).st_mtime_ns
+
+  # The rerun profiles only 256.
+  monkeypatch.setattr(profile_lib, "profile_length", counted(real_profile))
+  calls.clear()
+  pipeline.run(model, opts, ["calibrate", "profile"], log=quiet)
+  assert calls == [256] and pipeline.done(opts.out, "profile")
+  assert os.stat(path("influence_128.npz")).st_mtime_ns == profiled
+
+  # Equal to an uninterrupted run, file by file.
+  clean = dataclasses.replace(opts, out=str(tmp_path / "clean"))
+  pipeline.run(model, clean, ["calibrate", "profile"], log=quiet)
+  names = sorted(n for n in os.listdir(clean.out) if n.endswith((".npz", ".json"))
+                 and n != "options.json")
+  assert names == sorted(n for n in os.listdir(opts.out) if n.endswith((".npz", ".json"))
+                         and n != "options.json")
+  assert len(names) == 8  # calib_{128,192,256}.npz / .json, influence_{128,256}.npz.
+  for name in names:
+    a, b = os.path.join(opts.out, name), os.path.join(clean.out, name)
+    if name.endswith(".json"):
+      assert json.load(open(a)) == json.load(open(b)), name
+    else:
+      with np.load(a) as x, np.load(b) as y:
+        assert sorted(x) == sorted(y)
+        for key in x:
+          np.testing.assert_array_equal(x[key], y[key], err_msg=f"{name}: {key}")
+
+  assert json.load(open(path("options.json")))["tool"] == "moa"  # Whose directory it is.
+  # --force redoes the stage from scratch, every length.
+  calls.clear()
+  pipeline.run(model, opts, ["profile"], force=True, log=quiet)
+  assert calls == [128, 256] and pipeline.done(opts.out, "profile")
+
+
 def test_calibration_bad_input():
   model = TransformerLM(ModelConfig(**BASE), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="empty calibration set"):
@@ -71,6 +264,10 @@ def test_search_stage_rejects_unprofiled_length(tmp_path):
   opts = pipeline.Options(out=str(tmp_path), lengths=(64,), extend_length=128,
                           validate_length=128, sink=4, response_len=8, min_cache=16,
                           tasks=("document",))
+  with pytest.raises(ValueError, match="has no calibrate / profile results"):
+    pipeline.run(model, opts, ["search"], log=lambda *_: None)
+  for stage in ("calibrate", "profile"):  # Marked done, but its file is gone.
+    pipeline._finish(opts.out, stage, {})
   with pytest.raises(ValueError, match="length 64 was not profiled"):
     pipeline.run(model, opts, ["search"], log=lambda *_: None)
 
@@ -352,7 +549,8 @@ def test_retrieval_heads_variant_holds_the_most_attending_heads(tmp_path, monkey
       os.path.join(opts.out, "calib_384.npz"), "rb").read()
   assert not np.array_equal(np.load(os.path.join(focused.out, "influence_384.npz"))["distance"],
                             np.load(os.path.join(opts.out, "influence_384.npz"))["distance"])
-  with pytest.raises(ValueError, match="run the profile stage here first"):
+  with pytest.raises(ValueError, match="has no profile results .--calibration_from=.* has no "
+                                       "profile to share.*: run `launch/moa.py profile ...`"):
     pipeline.run(model, dataclasses.replace(focused, out=str(tmp_path / "lt3"), loss_tokens=3),
                  stages=("search",), log=lambda *_: None)
   with pytest.raises(ValueError, match="is --out itself"):

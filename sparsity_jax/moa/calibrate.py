@@ -150,12 +150,29 @@ def check(graded: Sequence[dict], length: int) -> str | None:
 
 
 def save(path: str, tokens: np.ndarray, mask: np.ndarray, graded: Sequence[dict] = ()) -> None:
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, tokens=tokens, mask=mask)
-  os.replace(tmp, path)
+  """Writes ``path`` (and its graded .json first), each whole or not at all: an existing
+  .npz is a finished length (``complete``), even after a Ctrl-C in the middle of a save."""
   if graded:
-    with open(path[:-len(".npz")] + ".json", "w") as f:
+    tmp = path[:-len(".npz")] + ".json.partial"
+    with open(tmp, "w") as f:
       json.dump(list(graded), f, indent=1)
+    os.replace(tmp, path[:-len(".npz")] + ".json")
+  tmp = path + ".partial"  # Not *.npz: globs for calib_*.npz never see a half-written file.
+  with open(tmp, "wb") as f:
+    np.savez(f, tokens=tokens, mask=mask)
+  os.replace(tmp, path)
+
+
+def complete(path: str, num_samples: int, length: int) -> bool:
+  """Whether ``path`` holds a finished calibration set of ``num_samples`` samples of
+  ``length`` (and its graded .json): a rerun keeps such a length instead of redoing it."""
+  if not (os.path.exists(path) and os.path.exists(path[:-len(".npz")] + ".json")):
+    return False
+  try:
+    with np.load(path) as z:
+      return z["tokens"].shape == z["mask"].shape == (num_samples, length + 1)
+  except (OSError, ValueError, KeyError):  # Unreadable: computed again.
+    return False
 
 
 def first_tokens(mask: np.ndarray, k: int) -> np.ndarray:

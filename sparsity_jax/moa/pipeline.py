@@ -14,10 +14,14 @@
              against dense at the validation and extension lengths
 
 Each finished stage writes stages/<stage>.done; ``run`` skips finished stages, so a
-rerun resumes after the last one (``force`` reruns a stage). options.json records the
-options a directory was made with: a run with other options refuses it (``restart``
-starts over). ``check_options`` validates the options against the model before any stage
-runs; ``summary`` describes a finished directory.
+rerun resumes after the last one (``force`` reruns a stage from scratch). Within
+calibrate and profile a rerun keeps every length whose file is complete (each is written
+whole or not at all), so an interrupted stage resumes at the length it was on. A stage
+whose inputs are missing (``check_stages``) is refused with the stage to run first.
+options.json records the options a directory was made with (and ``"tool": "moa"``): a run
+with other options refuses it (``restart`` starts over), and a directory another tool
+made is refused outright. ``check_options`` validates the options against the model
+before any stage runs; ``summary`` describes a finished directory.
 """
 
 from __future__ import annotations
@@ -39,6 +43,12 @@ from sparsity_jax.moa import search as search_lib
 from sparsity_jax.moa import validate as validate_lib
 
 STAGES = ("calibrate", "profile", "search", "validate", "apply")
+TOOL = "moa"  # options.json's "tool": the launcher that made the directory.
+# Keys every options.json of this pipeline has held since its first version: one without
+# a "tool" (written before it existed) is ours only if it has them all.
+_FIRST_KEYS = ("lengths", "extend_length", "validate_length", "budget", "sink", "block_size",
+               "num_samples", "response_len", "num_rules", "num_intervals", "alpha_interval",
+               "lower_ratio", "seed")
 
 
 @dataclasses.dataclass
@@ -129,26 +139,41 @@ def _chat(opts: Options, tokenizer) -> bool:
   return lc.resolve_chat(tokenizer, value) if tokenizer is not None else False
 
 
+def _calibrated_lengths(opts: Options) -> list[int]:
+  """The calibrated lengths: the profiled ones and the validation length, once each."""
+  return list(dict.fromkeys([*map(int, opts.lengths), int(opts.validate_length)]))
+
+
 def stage_calibrate(model, opts: Options, documents=None, tokenizer=None, log=print) -> dict:
-  dense = dense_model(model)
+  """calib_<N>.npz / .json per calibrated length; a length whose files an earlier
+  (interrupted) run finished is kept, not generated again."""
   tok = tokenizer if tokenizer is not None else calibrate_lib.ByteTokenizer()
   chat = _chat(opts, tokenizer)
-  if documents is None and "document" in opts.tasks:
-    documents = lc.corpus_documents(tokenizer)
-  info = {"lengths": list(opts.lengths) + [opts.validate_length], "chat": chat, "correct": {},
-          "warnings": []}
-  for n in list(opts.lengths) + [opts.validate_length]:
-    prompts = calibrate_lib.default_prompts(n, opts.num_samples, response_len=opts.response_len,
-                                            tasks=opts.tasks, seed=opts.seed, tokenizer=tok,
-                                            chat=chat, documents=documents,
-                                            spread_depths=opts.spread_depths)
-    tokens, mask, responses = calibrate_lib.calibration_set(
-        dense, prompts, length=n, response_len=opts.response_len, eos_id=tok.eos_id)
-    graded = calibrate_lib.grade(prompts, responses, tok)
-    calibrate_lib.save(os.path.join(opts.out, f"calib_{n}.npz"), tokens, mask, graded)
+  info = {"lengths": _calibrated_lengths(opts), "chat": chat, "correct": {}, "warnings": []}
+  dense = None
+  for n in info["lengths"]:
+    path = os.path.join(opts.out, f"calib_{n}.npz")
+    kept = calibrate_lib.complete(path, opts.num_samples, n)
+    if kept:
+      with open(path[:-len(".npz")] + ".json") as f:
+        graded = json.load(f)
+    else:
+      if dense is None:  # Built only when a length is left to generate.
+        dense = dense_model(model)
+        if documents is None and "document" in opts.tasks:
+          documents = lc.corpus_documents(tokenizer)
+      prompts = calibrate_lib.default_prompts(
+          n, opts.num_samples, response_len=opts.response_len, tasks=opts.tasks,
+          seed=opts.seed, tokenizer=tok, chat=chat, documents=documents,
+          spread_depths=opts.spread_depths)
+      tokens, mask, responses = calibrate_lib.calibration_set(
+          dense, prompts, length=n, response_len=opts.response_len, eos_id=tok.eos_id)
+      graded = calibrate_lib.grade(prompts, responses, tok)
+      calibrate_lib.save(path, tokens, mask, graded)
     answered = [g["correct"] for g in graded if "correct" in g]
     info["correct"][str(n)] = [int(sum(answered)), len(answered)]
-    log(f"[moa] calibrate {n}: {len(prompts)} samples, dense model correct on "
+    log(f"[moa] calibrate {n}: {len(graded)} samples"
+        f"{' (kept from an earlier run)' if kept else ''}, dense model correct on "
         f"{sum(answered)}/{len(answered)} answered prompts")
     warning = calibrate_lib.check(graded, n)
     if warning:
@@ -157,13 +182,31 @@ def stage_calibrate(model, opts: Options, documents=None, tokenizer=None, log=pr
   return info
 
 
+def _profiled(path: str, opts: Options, n: int) -> bool:
+  """Whether ``path`` holds a finished profile of length ``n`` made with ``opts``."""
+  if not os.path.exists(path):
+    return False
+  try:
+    inf = profile_lib.Influence.load(path)
+  except (OSError, ValueError, KeyError):  # Unreadable: profiled again.
+    return False
+  return (inf.length, inf.block_size, inf.sink, inf.num_samples) == (
+      n, opts.block_size, opts.sink, opts.num_samples)
+
+
 def stage_profile(model, opts: Options, log=print) -> dict:
+  """influence_<N>.npz per profiled length; a length an earlier (interrupted) run
+  finished is kept, not profiled again."""
   for n in opts.lengths:
     start = time.time()
+    path = os.path.join(opts.out, f"influence_{n}.npz")
+    if _profiled(path, opts, n):
+      log(f"[moa] profile {n}: kept from an earlier run ({path})")
+      continue
     samples = calibrate_lib.load(os.path.join(opts.out, f"calib_{n}.npz"), opts.loss_tokens)
     inf = profile_lib.profile_length(model, samples, length=n, block_size=opts.block_size,
                                      sink=opts.sink, remat=True)
-    inf.save(os.path.join(opts.out, f"influence_{n}.npz"))
+    inf.save(path)
     log(f"[moa] profile {n}: {len(samples)} samples in {time.time() - start:.0f}s")
   return {"lengths": list(opts.lengths)}
 
@@ -274,7 +317,8 @@ _RUN = {"calibrate": stage_calibrate, "profile": stage_profile, "search": stage_
 
 _OUTPUTS = ("calib_*.npz", "calib_*.json", "influence_*.npz", "plans", "search.json",
             "retrieval_heads.json",
-            "validate.json", "plan.json", "plan.png", "apply.json", "stages")
+            "validate.json", "plan.json", "plan.png", "apply.json", "stages",
+            "calib_*.partial", "influence_*.partial")  # Left by an interrupted save.
 
 
 def check_options(model, opts: Options, tokenizer=None) -> None:
@@ -396,18 +440,39 @@ def check_options(model, opts: Options, tokenizer=None) -> None:
                        f"budget or {hint}.")
 
 
-def check_directory(opts: Options, restart: bool = False, log=print) -> None:
-  """Refuses an --out made with other options; ``restart`` deletes its outputs first."""
-  path = os.path.join(opts.out, "options.json")
+def read_options(out: str) -> dict | None:
+  """The options ``out`` was made with (None: no options.json yet). Raises a ValueError
+  if another tool (e.g. launch/duo_gates.py) wrote its options.json: --restart must not
+  delete that tool's files, nor a diff of unrelated options suggest it."""
+  path = os.path.join(out, "options.json")
   if not os.path.exists(path):
-    return
+    return None
   with open(path) as f:
     old = json.load(f)
-  old.pop("out", None)
+  ours = isinstance(old, dict) and (old["tool"] == TOOL if "tool" in old else
+                                    all(k in old for k in _FIRST_KEYS))
+  if not ours:
+    raise ValueError(f"{out} holds another tool's run (options.json is not launch/moa.py's): "
+                     "use another --out")
+  return old
+
+
+def _option_diff(opts: Options) -> tuple[list[str], dict, dict]:
+  """(options that differ, those of opts.out, ours); no differences without options.json."""
+  old = read_options(opts.out)
   new = opts.to_json()
+  if old is None:
+    return [], new, new
+  old = {k: v for k, v in old.items() if k not in ("out", "tool")}
   defaults = Options(out="").to_json()  # An option added later reads as its default.
   old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
-  diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)), old, new
+
+
+def check_directory(opts: Options, restart: bool = False, log=print) -> None:
+  """Refuses an --out made with other options (or by another tool); ``restart`` deletes
+  the outputs of one made with other options first."""
+  diff, old, new = _option_diff(opts)
   if not diff:
     return
   if not restart:
@@ -420,6 +485,48 @@ def check_directory(opts: Options, restart: bool = False, log=print) -> None:
   for pattern in _OUTPUTS:
     for p in glob.glob(os.path.join(opts.out, pattern)):
       shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+
+
+def _needs(opts: Options, stage: str) -> tuple[str, ...]:
+  """The stages whose results ``stage`` reads."""
+  return {"calibrate": (), "profile": ("calibrate",),
+          "search": () if opts.streaming_rest else ("profile",),
+          "validate": ("calibrate", "search"), "apply": ("validate",)}[stage]
+
+
+def check_stages(opts: Options, stages: Sequence[str], restart: bool = False) -> None:
+  """Raises a ValueError naming the stages to run first when one of ``stages`` needs
+  results that ``opts.out`` lacks: neither finished there (or shared by
+  ``calibration_from``) nor run earlier in ``stages``. With ``restart`` the results of an
+  --out made with other options do not count: they are deleted."""
+  stale = restart and bool(_option_diff(opts)[0])
+
+  def have(stage):
+    if stage in stages or (done(opts.out, stage) and not stale):
+      return True
+    if opts.calibration_from and stage in ("calibrate", "profile"):
+      return stage == "calibrate" or check_calibration_source(opts)
+    return False
+
+  def missing(stage):  # Its missing inputs, and theirs, in pipeline order.
+    out = set()
+    for need in _needs(opts, stage):
+      if not have(need):
+        out |= {need, *missing(need)}
+    return sorted(out, key=STAGES.index)
+
+  for stage in stages:
+    if stage == "profile" and opts.streaming_rest:
+      continue  # Skipped: nothing to check.
+    lacking = missing(stage)
+    if not lacking:
+      continue
+    why = (f" (--calibration_from={opts.calibration_from} has no profile to share: other "
+           "sink / block_size / loss_tokens, or unfinished)"
+           if "profile" in lacking and opts.calibration_from else "")
+    then = f" then {', '.join(lacking[1:])}" if len(lacking) > 1 else ""
+    raise ValueError(f"{opts.out} has no {' / '.join(lacking)} results{why}: run "
+                     f"`launch/moa.py {lacking[0]} ...`{then} (or `all`) first")
 
 
 # What the calibrate stage depends on, and the profile stage besides: a directory equal on
@@ -472,29 +579,40 @@ def copy_calibration(opts: Options, log=print) -> None:
   log(f"[moa] {', '.join(stages)}: copied from {src}{why}")
 
 
+def _clear(opts: Options, stage: str) -> None:
+  """Deletes ``stage``'s marker and per-length files: a forced rerun keeps no length of
+  the run before it (nor does a rerun after interrupting it)."""
+  names = {"calibrate": [f"calib_{n}.{ext}" for n in _calibrated_lengths(opts)
+                         for ext in ("npz", "json")],
+           "profile": [f"influence_{n}.npz" for n in opts.lengths]}.get(stage, [])
+  for path in [os.path.join(opts.out, x) for x in names] + [_marker(opts.out, stage)]:
+    if os.path.exists(path):
+      os.remove(path)
+
+
 def run(model, opts: Options, stages: Sequence[str] = STAGES, *, force: bool = False,
         restart: bool = False, documents=None, tokenizer=None, log=print) -> dict:
   """Runs the given stages in order, skipping finished ones unless ``force``.
 
   ``tokenizer`` (default bytes) encodes the calibration prompts; ``documents`` (token
   arrays in the model's vocabulary; default the embedded corpus) feed the 'document'
-  task. Raises before any stage if the options do not fit the model (``check_options``)
-  or differ from those ``opts.out`` was made with (unless ``restart``).
+  task. Raises before any stage if the options do not fit the model (``check_options``),
+  differ from those ``opts.out`` was made with (unless ``restart``), or a stage's inputs
+  are missing (``check_stages``).
   """
   unknown = [s for s in stages if s not in STAGES]
   if unknown:
     raise ValueError(f"unknown MoA stages {unknown}; stages: {STAGES}")
   check_options(model, opts, tokenizer)
-  check_directory(opts, restart, log)
+  if not restart:
+    check_directory(opts)  # Other options: that is the reason, not a missing stage.
+  check_stages(opts, stages, restart)
+  if restart:
+    check_directory(opts, restart, log)
   os.makedirs(opts.out, exist_ok=True)
-  _write_json(os.path.join(opts.out, "options.json"), {"out": opts.out, **opts.to_json()})
+  _write_json(os.path.join(opts.out, "options.json"),
+              {"tool": TOOL, "out": opts.out, **opts.to_json()})
   if opts.calibration_from and not done(opts.out, "profile"):
-    later = [s for s in stages if STAGES.index(s) > STAGES.index("profile")]
-    if (later and "profile" not in stages and not opts.streaming_rest
-        and not check_calibration_source(opts)):
-      raise ValueError(f"--calibration_from={opts.calibration_from}: its profile cannot be "
-                       "shared (other sink / block_size / loss_tokens, or unfinished): run "
-                       "the profile stage here first (`launch/moa.py profile` or `all`)")
     copy_calibration(opts, log)
   results = {}
   for stage in STAGES:
@@ -506,6 +624,8 @@ def run(model, opts: Options, stages: Sequence[str] = STAGES, *, force: bool = F
     if stage == "profile" and opts.streaming_rest:
       log("[moa] profile: not needed with streaming_rest (no MILP)")
       continue
+    if force:
+      _clear(opts, stage)
     start = time.time()
     kwargs = ({"documents": documents, "tokenizer": tokenizer, "log": log}
               if stage == "calibrate" else

@@ -49,9 +49,11 @@ class Influence:
   num_samples: int
 
   def save(self, path: str) -> None:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, length=self.length, block_size=self.block_size, sink=self.sink,
-             blocks=self.blocks, distance=self.distance, num_samples=self.num_samples)
+    """Writes ``path`` whole or not at all (a Ctrl-C mid-save leaves no file there)."""
+    tmp = path + ".partial"  # Not *.npz: globs for influence_*.npz never see it.
+    with open(tmp, "wb") as f:
+      np.savez(f, length=self.length, block_size=self.block_size, sink=self.sink,
+               blocks=self.blocks, distance=self.distance, num_samples=self.num_samples)
     os.replace(tmp, path)
 
   @classmethod
