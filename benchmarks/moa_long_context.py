@@ -25,8 +25,12 @@ answer the passkey inside its chat template; docs/results/moa.md).
       --lengths=2048,4096 --out=runs/moa_long_context/moa_smollm2
 
 Writes <out>.json after every cell (a rerun skips finished cells, so the grid can be run in
-pieces: --variants, --lengths), <out>.png (accuracy by density and by key depth) and
-prints a markdown table.
+pieces: --variants, --lengths; a cell records its plan's fingerprint, and a rerun with
+another plan under the same name, or other settings or model, is refused), <out>.png
+(accuracy by density and by key depth) and prints markdown tables. Lengths, plans and
+counts are checked against the model before any cell runs; a plan that keeps more than
+its budget at some N (below the lengths it was profiled at) is warned about and not
+paired with the uniform window.
 """
 
 from __future__ import annotations
@@ -99,11 +103,12 @@ def moa_entry(path: str) -> tuple:
   if not (path.endswith(".json") and os.path.isfile(path)):
     raise ValueError(f"{path} is neither a launch/moa.py --out dir nor a plan .json file")
   plan = plan_lib.load_plan(path)
-  budgets = plan.meta.get("budgets")
+  budgets = plan.meta.get("budgets") or (  # launch/moa.py's plans; or one budget.
+      {"any": plan.meta["budget"]} if "budget" in plan.meta else None)
   sinks = set(np.asarray(plan.sink).ravel().tolist())
   if not budgets or len(sinks) != 1:
-    raise ValueError(f"{path}: a plan file needs meta.budgets and one sink for all heads "
-                     "(launch/moa.py writes both); give its --out dir instead")
+    raise ValueError(f"{path}: a plan file needs meta.budgets (or meta.budget) and one sink "
+                     "for all heads (launch/moa.py writes both); give its --out dir instead")
   return plan, float(max(budgets.values())), int(sinks.pop()), 64
 
 
@@ -287,13 +292,15 @@ def run(args):
         raise ValueError(f"{path} holds a {name} @{length} cell of another plan: label this "
                          "one (--moa_dirs=path:label) or use another --out")
   prompts = build_prompts(tok, args.lengths, args)
-  model = ckpt.load_model()
+  model = None  # Loaded for the first cell that is not done (a finished grid only prints).
   with tempfile.TemporaryDirectory() as tmp:
     for length in args.lengths:
       for name, plan, _, block in chosen:
         if (name, length) in done:
           print(f"{name} @{length}: done", flush=True)
           continue
+        if model is None:
+          model = ckpt.load_model()
         if plan is None:
           variant = model
         else:
@@ -414,7 +421,8 @@ def passkey_table(cells) -> str:
     none = np.mean([lc.first_integer(r["output"]) is None for r in rows])
     halves = [np.mean([r["correct"] for r in rows if (r["depth"] >= 0.5) == h] or [np.nan])
               for h in (0, 1)]
-    fifths = " ".join("-" if v is None else f"{v:.1f}" for v in pk["by_depth"].values())
+    fifths = " ".join("-" if v is None else f"{v:.1f}" if abs(v * 10 - round(v * 10)) < 1e-9
+                      else f"{v:.2f}" for v in pk["by_depth"].values())  # 0.25 stays 0.25.
     vs = paired.get((c["variant"], c["length"]))
     lines.append("| " + " | ".join([
         str(c["length"]), c["variant"], f"{c['density']:.3f}", f"{acc:.2f} ({pk['n']})",
@@ -462,7 +470,8 @@ def plot(cells, path) -> bool:
           ax.plot(*zip(*pts), label=f"{kind} N={length}", ls=dashes[length], **style)
     ax.set(xlabel="KV-cache density", ylabel="exact match", ylim=(-0.03, 1.03),
            title=f"{task}: accuracy by density (dense at 1.0)")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # A dense-only grid draws no lines here.
+      ax.legend(fontsize=7)
     ax = axes[1, col]
     longest = max(lengths)
     budgets = sorted({c["variant"].rpartition(" ")[2] for c in cells if c["variant"] != "dense"},
@@ -477,7 +486,8 @@ def plot(cells, path) -> bool:
       ax.plot(xs, ys, label=c["variant"], ls=budget_ls.get(budget, "-"), **style)
     ax.set(xlabel="depth of the key in the context", ylabel="exact match", ylim=(-0.03, 1.03),
            title=f"{task}: by key depth at N={longest}")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # A dense-only grid draws no lines here.
+      ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

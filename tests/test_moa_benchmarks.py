@@ -158,3 +158,17 @@ def test_streaming_tradeoff_takes_the_model_heads_and_keeps_its_plans(tmp_path, 
       bench.main(argv(scores, extra))
     assert re.search(message, capsys.readouterr().err), (extra, message)
   assert open(os.path.join(out + "_plans", "streaming_50_k1.json")).read() == before
+
+
+def test_committed_plan_files_stand_for_their_runs(long_context):
+  """Every committed plan file under docs/results/moa_smollm2 is a valid --moa_dirs entry
+  (launch/moa.py's meta.budgets, or the uniform plans' meta.budget) whose plan keeps its
+  budget at 2k and 4k."""
+  folder = os.path.join(ROOT, "docs", "results", "moa_smollm2")
+  names = [n for n in sorted(os.listdir(folder))
+           if n.startswith(("plan_", "uniform_")) and n.endswith(".json")]
+  assert len(names) >= 10
+  for name in names:
+    plan, budget, sink, block = long_context.moa_entry(os.path.join(folder, name))
+    assert (sink, block) == (64, 64) and budget in (0.25, 0.5), name
+    assert all(plan.density(n + 12) <= budget + 2e-3 for n in (2048, 4096)), name
