@@ -400,6 +400,10 @@ def main(argv=None):
   path = os.path.join(args.out, "results.json")
   results = json.load(open(path)) if os.path.exists(path) else {}
   meta = results.setdefault("_meta", {})
+  if not args.report_only and meta.get("length", args.length) != args.length:
+    # Its settings' rows were measured at that length: they would be taken as done here.
+    parser.error(f"{args.out} holds runs at --length={meta['length']}: use another --out "
+                 "(or --report_only to redraw it)")
 
   def save():
     with open(path + ".tmp", "w") as f:

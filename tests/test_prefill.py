@@ -9,6 +9,8 @@ dominates the time, so compiled functions are cached per (kind, options, what) a
 by every test with the same shapes.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -335,3 +337,20 @@ def test_unequal_lengths_raise(kind):
     core(q[:, :200], k, v, positions_bt=jnp.arange(200)[None], causal=True)
   with pytest.raises(ValueError, match="causal"):
     core(q, k, v, positions_bt=jnp.arange(300)[None], causal=False)
+
+
+def test_prefill_benchmark_refuses_a_run_directory_of_another_length(tmp_path, capsys):
+  """benchmarks/prefill_methods.py resumes a setting whose rows are in results.json: rows
+  measured at another --length must not be taken as done (refused before the model loads)."""
+  import importlib.util
+  import json
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location(
+      "prefill_methods", os.path.join(root, "benchmarks", "prefill_methods.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  (tmp_path / "results.json").write_text(json.dumps({"_meta": {"length": 4096},
+                                                     "dense": {"ppl": 5.0}}))
+  with pytest.raises(SystemExit):
+    bench.main([f"--out={tmp_path}", "--length=2048"])
+  assert "holds runs at --length=4096: use another --out" in capsys.readouterr().err
