@@ -376,3 +376,21 @@ def test_generate_launcher_streams_a_causal_chat_and_reports_speed():
   assert too_long.stderr.strip().splitlines() == [
       "error: prompt (27 tokens) + max_new_tokens (600) = 627 exceed the model's context "
       "of 512 tokens; shorten the prompt or generate fewer tokens"]
+
+
+def test_a_config_naming_another_model_takes_the_checkpoints_name():
+  """config_with_pretrained(config, checkpoint): the data's tokenizer follows
+  config.pretrained, so it must name the checkpoint given (opened as a path or as
+  'smollm2'), never the config's own model (configs/smollm2.py with --model=X evaluated X
+  on SmolLM2's token ids: NaN, or a plausible wrong perplexity for a larger vocabulary)."""
+  from sparsity_jax import config_lib
+  from sparsity_jax.checkpoints import open_pretrained
+  from sparsity_jax.train import from_pretrained
+  config = config_lib.pretrained_config("smollm2", "runlocal")
+  assert config.pretrained == "smollm2"
+  for source in (fixture("llama"), open_pretrained(fixture("llama"))):
+    out = from_pretrained.config_with_pretrained(config, source)
+    assert out.pretrained == fixture("llama") and out.model.vocab_size == 288
+  assert open_pretrained("smollm2").source == "smollm2"  # Portable name kept.
+  assert from_pretrained.config_with_pretrained(
+      config, open_pretrained("smollm2")).pretrained == "smollm2"

@@ -168,6 +168,9 @@ class Checkpoint(abc.ABC):
 
   #: Human-readable origin, e.g. the file or directory path.
   description: str
+  #: What it was opened as (``open_pretrained``'s argument, e.g. "smollm2"); None when
+  #: constructed directly.
+  source: str | None = None
   #: Architecture name as in :data:`~sparsity_jax.checkpoints.arch.ARCHITECTURES`.
   arch: str
 

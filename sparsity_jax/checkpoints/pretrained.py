@@ -64,12 +64,15 @@ def open_pretrained(source: str) -> Checkpoint:
   if not isinstance(source, str) or not source:
     raise ValueError(f"a pretrained model source must be a name ({', '.join(EMBEDDED)}), a "
                      f".gguf file or a Hugging Face directory, got {source!r}")
+  name = source  # The caller's name for it ('smollm2' stays portable): Checkpoint.source.
   if source.lower() == SMOLLM2:
     source = smollm2_path()
   path = os.path.expanduser(source)
   if os.path.isdir(path):
     from sparsity_jax.checkpoints.hf import HFCheckpoint
-    return HFCheckpoint(path)
+    ckpt = HFCheckpoint(path)
+    ckpt.source = name
+    return ckpt
   if os.path.isfile(path):
     from sparsity_jax.checkpoints.gguf import GGUFCheckpoint
     with open(path, "rb") as f:
@@ -77,7 +80,9 @@ def open_pretrained(source: str) -> Checkpoint:
     if magic != b"GGUF":
       raise CheckpointError(f"{path} is neither a GGUF file (no GGUF magic) nor a Hugging Face "
                             "directory")
-    return GGUFCheckpoint(path)
+    ckpt = GGUFCheckpoint(path)
+    ckpt.source = name
+    return ckpt
   raise CheckpointNotFoundError(f"pretrained model {source!r} not found: give one of "
                           f"{', '.join(EMBEDDED)}, a .gguf file or a Hugging Face directory")
 

@@ -59,8 +59,9 @@ def config_with_pretrained(config: ml_collections.ConfigDict,
   for field in ARCH_FIELDS:
     value = getattr(cfg, field)
     out.model[field] = dict(value) if isinstance(value, Mapping) else value
-  # The caller's name for it (e.g. 'smollm2', portable), else where it was found.
-  out.pretrained = source if isinstance(source, str) else (config.get('pretrained') or ckpt.description)
+  # The caller's name for it (e.g. 'smollm2', portable), else where it was found; never the
+  # config's own `pretrained` (it may name another model, whose tokenizer the data would use).
+  out.pretrained = source if isinstance(source, str) else (ckpt.source or ckpt.description)
   return out
 
 
