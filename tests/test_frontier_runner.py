@@ -141,6 +141,12 @@ def test_report_plots_score_by_length(tmp_path):
   assert "lengths.png" in (tmp_path / "report.md").read_text()
   report.write_report([r for r in rows if r["length"] == 8], str(tmp_path / "one"))
   assert not (tmp_path / "one" / "lengths.png").exists()  # One length: nothing to plot.
+  # An interrupted cell (4 of the column's 6 prompts) is marked in the main table.
+  partial = [r for r in rows if not (r["setting"] == "quest" and r["task"] == "a"
+                                     and r["length"] == 16 and r["index"] >= 4)]
+  table = report.markdown(report.summarize(partial), ["dense", "quest"])
+  quest = next(line for line in table.splitlines() if line.startswith("| quest |"))
+  assert quest.count("[4/6]") == 1 and "[" not in table.splitlines()[2]  # dense: complete.
   # A setting's variant suffix draws its own line; budgets of one method share one.
   series = {s: report._series({"kind": k, "setting": s}) for k, s in [
       ("snapkv", "snapkv_512_w32"), ("snapkv", "snapkv_512"), ("flexprefill", "flexprefill_g90"),

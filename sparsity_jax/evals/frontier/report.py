@@ -180,6 +180,8 @@ def markdown(cells: Sequence[dict], settings_order: Sequence[str]) -> str:
   """Tables: score per setting x (task, length) with compression and the test."""
   by = {(c["setting"], c["task"], c["length"]): c for c in cells}
   columns = sorted({(c["task"], c["length"]) for c in cells})
+  full = {col: max(c["n"] for c in cells if (c["task"], c["length"]) == col)
+          for col in columns}  # A cell with fewer prompts is unfinished (an interrupted run).
   lines = ["| setting | phase | " + " | ".join(f"{t} @ {n}" for t, n in columns) + " |",
            "|---|---|" + "---|" * len(columns)]
   for s in settings_order:
@@ -193,6 +195,8 @@ def markdown(cells: Sequence[dict], settings_order: Sequence[str]) -> str:
       if c["phase"] != "dense":
         mark = {True: "", False: " ✗", None: " ?"}[c.get("retains")]
         text += f" ({c['compression']:.1f}x{mark})"
+      if c["n"] < full[t, n]:
+        text += f" [{c['n']}/{full[t, n]}]"
       row.append(text)
     lines.append("| " + " | ".join(row) + " |")
   lines.append("")
@@ -201,7 +205,8 @@ def markdown(cells: Sequence[dict], settings_order: Sequence[str]) -> str:
                "story_filtering, ruler_vt and ruler_cwe); (Nx): mean compression; ✗: "
                f"significantly worse than dense (one-sided sign test on the paired prompts, "
                f"p < {ALPHA}); ?: not testable (no dense rows, or fewer than "
-               f"{math.ceil(math.log2(1 / ALPHA))} prompts).")
+               f"{math.ceil(math.log2(1 / ALPHA))} prompts); [k/n]: only k of the column's n "
+               "prompts are done (an unfinished cell: rerun the grid to complete it).")
   return "\n".join(lines)
 
 
