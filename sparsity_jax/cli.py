@@ -34,6 +34,16 @@ def _one_line(text: str) -> str:
   return " ".join(str(text).split())
 
 
+def _without_traceback(text: str) -> str:
+  """ml_collections puts a config file's whole traceback in the flag error: keep the text
+  before it and the exception line it ends with (e.g. a get_config that rejects its arg)."""
+  head, sep, trace = text.partition("Traceback (most recent call last):")
+  if not sep:
+    return text
+  last = [line for line in trace.strip().splitlines() if line.strip()][-1:]
+  return f"{head.strip()} {' '.join(last)}"
+
+
 def _innermost_text(error: BaseException) -> str:
   """The message of a wrapped exception, unescaped (ml_collections wraps a KeyError whose
   message holds the "Did you mean" hint in an AttributeError, whose str() escapes it)."""
@@ -46,7 +56,7 @@ def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    raise UserError(f"{_one_line(e)} (see --helpshort)") from e
+    raise UserError(f"{_one_line(_without_traceback(str(e)))} (see --helpshort)") from e
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     # ml_collections applies --config.a.b=... overrides while parsing the flags.
     raise UserError(f"bad config override: {_one_line(_innermost_text(e))}") from e

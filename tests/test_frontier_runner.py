@@ -297,3 +297,17 @@ def test_launcher_refuses_unknown_settings_before_loading_a_model(tmp_path):
   done = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=120)
   assert done.returncode == 2 and "quest_999" in done.stderr, done.stderr
   np.testing.assert_equal(os.listdir(tmp_path), [])
+
+
+def test_a_config_file_that_rejects_its_arg_is_one_line_without_its_traceback(tmp_path):
+  """ml_collections puts the config file's traceback in the flag error; the launcher keeps
+  only the exception line (configs/frontier.py:runlocals, a typo of runlocal)."""
+  run = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "frontier.py"),
+                        f"--config={os.path.join(ROOT, 'configs', 'frontier.py')}:runlocals",
+                        f"--out={tmp_path / 'x'}"], env=subprocess_env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert run.returncode == 2, run.stderr[-2000:]
+  lines = run.stderr.strip().splitlines()
+  assert len(lines) == 1 and "Traceback" not in lines[0] and 'File "' not in lines[0], lines
+  assert "takes 'moa', 'windows', 'runlocal'" in lines[0] and "got ['runlocals']" in lines[0]
+  assert not (tmp_path / "x").exists()
