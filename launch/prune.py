@@ -41,17 +41,20 @@ _METHOD = flags.DEFINE_enum("method", "wanda", ["magnitude", "wanda", "dsnot"], 
 _SCOPE = flags.DEFINE_enum("scope", "layer", ["layer", "global"],
                            "Magnitude comparison group: each weight, or all targeted weights.")
 _PATTERN = flags.DEFINE_string("pattern", "unstructured", "'unstructured' or 'N:M' (e.g. 2:4).")
-_SPARSITY = flags.DEFINE_float("sparsity", None, "Fraction of zeros for unstructured patterns.")
+_SPARSITY = flags.DEFINE_float("sparsity", None, "Fraction of zeros, in (0, 1), for "
+                               "--pattern=unstructured (an N:M pattern sets its own).")
 _TARGETS = flags.DEFINE_string("targets", None, "Regex over weight paths (default: every "
                                "linear weight in the blocks).")
 _CALIB_SAMPLES = flags.DEFINE_integer("calib_samples", 16, "Calibration windows (wanda, dsnot).")
-_CALIB_LEN = flags.DEFINE_integer("calib_len", 512, "Tokens per calibration window.")
+_CALIB_LEN = flags.DEFINE_integer("calib_len", None, "Tokens per calibration window, at most "
+                                  "the model's max_len (default: 512, or max_len if shorter).")
 _DSNOT_INITIAL = flags.DEFINE_enum("dsnot_initial", "wanda", ["wanda", "magnitude"],
                                    "DSnoT's initial mask.")
 _DSNOT_SKIP = flags.DEFINE_string("dsnot_skip", "mlp/", "Weights (regex over the key inside a "
                                   "block) DSnoT leaves at the initial mask; '' refines all.")
-_DSNOT_CYCLES = flags.DEFINE_integer("dsnot_cycles", 50, "DSnoT's max_cycle_time.")
-_DSNOT_THRESHOLD = flags.DEFINE_float("dsnot_threshold", 0.1, "DSnoT's update_threshold.")
+_DSNOT_CYCLES = flags.DEFINE_integer("dsnot_cycles", 50, "DSnoT's max_cycle_time (>= 0: "
+                                     "swaps per output; 0 keeps the initial mask).")
+_DSNOT_THRESHOLD = flags.DEFINE_float("dsnot_threshold", 0.1, "DSnoT's update_threshold (>= 0).")
 _DSNOT_SAME_SIGN = flags.DEFINE_bool("dsnot_same_sign", False, "Unstructured DSnoT refuses swaps "
                                      "that flip the error's sign (the official default is off; "
                                      "N:M always checks).")
@@ -72,11 +75,15 @@ def main(argv):
   from sparsity_jax.sparsity import spec as spec_lib
   from sparsity_jax.sparsity import pipeline, prune
 
+  # Options are checked before any model loads or --out is touched (--calib_len against
+  # the model's max_len as soon as its config is read, still before the weights).
   spec = spec_lib.from_flags(targets=_TARGETS.value or DEFAULT_TARGETS, pattern=_PATTERN.value,
                             sparsity=_SPARSITY.value)
-  options = prune.DSnoTOptions(max_cycles=_DSNOT_CYCLES.value, threshold=_DSNOT_THRESHOLD.value,
-                               initial=_DSNOT_INITIAL.value, skip=_DSNOT_SKIP.value,
-                               same_sign=_DSNOT_SAME_SIGN.value)
+  options = prune.dsnot_options_from_flags(
+      max_cycles=_DSNOT_CYCLES.value, threshold=_DSNOT_THRESHOLD.value,
+      initial=_DSNOT_INITIAL.value, skip=_DSNOT_SKIP.value, same_sign=_DSNOT_SAME_SIGN.value)
+  pipeline.check_options(method=_METHOD.value, scope=_SCOPE.value,
+                         calib_samples=_CALIB_SAMPLES.value, calib_len=_CALIB_LEN.value)
   log = lambda text: print(text, file=sys.stderr, flush=True)
   result = pipeline.prune_model(
       spec=spec, method=_METHOD.value, source=_MODEL.value, workdir=_WORKDIR.value,

@@ -3,6 +3,7 @@ invariants, and the pruning pipeline / launcher on a tiny trained run."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -328,3 +329,109 @@ def test_prune_launcher_reports_missing_calibration_in_one_line(tiny_run, tmp_pa
   assert run.stderr.strip().splitlines() == [
       "error: wanda needs calibration text: set --calib_samples > 0"]
   assert not (tmp_path / "x").exists()
+
+
+# ---- options: out-of-range values are refused in one line, before the model loads ----
+
+LLAMA = os.path.join(ROOT, "tests", "fixtures", "hf", "llama")  # max_len 512
+
+
+def run_prune_launcher(*args):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "prune.py"), *args],
+                        env=subprocess_env(), cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--calib_len=100000", "--sparsity=0.5"],
+     "--calib_len=100000 exceeds the model's context of 512 tokens (its max_len); use "
+     "--calib_len <= 512"),
+    (["--method=dsnot", "--pattern=2:4", "--dsnot_cycles=-1"],
+     "--dsnot_cycles=-1 must be a whole number >= 0 (swaps per output; 0 keeps the initial "
+     "mask)"),
+    (["--sparsity=0"], "--sparsity=0 prunes nothing: give the fraction of weights to zero, in "
+     "(0, 1), e.g. --sparsity=0.5"),
+    (["--pattern=2:4", "--sparsity=0.5"], "--pattern=2:4 sets the sparsity itself (2 of every 4 "
+     "weights kept: 0.5 zeros); leave --sparsity out"),
+])
+def test_prune_launcher_refuses_out_of_range_options_in_one_line(args, message, tmp_path):
+  out = tmp_path / "out"
+  run = run_prune_launcher(f"--model={LLAMA}", "--config=configs/lm_tiny.py:runlocal",
+                           "--calib_samples=2", *args, f"--out={out}")
+  assert run.returncode == 2, run.stderr
+  assert run.stderr.strip().splitlines() == [f"error: {message}"]
+  assert not out.exists()
+
+
+def test_prune_options_are_checked_before_the_weights_load(tiny_run, tmp_path, monkeypatch):
+  from sparsity_jax import config_lib
+  from sparsity_jax.checkpoints import loading
+  from sparsity_jax.sparsity import pipeline
+  from sparsity_jax.sparsity import spec as spec_lib
+  from sparsity_jax.train import loop
+
+  def no_weights(*args, **kwargs):
+    raise AssertionError("the weights were read before the options were checked")
+
+  monkeypatch.setattr(loading, "build_loaded", no_weights)
+  monkeypatch.setattr(loop, "restore_workdir", no_weights)
+  spec, out = SparsitySpec(sparsity=0.5), str(tmp_path / "out")
+  config = config_lib.base_config()
+  config.update(make_tiny_config().to_dict())  # A byte-level config the fixture fits.
+  # Against the model's context (fixture: 512; tiny_run: 128), as soon as its config is read.
+  for source, workdir, max_len in ((LLAMA, None, 512), (None, tiny_run, 128)):
+    with pytest.raises(UserError, match=rf"--calib_len={max_len + 1} exceeds the model's "
+                                        rf"context of {max_len} tokens"):
+      pipeline.prune_model(spec=spec, method="wanda", source=source, workdir=workdir,
+                           config=config if source else None, calib_len=max_len + 1, out=out)
+  with pytest.raises(UserError, match=r"holds \d+ windows of 128 tokens, fewer than the "
+                                      "1000000 asked for; lower --calib_samples or --calib_len"):
+    pipeline.prune_model(spec=spec, method="dsnot", workdir=tiny_run, calib_samples=10**6)
+  for kwargs, message in (
+      ({"calib_len": 0}, "--calib_len=0: a calibration window needs at least 1 token"),
+      ({"calib_samples": -1}, "wanda needs calibration text: set --calib_samples > 0"),
+      ({"scope": "global"}, "--scope=global is for --method=magnitude")):
+    with pytest.raises(UserError, match=re.escape(message)):
+      pipeline.prune_model(spec=spec, method="wanda", workdir=tiny_run, out=out, **kwargs)
+  assert not os.path.exists(out)
+  # DSnoT's numbers and the spec, named as the flags.
+  for fields, message in (
+      ({"threshold": -0.1}, "--dsnot_threshold=-0.1 must be a finite number >= 0"),
+      ({"threshold": float("nan")}, "--dsnot_threshold=nan must be a finite number >= 0"),
+      ({"max_cycles": 2.5}, "--dsnot_cycles=2.5 must be a whole number >= 0"),
+      ({"skip": "(["}, "--dsnot_skip='([' is not a regular expression"),
+      ({"initial": "random"}, "--dsnot_initial='random' must be 'wanda' or 'magnitude'")):
+    with pytest.raises(UserError, match=re.escape(message)):
+      prune_lib.dsnot_options_from_flags(**fields)
+  with pytest.raises(UserError, match=r"DSnoTOptions\.pow_of_var=inf must be a finite number"):
+    prune_lib.DSnoTOptions(pow_of_var=float("inf"))
+  assert prune_lib.dsnot_options_from_flags(max_cycles=0, threshold=0.0).max_cycles == 0
+  for fields, message in (({"pattern": "4:4"}, "--pattern=4:4 keeps every weight"),
+                          ({"sparsity": 1.0}, "--sparsity=1 must be in (0, 1)"),
+                          ({"pattern": "2-4"}, "--pattern='2-4': use 'unstructured' or 'N:M'")):
+    with pytest.raises(UserError, match=re.escape(message)):
+      spec_lib.from_flags(**fields)
+
+
+def test_prune_a_run_trained_with_sr_ste_masks(tmp_path):
+  """The run's training-time mask method (SR-STE: N:M recomputed from |w|) does not carry
+  over: any pattern prunes it, the pruned model's masks stay fixed, and a note says when
+  its N:M structure is not kept."""
+  from sparsity_jax.sparsity import pipeline
+  from sparsity_jax.train import loop, train_and_evaluate
+
+  run = str(tmp_path / "sr_ste")
+  train_and_evaluate(make_tiny_config(**{"model.weight_sparsity.pattern": "2:4",
+                                         "train.weight_sparsity.method": "sr_ste",
+                                         "train.steps": 2, "eval.num_batches": 1}), run,
+                     devices=jax.devices()[:1])
+  for spec, out in ((SparsitySpec(sparsity=0.5), str(tmp_path / "w50")),
+                    (SparsitySpec(pattern="2:4"), None)):
+    notes = []
+    result = pipeline.prune_model(spec=spec, method="magnitude", workdir=run, out=out,
+                                  evaluate_pruned=False, log=notes.append)
+    assert result["sparsity"]["mask_sparsity"] == 0.5
+    assert notes[0].startswith(f"note: {run} was trained with 2:4 masks (sr_ste)")
+    assert ("use --pattern=2:4 to keep its 2:4 structure" in notes[0]) == (spec.nm is None)
+  # The pruned model's masks are its own: a training run on it would not recompute them.
+  assert loop.load_workdir_config(str(tmp_path / "w50")).train.weight_sparsity.method == "fixed"

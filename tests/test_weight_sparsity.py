@@ -206,7 +206,7 @@ def test_bad_targets_raise_one_clear_error():
 
 def test_launcher_spec_errors_name_the_flags():
   from sparsity_jax.sparsity import spec as spec_lib
-  with pytest.raises(SparsitySpecError, match=r"^--sparsity=1.5 must be in \[0, 1\)"):
+  with pytest.raises(SparsitySpecError, match=r"^--sparsity=1.5 must be in \(0, 1\)"):
     spec_lib.from_flags(pattern="unstructured", sparsity=1.5)
   with pytest.raises(SparsitySpecError, match="--pattern='unstructured' needs a sparsity level "
                                               r"\(--sparsity"):

@@ -5,13 +5,15 @@
                                 method="wanda", out="runs/smollm2_wanda_24")
 
 The pruned model is written as a workdir of our own format (``config.json`` with
-``config.model.weight_sparsity``, and checkpoint 0 holding the dense weights and the
+``config.model.weight_sparsity`` and the default, fixed-mask ``config.train.weight_sparsity``
+whatever method trained the source run, and checkpoint 0 holding the dense weights and the
 masks; ``launch/eval.py --workdir=...`` evaluates it, ``train.load_model`` loads it) and,
 with ``hf_out``, as a Hugging Face directory whose masked-out weights are zeros.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -32,6 +34,11 @@ from sparsity_jax.models import TransformerLM
 from sparsity_jax.sparsity import masks
 from sparsity_jax.sparsity import prune as prune_lib
 from sparsity_jax.sparsity.spec import SparsitySpec
+from sparsity_jax.sparsity.training import SparseTraining
+
+
+#: Tokens per calibration window by default (shortened to a model's shorter max_len).
+CALIB_LEN = 512
 
 
 def calibration_tokens(tokens: np.ndarray, *, samples: int, length: int, seed: int) -> np.ndarray:
@@ -42,22 +49,45 @@ def calibration_tokens(tokens: np.ndarray, *, samples: int, length: int, seed: i
   data = data_pipeline.PackedSequences(tokens, length, name="calibration (train)")
   if samples > data.num_examples:
     raise UserError(f"the calibration text holds {data.num_examples} windows of {length} "
-                    f"tokens, fewer than the {samples} asked for; lower the number or length")
+                    f"tokens, fewer than the {samples} asked for; lower --calib_samples or "
+                    "--calib_len")
   rng = np.random.default_rng(seed)
   picks = np.sort(rng.choice(data.num_examples, samples, replace=False))
   return np.stack([data.example(int(i))[:-1] for i in picks]).astype(np.int32)
 
 
-def _unscanned(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def _pruning_config(config: ml_collections.ConfigDict, spec: SparsitySpec):
+  """The pruned model's config: unscanned layers, ``spec``'s masks, and the default (fixed)
+  sparse-training method."""
   out = ml_collections.ConfigDict(config.to_dict())
   out.model.scan_layers = False
-  return out
-
-
-def _with_spec(config: ml_collections.ConfigDict, spec: SparsitySpec):
-  out = ml_collections.ConfigDict(config.to_dict())
   out.model.weight_sparsity = spec.to_dict()
+  # A run trained with recomputed masks (ste / sr_ste / mdgf: N:M from |w| every step) or
+  # RigL keeps that method in its config, but it describes how *its* masks evolved, not the
+  # pruned model's: one-shot masks stay as set. Kept, it would refuse unstructured specs
+  # (or N:M ones, for RigL) with training-config advice, and a later training run on --out
+  # would recompute the masks from |w|, silently discarding Wanda's / DSnoT's choice.
+  if "train" in out:
+    out.train.weight_sparsity = dataclasses.asdict(SparseTraining())
   return out
+
+
+def _trained_masks_note(workdir: str, config: ml_collections.ConfigDict,
+                        spec: SparsitySpec) -> str | None:
+  """A note when the run to prune was trained with masks (which pruning replaces)."""
+  old = SparsitySpec.from_mapping(config.model.get("weight_sparsity", None))
+  if old is None:
+    return None
+  train = config.get("train", None)
+  training = train.get("weight_sparsity", None) if train is not None else None
+  method = (training.get("method", None) if training is not None else None) or "fixed"
+  old_name = old.pattern if old.nm else f"{old.level:g} unstructured"
+  new_name = spec.pattern if spec.nm else f"{spec.level:g} unstructured"
+  note = (f"note: {workdir} was trained with {old_name} masks ({method}); pruning scores its "
+          f"weights as dense and replaces them with {new_name} masks, fixed from now on")
+  if old.nm and spec.nm != old.nm:
+    note += (f" (use --pattern={old.pattern} to keep its {old.pattern} structure)")
+  return note
 
 
 def _copy_params(dst: TransformerLM, src_params: nnx.State, scanned: bool) -> None:
@@ -74,10 +104,14 @@ def _copy_params(dst: TransformerLM, src_params: nnx.State, scanned: bool) -> No
 
 def load_for_pruning(*, source: str | None = None, workdir: str | None = None,
                      config: ml_collections.ConfigDict | None = None,
-                     spec: SparsitySpec):
+                     spec: SparsitySpec, before_weights=None, log=None):
   """(experiment, model, pretrained checkpoint or None): the model with unscanned layers
   and all-True masks on ``spec``'s targets, and its data (train split for calibration,
-  validation for evaluation)."""
+  validation for evaluation).
+
+  ``before_weights(experiment)`` runs once the experiment (config, model shapes, data) is
+  built and before any weight is read: checks that need the model's config fail fast.
+  """
   from sparsity_jax.train import loop
 
   if (source is None) == (workdir is None):
@@ -88,18 +122,24 @@ def load_for_pruning(*, source: str | None = None, workdir: str | None = None,
     from sparsity_jax.checkpoints import open_pretrained
     from sparsity_jax.checkpoints.loading import build_loaded
     from sparsity_jax.train.from_pretrained import config_with_pretrained
-    ckpt = open_pretrained(source)
+    ckpt = open_pretrained(source)  # Reads the model's config; weights load below.
     config = config if config is not None else config_lib.pretrained_config(source)
-    config = _with_spec(_unscanned(config_with_pretrained(config, ckpt)), spec)
-    exp = loop.Experiment(config)
+    exp = loop.Experiment(_pruning_config(config_with_pretrained(config, ckpt), spec))
+    if before_weights is not None:
+      before_weights(exp)
     with parallel.use_mesh(exp.mesh, exp.rules):
       model = build_loaded(exp.make_model,
                            lambda m: ckpt.load_params_into(m, mesh=exp.mesh, rules=exp.rules),
                            exp.mesh, exp.rules)
     return exp, model, ckpt
-  old_exp, _, state, _, _ = loop.restore_workdir(workdir, config, load_data=False)
-  old_config = old_exp.config
-  exp = loop.Experiment(_with_spec(_unscanned(old_config), spec))
+  old_config = loop.load_workdir_config(workdir) if config is None else config
+  exp = loop.Experiment(_pruning_config(old_config, spec))
+  if before_weights is not None:
+    before_weights(exp)
+  note = _trained_masks_note(workdir, old_config, spec)
+  if note and log:
+    log(note)
+  _, _, state, _, _ = loop.restore_workdir(workdir, old_config, load_data=False)
   with parallel.use_mesh(exp.mesh, exp.rules):
     model = exp.make_model()
     _copy_params(model, state.params, bool(old_config.model.get("scan_layers", False)))
@@ -161,22 +201,42 @@ def evaluate(exp, model: TransformerLM) -> dict[str, float]:
     return loop.evaluate(exp, loop.jit_eval_step(exp, graphdef, shardings), params, rest)
 
 
+def check_options(*, method: str, scope: str = "layer", calib_samples: int = 16,
+                  calib_len: int | None = None) -> None:
+  """Refuses out-of-range launch/prune.py options (named as its flags) before anything
+  loads; ``calib_len`` against the model's context is checked once the config is known."""
+  if method not in prune_lib.METHODS:
+    raise UserError(f"--method={method}; use one of {', '.join(prune_lib.METHODS)}")
+  if scope not in ("layer", "global"):
+    raise UserError(f"--scope={scope}; use 'layer' or 'global'")
+  if method == "magnitude":
+    return  # The calibration options are not used.
+  if scope != "layer":
+    raise UserError(f"--scope={scope} is for --method=magnitude; {method} compares weights "
+                    "per output (--scope=layer)")
+  if calib_samples < 1:
+    raise UserError(f"{method} needs calibration text: set --calib_samples > 0")
+  if calib_len is not None and calib_len < 1:
+    raise UserError(f"--calib_len={calib_len}: a calibration window needs at least 1 token")
+
+
 def prune_model(*, spec: SparsitySpec, method: str, source: str | None = None,
                 workdir: str | None = None, config: ml_collections.ConfigDict | None = None,
-                scope: str = "layer", calib_samples: int = 16, calib_len: int = 512,
+                scope: str = "layer", calib_samples: int = 16, calib_len: int | None = None,
                 dsnot_options: prune_lib.DSnoTOptions = prune_lib.DSnoTOptions(),
                 out: str | None = None, hf_out: str | None = None, evaluate_dense: bool = False,
                 evaluate_pruned: bool = True, overwrite: bool = False, log=print) -> dict[str, Any]:
   """Prunes a pretrained model (``source``) or a trained run (``workdir``) and reports.
 
   Calibration windows (Wanda, DSnoT) come from the training split of the config's data
-  (the embedded corpus by default); evaluation uses its validation split. Writes
-  ``out`` (our workdir, plus ``prune_report.json`` / ``.md``) and ``hf_out`` when given.
+  (the embedded corpus by default): ``calib_samples`` windows of ``calib_len`` tokens
+  (default :data:`CALIB_LEN`, or the model's ``max_len`` if shorter; a longer
+  ``calib_len`` is refused). Evaluation uses the validation split. Writes ``out`` (our
+  workdir, plus ``prune_report.json`` / ``.md``) and ``hf_out`` when given.
 
   Returns the report: the spec, method, timings, sparsity report, DSnoT errors, metrics.
   """
-  if method in ("wanda", "dsnot") and calib_samples <= 0:
-    raise UserError(f"{method} needs calibration text: set --calib_samples > 0")
+  check_options(method=method, scope=scope, calib_samples=calib_samples, calib_len=calib_len)
   if out and not overwrite and os.path.isdir(out):
     from sparsity_jax.train import checkpoint as ckpt_lib
     if ckpt_lib.has_checkpoints(out):
@@ -184,8 +244,26 @@ def prune_model(*, spec: SparsitySpec, method: str, source: str | None = None,
                       "--overwrite")
   if hf_out and os.path.exists(hf_out) and not overwrite:
     raise UserError(f"--hf_out={hf_out} exists; choose a new directory or pass --overwrite")
+  calibrated = method in ("wanda", "dsnot")
+  calibration = None
+
+  def before_weights(exp):
+    # The calibration windows are drawn before the weights load, so a window longer than
+    # the model's context, or more windows than the text holds, fails in seconds.
+    nonlocal calibration
+    if not calibrated:
+      return
+    max_len = int(exp.model_config.max_len)
+    length = min(CALIB_LEN, max_len) if calib_len is None else int(calib_len)
+    if length > max_len:
+      raise UserError(f"--calib_len={length} exceeds the model's context of {max_len} tokens "
+                      f"(its max_len); use --calib_len <= {max_len}")
+    calibration = calibration_tokens(exp.splits["train"], samples=calib_samples,
+                                     length=length, seed=int(exp.config.seed))
+
   t0 = time.time()
-  exp, model, ckpt = load_for_pruning(source=source, workdir=workdir, config=config, spec=spec)
+  exp, model, ckpt = load_for_pruning(source=source, workdir=workdir, config=config, spec=spec,
+                                      before_weights=before_weights, log=log)
   result: dict[str, Any] = {"model": source or workdir, "method": method, "scope": scope,
                             "spec": spec.to_dict(), "load_s": time.time() - t0}
   if evaluate_dense:
@@ -193,11 +271,8 @@ def prune_model(*, spec: SparsitySpec, method: str, source: str | None = None,
     result["dense"] = evaluate(exp, model)
     result["dense_eval_s"] = time.time() - t
     log(f"dense: {json.dumps(result['dense'])}")
-  calibration = None
-  if method in ("wanda", "dsnot"):
-    calibration = calibration_tokens(exp.splits["train"], samples=calib_samples,
-                                     length=calib_len, seed=int(exp.config.seed))
-    result["calibration"] = {"sequences": calib_samples, "length": calib_len,
+  if calibrated:
+    result["calibration"] = {"sequences": calib_samples, "length": int(calibration.shape[1]),
                              "split": "train", "seed": int(exp.config.seed)}
   if method == "dsnot":
     result["dsnot_options"] = dict(vars(dsnot_options))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -181,6 +182,51 @@ class DSnoTOptions:
   same_sign: bool = False
   initial: str = "wanda"  # --initial_method: 'wanda' or 'magnitude'
   skip: str = "mlp/"  # --skip_layer=mlp: weights whose key matches keep the initial mask
+
+  def __post_init__(self):
+    # Checked here, not mid-pruning: a bad value would otherwise surface after the model
+    # loaded and calibrated (a negative cycle count silently refines nothing).
+    def fail(field, rule):
+      raise UserError(f"DSnoTOptions.{field}={getattr(self, field)!r} {rule}")
+
+    def number(value):  # numpy scalars too; True / False are not numbers here.
+      return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+    cycles = self.max_cycles
+    if not isinstance(cycles, numbers.Integral) or isinstance(cycles, bool) or cycles < 0:
+      fail("max_cycles", "must be a whole number >= 0 (swaps per output; 0 keeps the "
+           "initial mask)")
+    if not number(self.threshold) or not 0 <= self.threshold < float("inf"):
+      fail("threshold", "must be a finite number >= 0 (outputs whose |error| is above it "
+           "are refined)")
+    if not number(self.pow_of_var) or not abs(self.pow_of_var) < float("inf"):
+      fail("pow_of_var", "must be a finite number")
+    if self.initial not in ("wanda", "magnitude"):
+      fail("initial", "must be 'wanda' or 'magnitude'")
+    if not isinstance(self.same_sign, (bool, np.bool_)):
+      fail("same_sign", "must be True or False")
+    if not isinstance(self.skip, str):
+      fail("skip", "must be a regular expression ('' refines every weight)")
+    try:
+      re.compile(self.skip)
+    except re.error as e:
+      fail("skip", f"is not a regular expression ({e})")
+
+
+#: launch/prune.py's flag for each DSnoTOptions field (pow_of_var has none).
+DSNOT_FLAGS = {"max_cycles": "dsnot_cycles", "threshold": "dsnot_threshold",
+               "initial": "dsnot_initial", "skip": "dsnot_skip", "same_sign": "dsnot_same_sign"}
+
+
+def dsnot_options_from_flags(**fields) -> DSnoTOptions:
+  """DSnoTOptions from launch/prune.py's --dsnot_* flags; errors name the flags."""
+  try:
+    return DSnoTOptions(**fields)
+  except UserError as e:
+    message = str(e)
+    for field, flag in DSNOT_FLAGS.items():
+      message = message.replace(f"DSnoTOptions.{field}=", f"--{flag}=")
+    raise UserError(message) from None
 
 
 def reconstruction_error(w_io: np.ndarray, keep_io: np.ndarray, s_i: np.ndarray) -> np.ndarray:

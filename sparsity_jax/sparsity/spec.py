@@ -121,11 +121,38 @@ def parse_nm(pattern: str) -> tuple[int, int]:
 
 def from_flags(**fields) -> SparsitySpec:
   """A spec from a launcher's --targets / --pattern / --sparsity flags; errors name the
-  flags (``--sparsity=...``) instead of the config fields."""
+  flags (``--sparsity=...``) instead of the config fields.
+
+  Stricter than a config's spec: ``--sparsity`` with an N:M ``--pattern`` is refused (the
+  pattern alone sets the level; a matching value would be dropped silently, another one
+  contradicts it), and so is a spec that prunes nothing (the config would refuse it later,
+  naming config fields).
+  """
+  pattern, sparsity = fields.get("pattern", UNSTRUCTURED), fields.get("sparsity")
+  if pattern != UNSTRUCTURED and sparsity is not None:
+    try:
+      n, m = parse_nm(pattern)
+    except SparsitySpecError:
+      n = m = None  # Reported below, as for any bad pattern.
+    if n is not None:
+      raise SparsitySpecError(
+          f"--pattern={pattern} sets the sparsity itself ({n} of every {m} weights kept: "
+          f"{1 - n / m:g} zeros); leave --sparsity out")
+  if pattern == UNSTRUCTURED and isinstance(sparsity, (int, float)) and not isinstance(
+      sparsity, bool) and not 0 < sparsity < 1:
+    if sparsity == 0:
+      raise SparsitySpecError("--sparsity=0 prunes nothing: give the fraction of weights to "
+                              "zero, in (0, 1), e.g. --sparsity=0.5")
+    raise SparsitySpecError(f"--sparsity={sparsity:g} must be in (0, 1): the fraction of "
+                            "weights to zero, e.g. 0.5")
   try:
-    return SparsitySpec(**fields)
+    spec = SparsitySpec(**fields)
   except SparsitySpecError as e:
-    message = str(e)
+    message = str(e).replace("weight sparsity pattern ", "--pattern=")
     for field in ("targets", "pattern", "sparsity"):
       message = message.replace(f"weight_sparsity.{field}", f"--{field}")
     raise SparsitySpecError(message) from None
+  if spec.level == 0.0:  # N:M with N == M.
+    raise SparsitySpecError(f"--pattern={pattern} keeps every weight: use N < M, e.g. "
+                            "--pattern=2:4")
+  return spec
