@@ -6,12 +6,16 @@ r"""Evaluates a run's latest checkpoint, or a pretrained model, on the validatio
   python launch/eval.py --model=/ckpt/x.gguf --config=configs/smollm2.py:seq_len=2048
   python launch/eval.py --model=/ckpt/Llama-3.2-1B --config=configs/lm_tiny.py
 
-Without --config the run's own config.json is used. Prints loss, bits/byte, perplexity
-and appends them to <workdir>/eval.jsonl. With --model it evaluates a pretrained model as
-it is instead (no workdir): ``smollm2``, a .gguf file or a Hugging Face directory
-(--init_from_hf=DIR is the older name). Its architecture is the model's; --config sets the
-data, eval, mesh, dtypes and attention core (default: configs/smollm2.py's settings, the
-embedded corpus tokenised with the model's own tokenizer, 16 x 2 sequences of 1024).
+Without --config the run's own config.json is used. A --config may change the data, the
+evaluation, dtypes and the attention core's settings; its model must have the run's
+weights (sizes, layers, weight masks), or it is refused naming the fields that differ.
+Prints loss, bits/byte, perplexity and appends them to <workdir>/eval.jsonl.
+
+With --model it evaluates a pretrained model as it is instead (no workdir): ``smollm2``, a
+.gguf file or a Hugging Face directory (--init_from_hf=DIR is the older name). Its
+architecture is the model's; --config sets the data, eval, mesh, dtypes and attention core
+(default: configs/smollm2.py's settings, the embedded corpus tokenised with the model's own
+tokenizer, 16 x 2 sequences of 1024).
 """
 
 import json

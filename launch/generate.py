@@ -18,10 +18,13 @@ Masked-diffusion LMs (a --workdir trained with the masked_diffusion objective):
       --gen_length=64 --steps=64 --block_length=32 [--sparsed] \
       [--sparsed.skip=0.2 --sparsed.select=0.3 --sparsed.block_size=32]
 
---config overrides the run's own config.json (rarely needed). Prints the prompt, the
-generated text (or what it holds when nothing is printable), the timings, and a note
-when the run's validation says the model is undertrained. The model reads bytes: a
-prompt that is not UTF-8 (a --prompt_file of any bytes) is passed through as it is.
+A flag of the other kind of model (--max_new_tokens or --chat for a diffusion run;
+--gen_length, --steps, --block_length or --sparsed for a causal LM) is refused, and so are
+SparseD options out of range, before the model loads. --config overrides a run's own
+config.json (rarely needed; its model must be the run's). Prints the prompt, the generated
+text (or what it holds when nothing is printable), the timings, and a note when the run's
+validation says the model is undertrained. The model reads bytes: a prompt that is not
+UTF-8 (a --prompt_file of any bytes) is passed through as it is.
 """
 
 import os
@@ -59,6 +62,12 @@ _SELECT = flags.DEFINE_float("sparsed.select", 0.3, "Fraction of key blocks kept
 _BLOCK = flags.DEFINE_integer("sparsed.block_size", 128, "SparseD block size (32 for short).")
 
 
+# Flags of one kind of model; given for the other kind they would be ignored silently.
+_CAUSAL_ONLY = ("max_new_tokens", "chat", "system")
+_DIFFUSION_ONLY = ("gen_length", "steps", "block_length", "sparsed", "sparsed.skip",
+                   "sparsed.select", "sparsed.block_size")
+
+
 def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {argv[1:]}")
@@ -69,27 +78,70 @@ def main(argv):
   if (_WORKDIR.value is None) == (_MODEL.value is None):
     raise UserError("give exactly one of --workdir (a training run) and --model (smollm2, a "
                     ".gguf file or a Hugging Face directory)")
+  _check_sparsed_flags()
   prompt = prompt_bytes(_PROMPT.value, _PROMPT_FILE.value)
   if _MODEL.value is not None:
+    _refuse_given(("config",), "for --workdir runs; a --model's settings are its own")
+    _refuse_given(_DIFFUSION_ONLY, "for masked-diffusion runs (--workdir); --model is a causal "
+                  "LM: set the length with --max_new_tokens")
     import jax.numpy as jnp
     from sparsity_jax.checkpoints import load_pretrained
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[_DTYPE.value]
     model, tokenizer = load_pretrained(_MODEL.value, dtype=dtype, param_dtype=dtype)
     return _generate_causal(model, tokenizer, prompt.decode("utf-8", errors="replace"))
+  _refuse_given(("dtype",), "for --model; a --workdir run keeps its config's dtypes")
   from sparsity_jax.train import loop
-  model = loop.load_model(_WORKDIR.value, config=cli.config(_CONFIG),
-                          attention=_sparsed_attention())
+  config = cli.config(_CONFIG)
+  # Checked before the model loads: which flags apply depends on the kind of model.
+  causal = bool((config if config is not None
+                 else loop.load_workdir_config(_WORKDIR.value)).model.causal)
+  if causal:
+    _refuse_given(_DIFFUSION_ONLY, f"for masked-diffusion models, and {_WORKDIR.value} is a "
+                  "causal LM: set the length with --max_new_tokens")
+  else:
+    _refuse_given(_CAUSAL_ONLY, f"for causal LMs, and {_WORKDIR.value} is a masked-diffusion "
+                  "model: it generates --gen_length tokens (with --steps and --block_length)")
+    sampler = _sampler_config()
+  model = loop.load_model(_WORKDIR.value, config=config, attention=_sparsed_attention())
   if model.cfg.causal:
     from sparsity_jax.data.tokenizer import ByteTokenizer
     return _generate_causal(model, ByteTokenizer(), prompt)
-  return _generate_diffusion(model, prompt)
+  return _generate_diffusion(model, prompt, sampler)
+
+
+def _refuse_given(names, why: str) -> None:
+  """UserError naming those of the flags ``names`` that the command line sets (a bool
+  flag only when true: --nosparsed asks for nothing)."""
+  given = [f"--{name}" for name in names if flags.FLAGS[name].present and
+           (flags.FLAGS[name].value is not False)]
+  if given:
+    raise UserError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} {why}")
+
+
+def _check_sparsed_flags() -> None:
+  """SparseD's options, checked before anything loads (out of range they failed mid-way
+  through denoising, or deep inside JAX)."""
+  options = [f"--{name}" for name in ("sparsed.skip", "sparsed.select", "sparsed.block_size")
+             if flags.FLAGS[name].present]
+  if options and not _SPARSED.value:
+    raise UserError(f"{', '.join(options)} set{'s' if len(options) == 1 else ''} up SparseD "
+                    "attention: add --sparsed")
+  if not _SPARSED.value:
+    return
+  if not 0.0 <= _SKIP.value < 1.0:
+    raise UserError(f"--sparsed.skip={_SKIP.value} must be in [0, 1) (the fraction of "
+                    "denoising steps run dense)")
+  if not 0.0 < _SELECT.value <= 1.0:
+    raise UserError(f"--sparsed.select={_SELECT.value} must be in (0, 1] (the fraction of key "
+                    "blocks kept)")
+  if _BLOCK.value < 1:
+    raise UserError(f"--sparsed.block_size={_BLOCK.value} must be >= 1 (tokens per block; 32 "
+                    "for short sequences, 128 for long ones)")
 
 
 def _generate_causal(model, tokenizer, prompt):
   """Streams a causal LM's continuation and ends with the speed line."""
   from sparsity_jax.models import generation
-  if _SPARSED.value:
-    raise UserError("--sparsed is for masked-diffusion models")
   sys.stdout.reconfigure(errors="replace")
   write = lambda text: (sys.stdout.write(text), sys.stdout.flush())
   try:
@@ -108,17 +160,21 @@ def _sparsed_attention():
   return {"kind": "sparsed", "block_size": _BLOCK.value, "select": _SELECT.value}
 
 
-def _generate_diffusion(model, prompt: bytes):
+def _sampler_config():
+  from sparsity_jax.models import diffusion
+  try:
+    return diffusion.SamplerConfig(gen_length=_GEN_LENGTH.value, steps=_STEPS.value,
+                                   block_length=_BLOCK_LENGTH.value,
+                                   temperature=_TEMPERATURE.value, top_p=_TOP_P.value)
+  except ValueError as e:
+    raise UserError(str(e)) from e
+
+
+def _generate_diffusion(model, prompt: bytes, cfg):
   import jax
   from sparsity_jax.layers import sparsed
   from sparsity_jax.models import diffusion
 
-  try:
-    cfg = diffusion.SamplerConfig(gen_length=_GEN_LENGTH.value, steps=_STEPS.value,
-                                  block_length=_BLOCK_LENGTH.value,
-                                  temperature=_TEMPERATURE.value, top_p=_TOP_P.value)
-  except ValueError as e:
-    raise UserError(str(e)) from e
   prompt_ids = np.frombuffer(prompt, np.uint8).astype(np.int32)[None]
   hook = (sparsed.sparsed_step_hook(model, prompt_ids.shape[1], _SKIP.value)
           if _SPARSED.value else None)

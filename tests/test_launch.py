@@ -148,6 +148,10 @@ def test_user_errors_are_one_line_and_write_nothing(tmp_path):
   assert 'Did you mean "num_layers"' in line and "\\" not in line  # The hint, unescaped.
   line = _one_line_error(_train_cmd(str(workdir), "--config.model.attention.kind=sparce"))
   assert "'sparce' is unknown" in line and "dense" in line
+  # A config number out of range: one line before the workdir exists (it left an empty
+  # checkpoints/ and a traceback).
+  line = _one_line_error(_train_cmd(str(workdir), "--config.data.seq_len=0"))
+  assert line == "error: config.data.seq_len=0 must be >= 1"
   missing = os.path.join(ROOT, "configs", "lm_tinny.py")
   line = _one_line_error([sys.executable, os.path.join(ROOT, "launch", "train.py"),
                           f"--config={missing}", f"--workdir={workdir}"])
@@ -285,6 +289,18 @@ def test_eval_launcher(tmp_path):
                        capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr
   assert '"bits_per_byte"' in run.stdout and '"step": 2' in run.stdout
+  # --config of another model size: one line naming the fields, not Orbax's shape error.
+  line = _one_line_error([sys.executable, os.path.join(ROOT, "launch", "eval.py"),
+                          f"--workdir={workdir}",
+                          "--config=" + os.path.join(ROOT, "configs", "lm_tiny.py")])
+  assert "--config describes another model" in line and "model.num_layers: the run has 2, " \
+      "--config has 4" in line and "delete" not in line
+  # A workdir is no pretrained checkpoint for convert.py: it names the export route.
+  line = _one_line_error([sys.executable, os.path.join(ROOT, "launch", "convert.py"),
+                          f"--model={workdir}", f"--out={tmp_path / 'hf'}"])
+  assert "is a training run (a workdir), not a pretrained checkpoint" in line
+  assert "launch/prune.py" in line and "--hf_out" in line
+  assert not (tmp_path / "hf").exists()
 
 
 # configs/frontier.py configures an evaluation grid, not a training run: checked in
@@ -340,6 +356,17 @@ def test_generate_echoes_the_prompt_takes_any_bytes_and_flags_an_undertrained_mo
   assert run.returncode == 0, out + run.stderr.decode(errors="replace")[-3000:]
   assert "--- prompt (6 bytes) ---\ndef \ufffd(\n--- generated (8 tokens) ---\n" in out
   assert "note: this model is undertrained (validation 8.00 bits/byte after 1 steps" in out
+  # Bad SparseD options and a causal LM's flag: one line each, before the model loads.
+  generate = [sys.executable, os.path.join(ROOT, "launch", "generate.py"),
+              f"--workdir={workdir}", "--prompt=def main(", "--gen_length=32", "--steps=32",
+              "--block_length=32"]
+  for extra, message in [
+      (["--sparsed", "--sparsed.select=1.5"], "--sparsed.select=1.5 must be in (0, 1]"),
+      (["--sparsed", "--sparsed.skip=2"], "--sparsed.skip=2.0 must be in [0, 1)"),
+      (["--sparsed", "--sparsed.block_size=0"], "--sparsed.block_size=0 must be >= 1"),
+      (["--sparsed.select=0.5"], "--sparsed.select sets up SparseD attention: add --sparsed"),
+      (["--max_new_tokens=5"], "--max_new_tokens is for causal LMs, and")]:
+    assert message in _one_line_error(generate + extra), extra
 
 
 @pytest.mark.parametrize("name, argv", [

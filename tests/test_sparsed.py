@@ -135,6 +135,8 @@ def test_sparse_mode_without_pattern_is_an_error():
 def test_bad_sparsed_settings():
   with pytest.raises(ValueError, match="select"):
     _models(select=1.5)
+  with pytest.raises(ValueError, match="block_size must be >= 1"):  # Not a ZeroDivisionError.
+    _models(select=0.3, block=0)
   with pytest.raises(ValueError, match="skip"):
     sparsed.switch_step(10, 1.0)
   dense, _ = _models(select=0.3)

@@ -48,6 +48,8 @@ class SparseDAttention(AttentionCore):
     self.implementation = a.get("implementation", None)
     if not 0.0 < self.select <= 1.0:
       raise ValueError(f"config.model.attention.select must be in (0, 1], got {self.select}")
+    if self.block_size < 1:  # 0 would divide by zero inside the traced pattern code.
+      raise ValueError(f"config.model.attention.block_size must be >= 1, got {self.block_size}")
     self.mode = "dense"
     self.prompt_length = 0
     self.pattern = SparsePattern(jnp.zeros((0,), bool))

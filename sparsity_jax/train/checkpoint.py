@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -53,21 +54,33 @@ def check_workdir_compatible(workdir: str, config_dict: dict) -> None:
     return
   with open(path) as f:
     saved = json.load(f)
-  diffs, differing = [], []
+  diffs = []
   for key in RESUME_KEYS:
     old, new = (_comparable(_lookup(d, key), _RESUME_DEFAULTS.get(key))
                 for d in (saved, config_dict))
-    if json.dumps(old, sort_keys=True) != json.dumps(new, sort_keys=True, default=str):
-      diffs.append(f"  {key}: workdir has {old!r}, config has {new!r}")
-      differing.append(key)
+    diffs += field_diffs(old, new, key)
   if diffs:
     # init_from keeps the run's model, so it is the way on only when the model is the same.
-    start_from = "" if "model" in differing else (
+    start_from = "" if any(d.startswith("model.") for d in diffs) else (
         " (with config.init_from=<this workdir> to start from its weights and masks)")
     raise UserError(
         f"--workdir={workdir} holds a run with a different model, data or sparse-training "
-        "method:\n" + "\n".join(diffs) + f"\nUse a new --workdir for a new run{start_from}, "
-        "or the original config to resume this one.")
+        f"method ({'; '.join(diffs)}). Use a new --workdir for a new run{start_from}, or the "
+        "original config to resume this one.")
+
+
+def field_diffs(old, new, prefix: str, *, names=("workdir", "config")) -> list[str]:
+  """``'<prefix>.<field>: workdir has <old>, config has <new>'`` for each leaf field where
+  two config sections differ (nested dicts are compared field by field, so a message
+  names the changed fields instead of printing two whole sections)."""
+  if isinstance(old, dict) and isinstance(new, dict):
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+      out += field_diffs(old.get(key), new.get(key), f"{prefix}.{key}", names=names)
+    return out
+  if json.dumps(old, sort_keys=True, default=str) == json.dumps(new, sort_keys=True, default=str):
+    return []
+  return [f"{prefix}: {names[0]} has {old!r}, {names[1]} has {new!r}"]
 
 
 def _comparable(section, default=None):
@@ -122,6 +135,11 @@ def _silence_abandoned_reads() -> None:
         previous_unraisable(unraisable)
     unraisable_hook._drops_closed_loop = True
     sys.unraisablehook = unraisable_hook
+
+
+# Orbax's words for a checkpoint whose tree or shapes differ from the one asked for.
+_MISMATCH = re.compile(r"not compatible with the stored shape|Type mismatch|tree structure|"
+                       r"[Mm]issing keys|[Uu]nexpected keys|[Dd]ictionary mismatch")
 
 
 def _one_line(error: BaseException, limit: int = 300) -> str:
@@ -196,6 +214,11 @@ class Checkpointer:
         self.manager.reload()
       return candidate, state, data
     newest, reason = skipped[0]
+    if _MISMATCH.search(reason):  # Readable files, another model: deleting them is no fix.
+      raise WorkdirError(
+          f"the checkpoints in {self.directory} hold another model than the config describes "
+          f"(step {newest}: {reason}). Use the run's own config (its config.json) to read "
+          "them, or a new --workdir for a new run")
     raise WorkdirError(
         f"no checkpoint in {self.directory} can be read (tried steps {steps}; step {newest}: "
         f"{reason}). If this is another model's workdir use a new --workdir; otherwise delete "

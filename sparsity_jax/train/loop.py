@@ -54,6 +54,7 @@ class Experiment:
 
   def _validate(self, config, load_data, devices, splits):
     self.config = config
+    check_ranges(config)
     self.model_config = ModelConfig.from_config(config.model)
     # Builds the model abstractly (no arrays): every core checks its settings here,
     # e.g. an unknown attention kind fails before anything is written.
@@ -89,6 +90,13 @@ class Experiment:
     if load_data:
       self.splits = corpus.load_split(config.data, self.tokenizer(), splits)
       for name, tokens in self.splits.items():
+        # Too little text for one sequence (or one validation batch) fails here, not after
+        # the workdir is written (or after training, at the final evaluation).
+        data = pipeline.PackedSequences(tokens, seq_len, name=name)
+        if name == "validation" and data.num_examples < config.eval.batch_size:
+          raise ValueError(f"the validation split has {data.num_examples} sequences of "
+                           f"{seq_len} tokens, fewer than one batch of config.eval.batch_size="
+                           f"{config.eval.batch_size}; lower eval.batch_size or data.seq_len")
         self.bytes_per_token[name] = (
             1.0 if self.tokenizer() is None else corpus.bytes_per_token(config.data, name, tokens))
 
@@ -114,6 +122,51 @@ class Experiment:
     shape = lambda x: (global_batch,) + x.shape[1:]
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, shape(v))
             for k, v in batch.items()}
+
+
+# Config numbers and the least value each may take (whole numbers).
+# Out of range, the loop would not fail but run something else than asked: no step at all
+# (train.steps <= 0), an interval of 0 (a ZeroDivisionError mid-run), a negative one read
+# as "never", a negative learning rate (gradient ascent). lr may be 0 (weights stay).
+_INT_AT_LEAST = {"train.steps": 1, "train.warmup_steps": 0, "train.log_every": 1,
+                 "train.checkpoint_every": 1, "train.keep_checkpoints": 1, "data.seq_len": 1,
+                 "data.batch_size": 1, "eval.every": 0, "eval.batch_size": 1,
+                 "eval.num_batches": 0}
+_FLOAT_RANGES = {  # name: (low, high, low inclusive, high inclusive)
+    "train.lr": (0.0, math.inf, True, True), "train.min_lr_ratio": (0.0, 1.0, True, True),
+    "train.weight_decay": (0.0, math.inf, True, False),
+    "train.grad_clip_norm": (0.0, math.inf, False, True),
+    "train.b1": (0.0, 1.0, True, False), "train.b2": (0.0, 1.0, True, False)}
+
+
+def check_ranges(config: ml_collections.ConfigDict) -> None:
+  """Raises UserError naming the first config number (train / data / eval intervals, sizes
+  and optimizer settings) outside the range the training loop can use."""
+  def lookup(dotted):
+    section, field = dotted.split(".")
+    return config[section].get(field, None) if section in config else None
+
+  for name, low in _INT_AT_LEAST.items():
+    value = lookup(name)
+    if value is None:
+      continue
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or
+        not float(value).is_integer()):  # Also inf and nan.
+      raise UserError(f"config.{name}={value!r} must be an integer >= {low}")
+    if value < low:
+      raise UserError(f"config.{name}={value} must be >= {low}"
+                      + (" (0: only at the end)" if name == "eval.every" else "")
+                      + (" (0: the whole validation split)" if name == "eval.num_batches" else ""))
+  for name, (low, high, low_in, high_in) in _FLOAT_RANGES.items():
+    value = lookup(name)
+    if value is None:
+      continue
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and
+          (low <= value if low_in else low < value) and
+          (value <= high if high_in else value < high))  # False for nan.
+    if not ok:
+      where = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+      raise UserError(f"config.{name}={value!r} must be in {where}")
 
 
 class Preempted(Exception):
@@ -229,6 +282,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     schedule = optim.learning_rate_schedule(tcfg)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=tcfg.keep_checkpoints)
     last_saved = checkpointer.latest_step()
+    if last_saved is not None and last_saved > int(tcfg.steps):
+      checkpointer.close()  # Training it to tcfg.steps would mean going back.
+      raise UserError(f"--workdir={workdir} is at step {last_saved}, past config.train.steps="
+                      f"{tcfg.steps}: raise train.steps to train on, or evaluate it with "
+                      "launch/eval.py")
     if ckpt is not None and last_saved is None and not init_from:
       graphdef, state, shardings = from_pretrained.create_train_state(ckpt, exp.make_model, tx,
                                                                       exp.mesh, exp.rules)
@@ -440,10 +498,18 @@ def restore_workdir(workdir: str, config: ml_collections.ConfigDict | None = Non
   optimizer state): the returned TrainState has ``opt_state=None``. A checkpoint that
   cannot be read is skipped with a warning unless ``step`` names it.
 
+  ``config`` (default: the run's config.json) may change the data, the evaluation, dtypes
+  and the attention core's settings, but its model must have the run's weights and masks:
+  one with other shapes or layers (e.g. another model size, no weight masks where the run
+  has them) raises UserError naming the differing fields, before any checkpoint is read.
+
   Returns (experiment, graphdef, state, state shardings, step).
   """
+  given = config is not None
   config = load_workdir_config(workdir) if config is None else config
   exp = Experiment(config, load_data=load_data)
+  if given:
+    _check_same_weights(workdir, exp)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=max(int(config.train.keep_checkpoints), 1))
   try:
     with parallel.use_mesh(exp.mesh, exp.rules):
@@ -458,6 +524,44 @@ def restore_workdir(workdir: str, config: ml_collections.ConfigDict | None = Non
   state = state_lib.TrainState(step=restored["step"], params=restored["params"],
                                model_state=restored["model_state"], opt_state=None)
   return exp, graphdef, state, shardings, step
+
+
+# Model fields that change no weight or mask shape (a run restores under other values).
+_NOT_SHAPING = ("dtype", "param_dtype", "remat", "max_len", "rope_theta", "rope_scaling",
+                "norm_eps", "causal")
+
+
+def _weight_layout(model_config: ModelConfig) -> dict:
+  """{path: (variable type, shape)} of a model's parameters and state (masks, cores' state)."""
+  model = nnx.eval_shape(lambda: TransformerLM(model_config, rngs=nnx.Rngs(0)))
+  return {path: (type(v), tuple(v.shape)) for path, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def _check_same_weights(workdir: str, exp: Experiment) -> None:
+  """Raises UserError when ``exp``'s model has other parameters or weight masks than the
+  run in ``workdir`` was trained with: its checkpoints cannot be read into that model (and
+  are not damaged, as Orbax's error would suggest), or only partly (fewer layers, masks
+  left off: another model than the run's would be evaluated)."""
+  from sparsity_jax.sparsity import WeightMask
+  try:
+    saved = load_workdir_config(workdir)
+    theirs = _weight_layout(ModelConfig.from_config(saved.model))
+  except ValueError:  # No readable config.json: the checkpoint read says what is wrong.
+    return
+  mine = _weight_layout(exp.model_config)
+  weights = lambda layout: {p: v for p, v in layout.items()
+                            if issubclass(v[0], (nnx.Param, WeightMask))}
+  # An attention core's own state may be left out (it is not read), not added.
+  if weights(mine) == weights(theirs) and all(theirs.get(p) == v for p, v in mine.items()):
+    return
+  diffs = ckpt_lib.field_diffs(saved.model.to_dict(), exp.config.model.to_dict(), "model",
+                               names=("the run", "--config"))
+  shaping = [d for d in diffs if d.split(":")[0].split(".")[1] not in _NOT_SHAPING]
+  raise UserError(
+      f"--config describes another model than the run in {workdir} was trained with "
+      f"({'; '.join(shaping or diffs) or 'other weights'}), so its checkpoints cannot be "
+      "read into it: leave out --config (the run's own config.json is used) or give those "
+      "fields the run's values")
 
 
 def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = None,
