@@ -1,8 +1,11 @@
 """Shared config pieces for configs/*.py: ``base_config()`` holds every field with its comment."""
 
+import math
+
 import ml_collections
 
 from sparsity_jax import axes
+from sparsity_jax.errors import UserError
 from sparsity_jax.sparsity.spec import DEFAULT_TARGETS
 
 
@@ -206,3 +209,47 @@ def pretrained_config(source: str = "smollm2", arg: str | None = None) -> ml_col
     c.train.steps = 2
     c.train.warmup_steps = 1
   return c
+
+
+# Out of range, the loop would not fail but run something else than asked: no step at all
+# (train.steps <= 0), an interval of 0 (a ZeroDivisionError mid-run), a negative one read
+# as "never", a negative learning rate (gradient ascent). lr may be 0 (weights stay).
+_INT_AT_LEAST = {"train.steps": 1, "train.warmup_steps": 0, "train.log_every": 1,
+                 "train.checkpoint_every": 1, "train.keep_checkpoints": 1, "data.seq_len": 1,
+                 "data.batch_size": 1, "eval.every": 0, "eval.batch_size": 1,
+                 "eval.num_batches": 0}
+_FLOAT_RANGES = {  # name: (low, high, low inclusive, high inclusive)
+    "train.lr": (0.0, math.inf, True, True), "train.min_lr_ratio": (0.0, 1.0, True, True),
+    "train.weight_decay": (0.0, math.inf, True, False),
+    "train.grad_clip_norm": (0.0, math.inf, False, True),
+    "train.b1": (0.0, 1.0, True, False), "train.b2": (0.0, 1.0, True, False)}
+
+
+def check_ranges(config: ml_collections.ConfigDict) -> None:
+  """Raises UserError naming the first config number (train / data / eval intervals, sizes
+  and optimizer settings) outside the range the training loop can use."""
+  def lookup(dotted):
+    section, field = dotted.split(".")
+    return config[section].get(field, None) if section in config else None
+
+  for name, low in _INT_AT_LEAST.items():
+    value = lookup(name)
+    if value is None:
+      continue
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or
+        not float(value).is_integer()):  # Also inf and nan.
+      raise UserError(f"config.{name}={value!r} must be an integer >= {low}")
+    if value < low:
+      raise UserError(f"config.{name}={value} must be >= {low}"
+                      + (" (0: only at the end)" if name == "eval.every" else "")
+                      + (" (0: the whole validation split)" if name == "eval.num_batches" else ""))
+  for name, (low, high, low_in, high_in) in _FLOAT_RANGES.items():
+    value = lookup(name)
+    if value is None:
+      continue
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and
+          (low <= value if low_in else low < value) and
+          (value <= high if high_in else value < high))  # False for nan.
+    if not ok:
+      where = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+      raise UserError(f"config.{name}={value!r} must be in {where}")

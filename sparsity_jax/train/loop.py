@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from sparsity_jax import parallel
+from sparsity_jax import config_lib, parallel
 from sparsity_jax.data import corpus, pipeline
 from sparsity_jax.errors import UserError, WorkdirError
 from sparsity_jax.models import ModelConfig, TransformerLM
@@ -54,7 +54,7 @@ class Experiment:
 
   def _validate(self, config, load_data, devices, splits):
     self.config = config
-    check_ranges(config)
+    config_lib.check_ranges(config)
     self.model_config = ModelConfig.from_config(config.model)
     # Builds the model abstractly (no arrays): every core checks its settings here,
     # e.g. an unknown attention kind fails before anything is written.
@@ -125,50 +125,6 @@ class Experiment:
 
 
 # Config numbers and the least value each may take (whole numbers).
-# Out of range, the loop would not fail but run something else than asked: no step at all
-# (train.steps <= 0), an interval of 0 (a ZeroDivisionError mid-run), a negative one read
-# as "never", a negative learning rate (gradient ascent). lr may be 0 (weights stay).
-_INT_AT_LEAST = {"train.steps": 1, "train.warmup_steps": 0, "train.log_every": 1,
-                 "train.checkpoint_every": 1, "train.keep_checkpoints": 1, "data.seq_len": 1,
-                 "data.batch_size": 1, "eval.every": 0, "eval.batch_size": 1,
-                 "eval.num_batches": 0}
-_FLOAT_RANGES = {  # name: (low, high, low inclusive, high inclusive)
-    "train.lr": (0.0, math.inf, True, True), "train.min_lr_ratio": (0.0, 1.0, True, True),
-    "train.weight_decay": (0.0, math.inf, True, False),
-    "train.grad_clip_norm": (0.0, math.inf, False, True),
-    "train.b1": (0.0, 1.0, True, False), "train.b2": (0.0, 1.0, True, False)}
-
-
-def check_ranges(config: ml_collections.ConfigDict) -> None:
-  """Raises UserError naming the first config number (train / data / eval intervals, sizes
-  and optimizer settings) outside the range the training loop can use."""
-  def lookup(dotted):
-    section, field = dotted.split(".")
-    return config[section].get(field, None) if section in config else None
-
-  for name, low in _INT_AT_LEAST.items():
-    value = lookup(name)
-    if value is None:
-      continue
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or
-        not float(value).is_integer()):  # Also inf and nan.
-      raise UserError(f"config.{name}={value!r} must be an integer >= {low}")
-    if value < low:
-      raise UserError(f"config.{name}={value} must be >= {low}"
-                      + (" (0: only at the end)" if name == "eval.every" else "")
-                      + (" (0: the whole validation split)" if name == "eval.num_batches" else ""))
-  for name, (low, high, low_in, high_in) in _FLOAT_RANGES.items():
-    value = lookup(name)
-    if value is None:
-      continue
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and
-          (low <= value if low_in else low < value) and
-          (value <= high if high_in else value < high))  # False for nan.
-    if not ok:
-      where = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
-      raise UserError(f"config.{name}={value!r} must be in {where}")
-
-
 class Preempted(Exception):
   """Raised after a SIGTERM/SIGINT checkpoint; rerunning the command resumes the run."""
 
@@ -434,7 +390,6 @@ def config_with_init_from(config: ml_collections.ConfigDict,
   that ``init_from``'s model contradicts, or reads other data tokens than it was trained
   on: a silent replacement would train something else than the command says.
   """
-  from sparsity_jax import config_lib
 
   _check_init_from(init_from, "the starting weights")
   saved = load_workdir_config(init_from)
@@ -484,7 +439,6 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   with open(path) as f:
     saved = json.load(f)
   # Fields added to the code after the run started take their defaults.
-  from sparsity_jax import config_lib
   config = config_lib.base_config()
   config.update(saved)
   return config
