@@ -353,8 +353,8 @@ def _signals(out):
   saves and stops), as the training loop does; without, they interrupt as usual."""
   if not out:
     return contextlib.nullcontext(None)
-  from sparsity_jax.train.loop import _Preemption  # The training loop's handler.
-  return _Preemption()
+  from sparsity_jax.train.loop import Preemption  # The training loop's handler.
+  return Preemption()
 
 
 def _replace(path, write) -> None:

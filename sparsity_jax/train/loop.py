@@ -129,8 +129,9 @@ class Preempted(Exception):
   """Raised after a SIGTERM/SIGINT checkpoint; rerunning the command resumes the run."""
 
 
-class _Preemption:
-  """Turns SIGTERM/SIGINT into a flag the loop polls (then it checkpoints and exits)."""
+class Preemption:
+  """Turns SIGTERM/SIGINT into a flag the loop polls (then it checkpoints and exits); a
+  context manager, used by the training loop and by DuoAttention gate training (moa.duo)."""
 
   def __init__(self):
     self.requested = False
@@ -331,7 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                       tok_s=f"{host['tokens_per_s']:.0f}")
 
     try:
-      with _Preemption() as preemption:
+      with Preemption() as preemption:
         for step in range(start, int(tcfg.steps)):
           batch = exp.put_batch(next(iterator), config.data.batch_size)
           state, device_metrics = train_step(state, batch, *teacher_args)
