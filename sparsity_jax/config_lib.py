@@ -214,6 +214,7 @@ def pretrained_config(source: str = "smollm2", arg: str | None = None) -> ml_col
 # Out of range, the loop would not fail but run something else than asked: no step at all
 # (train.steps <= 0), an interval of 0 (a ZeroDivisionError mid-run), a negative one read
 # as "never", a negative learning rate (gradient ascent). lr may be 0 (weights stay).
+# Config numbers and the least value each may take (whole numbers).
 _INT_AT_LEAST = {"train.steps": 1, "train.warmup_steps": 0, "train.log_every": 1,
                  "train.checkpoint_every": 1, "train.keep_checkpoints": 1, "data.seq_len": 1,
                  "data.batch_size": 1, "eval.every": 0, "eval.batch_size": 1,

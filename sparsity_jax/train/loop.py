@@ -124,7 +124,6 @@ class Experiment:
             for k, v in batch.items()}
 
 
-# Config numbers and the least value each may take (whole numbers).
 class Preempted(Exception):
   """Raised after a SIGTERM/SIGINT checkpoint; rerunning the command resumes the run."""
 
